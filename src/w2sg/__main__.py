@@ -1,0 +1,3 @@
+from w2sg.cli import main
+
+main()

