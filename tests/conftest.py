@@ -57,4 +57,4 @@ def run_w2sg(args: List[str], cwd: Path, env_extra=None, check=True) -> subproce
 
 
 def metrics_files(cwd: Path) -> List[dict]:
-    return [json.loads(p.read_text()) for p in sorted(cwd.glob("**/metrics.json"), key=os.path.getmtime)]
+    return [json.loads(p.read_text()) for p in sorted((cwd / "outputs").glob("**/metrics.json"), key=os.path.getmtime)]

@@ -11,7 +11,7 @@ from w2sg.cli import validate
 from w2sg.errors import W2SGError
 from w2sg.stages import model_spec
 
-GROUPS = ["model", "pair", "task", "loss", "train", "chain"]
+GROUPS = ["model", "pair", "task", "loss", "train", "chain", "experiment", "sweep"]
 
 
 def options(group: str):
@@ -94,3 +94,19 @@ def test_model_spec_leaves_out_labels_that_do_not_change_results():
     a = compose(["weak=minilm_l1"]).weak
     b = compose(["weak=minilm_l1", "weak.name=renamed", "weak.size=x"]).weak
     assert model_spec(a) == model_spec(b)
+
+
+@pytest.mark.parametrize("sweep", options("sweep"))
+def test_every_sweep_has_a_grid_of_valid_choices(sweep):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    grid = cfg.hydra.sweeper.params
+    assert grid, f"sweeps/{sweep}.yaml defines no grid"
+    combos = [[]]
+    for key, values in grid.items():
+        combos = [c + [f"{key}={v.strip()}"] for c in combos for v in str(values).split(",")]
+    for combo in combos:
+        validate(compose([f"sweep={sweep}", *combo]))

@@ -80,7 +80,7 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     except W2SGError as e:
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs of the sweep still run
-        log.error("%s", e)
+        print(f"w2sg: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     return metrics["pgr"]
 

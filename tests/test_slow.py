@@ -1,0 +1,24 @@
+"""Slow: the default experiment on the real pretrained MiniLM (minutes on 2 cores). Run with -m slow."""
+
+import pytest
+
+from conftest import metrics_files, run_w2sg
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_experiment_shows_a_real_gap(tmp_path, store):
+    proc = run_w2sg(["progress=false"], tmp_path)
+    [m] = metrics_files(tmp_path)
+    assert (m["weak"]["model"], m["strong"]["model"]) == ("minilm_l1", "minilm_l6")
+    # real pretrained features: both models learn the task, and the 6-layer model beats the 1-layer one
+    assert m["acc"]["weak"] > 0.65 and m["acc"]["ceiling"] > m["acc"]["weak"] + 0.02
+    assert m["pgr"] is not None
+    assert "PGR" in proc.stdout
+
+
+def test_another_pair_with_logconf(tmp_path, store):
+    run_w2sg(["pair=minilm_l2_l6", "loss=logconf", "train.epochs=1", "progress=false"], tmp_path)
+    [m] = metrics_files(tmp_path)
+    assert (m["weak"]["model"], m["loss"]) == ("minilm_l2", "logconf")
+    assert all(0.5 < m["acc"][k] <= 1.0 for k in ("weak", "ceiling", "w2s"))
