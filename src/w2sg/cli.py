@@ -75,8 +75,15 @@ def _is_multirun() -> bool:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> Optional[float]:
+    from w2sg.train import Preempted
+
     try:
         metrics = run(cfg)
+    except Preempted as e:
+        print(f"w2sg: {e}; rerun the same command to resume from it", file=sys.stderr, flush=True)
+        if _is_multirun():
+            raise
+        sys.exit(128 + e.signum)
     except W2SGError as e:
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs of the sweep still run

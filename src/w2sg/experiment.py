@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+from w2sg.errors import W2SGError
 from w2sg.metrics import pgr
 from w2sg.stages import Outcome, Runner, Stage, labels_stage, train_stage
 
@@ -39,7 +40,12 @@ def _pgr_entry(weak: float, w2s: float, ceiling: float) -> Dict[str, Any]:
 
 def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     stages = plan(cfg)
-    outcomes: Dict[str, Outcome] = {name: runner.run(stage) for name, stage in stages.items()}
+    unknown = sorted(set(cfg.recompute) - set(stages))
+    if unknown:
+        raise W2SGError(f"recompute: no stage named {', '.join(map(repr, unknown))} in this run; "
+                        f"valid: {', '.join(stages)}")
+    outcomes: Dict[str, Outcome] = {
+        name: runner.run(stage, force=name in cfg.recompute) for name, stage in stages.items()}
     acc = {k: outcomes[k].metrics["acc"] for k in ("weak", "ceiling", "w2s")}
     auroc = {k: outcomes[k].metrics["auroc"] for k in ("weak", "ceiling", "w2s")}
     metrics: Dict[str, Any] = {

@@ -71,6 +71,7 @@ class TrainConfig:
     warmup_frac: float = 0.0  # linear warm-up, then cosine decay (0: cosine from the start)
     schedule: str = "cosine"  # cosine | constant
     eval_batch_size: int = 64
+    checkpoint_every: int = 50  # save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGUSR1)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Config:
     seed: int = 0
     store_dir: str = MISSING  # content-addressed stage store shared by every run (env W2SG_STORE)
     progress: bool = True  # progress bars (does not change any result)
+    # stage names of this run to compute again even if the store has them (e.g. [w2s] or [weak, ceiling])
+    recompute: List[str] = field(default_factory=list)
 
 
 def register() -> None:

@@ -43,7 +43,8 @@ def task_spec(task: Any) -> Dict[str, Any]:
 
 def train_spec(train: Any, model: Any) -> Dict[str, Any]:
     t = dict(_plain(train))
-    t.pop("eval_batch_size", None)  # batching of evaluation does not change results
+    for k in ("eval_batch_size", "checkpoint_every"):  # evaluation batching and checkpoints do not change results
+        t.pop(k, None)
     t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
     return t
 
@@ -120,7 +121,8 @@ class Runner:
 
         return Encoded.of(self.tokenizer(model), texts, int(self.cfg.train.max_length))
 
-    def run(self, stage: Stage) -> Outcome:
+    def run(self, stage: Stage, force: bool = False) -> Outcome:
+        """Run a stage (its inputs first) through the store; ``force`` recomputes it even if it is stored."""
         if stage.key in self.outcomes:
             return self.outcomes[stage.key]
         for dep in stage.inputs.values():
@@ -130,7 +132,7 @@ class Runner:
         meta = {"kind": stage.kind, "label": stage.label, "spec": stage.spec,
                 "inputs": {k: v.key for k, v in stage.inputs.items()}, "model_name": stage.model.name}
         sd, reused = self.store.compute(
-            stage.key, meta, lambda out: compute(stage, out),
+            stage.key, meta, lambda out: compute(stage, out), force=force,
             on_invalid=lambda why: log.warning("stage %s (%s) in the store is %s; recomputing", stage.key, stage.label, why),
         )
         outcome = Outcome(stage.key, reused, time.time() - start, sd.read_json("metrics.json"))
@@ -147,7 +149,7 @@ class Runner:
         from w2sg.losses import make_loss
         from w2sg.metrics import accuracy, auroc
         from w2sg.models import build_model, count_params
-        from w2sg.train import predict, train_model
+        from w2sg.train import Checkpointer, predict, train_model
 
         cfg, data, model_cfg = self.cfg, self.data, stage.model
         num_classes = int(cfg.task.num_classes)
@@ -161,12 +163,17 @@ class Runner:
         tok = self.tokenizer(model_cfg)
         pad_id = tok.pad_token_id
         tspec = stage.spec["train"]
-        result = train_model(
-            model, self.encode(model_cfg, texts), soft, make_loss(stage.spec["loss"]),
-            epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
-            seed=int(cfg.seed), weight_decay=float(tspec["weight_decay"]), warmup_frac=float(tspec["warmup_frac"]),
-            schedule=str(tspec["schedule"]), progress=bool(cfg.progress), desc=stage.label,
-        )
+        ckpt_path = self.store.partial_dir(stage.key) / "checkpoint.pt"
+        with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt:
+            result = train_model(
+                model, self.encode(model_cfg, texts), soft, make_loss(stage.spec["loss"]),
+                epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
+                seed=int(cfg.seed), weight_decay=float(tspec["weight_decay"]),
+                warmup_frac=float(tspec["warmup_frac"]), schedule=str(tspec["schedule"]),
+                progress=bool(cfg.progress), desc=stage.label, checkpointer=ckpt,
+            )
+        if result.resumed_from:
+            log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
         test_y = [y for _, y in data.test]
         probs = predict(model, self.encode(model_cfg, [t for t, _ in data.test]),
                         batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
@@ -175,6 +182,7 @@ class Runner:
         out.write_json("metrics.json", {
             "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(texts),
             "n_test": len(test_y), "params": count_params(model), "history": result.history,
+            "resumed_from_step": result.resumed_from,
         })
         save_model(model, str(out.file("model.safetensors")))
         self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once

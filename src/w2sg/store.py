@@ -4,6 +4,7 @@ Layout under ``store_dir``::
 
     stages/<key>/      a finished stage: meta.json, metrics.json, arrays (.npy), model.safetensors, DONE
     tmp/               stages being written (renamed into stages/ when complete)
+    partial/<key>/     training checkpoints of unfinished stages (a rerun resumes from them)
     locks/<key>.lock   held while a process computes that stage
 
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
@@ -58,11 +59,19 @@ def _json_default(o: Any) -> Any:
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
-        for sub in ("stages", "tmp", "locks"):
+        for sub in ("stages", "tmp", "locks", "partial"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def stage_path(self, key: str) -> Path:
         return self.root / "stages" / key
+
+    def partial_dir(self, key: str) -> Path:
+        path = self.root / "partial" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def has_partial(self, key: str) -> bool:
+        return (self.root / "partial" / key / "checkpoint.pt").exists()
 
     def status(self, key: str) -> str:
         """'done', 'missing', or 'invalid: <reason>' for a stage written by another format or broken."""
@@ -77,6 +86,10 @@ class Store:
             return f"invalid: unreadable meta.json ({e})"
         if meta.get("format") != FORMAT:
             return f"invalid: stored with format {meta.get('format')}, this version reads format {FORMAT}"
+        try:
+            json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"invalid: unreadable metrics.json ({e})"
         return "done"
 
     def get(self, key: str) -> Optional[StageDir]:
@@ -93,21 +106,23 @@ class Store:
         meta: Dict[str, Any],
         fn: Callable[[StageDir], None],
         on_invalid: Callable[[str], None] = lambda reason: None,
+        force: bool = False,
     ) -> tuple[StageDir, bool]:
-        """Return (stage, reused). Computes the stage with ``fn`` unless it is already done.
+        """Return (stage, reused). Computes the stage with ``fn`` unless it is already done (or ``force``).
 
         Holds the stage's lock while checking and computing, so concurrent processes compute it once.
         """
-        found = self.get(key)
+        found = None if force else self.get(key)
         if found is not None:
             return found, True
         with self.lock(key):
-            found = self.get(key)  # another process may have finished it while we waited
+            found = None if force else self.get(key)  # another process may have finished it while we waited
             if found is not None:
                 return found, True
             state = self.status(key)
             if state.startswith("invalid"):
                 on_invalid(state)
+            if state != "missing":
                 shutil.rmtree(self.stage_path(key), ignore_errors=True)
             tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
@@ -119,6 +134,7 @@ class Store:
                                                "seconds": time.time() - start})
                 (tmp / "DONE").write_text("")
                 os.replace(tmp, self.stage_path(key))
+                shutil.rmtree(self.root / "partial" / key, ignore_errors=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return StageDir(self.stage_path(key)), False

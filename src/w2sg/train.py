@@ -47,6 +47,69 @@ class Encoded:
 class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)  # one entry per epoch
     steps: int = 0
+    resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was saved because SIGTERM/SIGUSR1 asked the process to stop."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved")
+        self.signum = signum
+        self.step = step
+
+
+class Checkpointer:
+    """Periodic and on-signal training checkpoints in one file, written atomically.
+
+    SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) only set a flag; the training loop
+    then saves a checkpoint after the current step and raises Preempted. A process killed outright (SIGKILL)
+    resumes from its last periodic checkpoint.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, path: Optional[str], every: int = 0):
+        self.path = path
+        self.every = every
+        self.stop_signal: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "Checkpointer":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    num = getattr(signal, name)
+                    self._previous[num] = signal.signal(num, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        import os
+
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        return torch.load(self.path, weights_only=False)
+
+    def save(self, state: Dict[str, Any]) -> None:
+        import os
+
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
 
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
@@ -68,48 +131,75 @@ def train_model(
     schedule: str = "cosine",
     progress: bool = True,
     desc: str = "train",
+    checkpointer: Optional[Checkpointer] = None,
     on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
 ) -> TrainResult:
-    """Fit ``model`` to soft ``labels`` [N, C]. Raises W2SGError on a non-finite loss."""
+    """Fit ``model`` to soft ``labels`` [N, C]. Raises W2SGError on a non-finite loss.
+
+    Each epoch's order comes from (seed, epoch), so a run resumed from a checkpoint (model, optimiser,
+    schedule, RNG state, position) continues exactly as the uninterrupted run would have.
+    """
     from transformers import get_scheduler
 
     if schedule not in SCHEDULES:
         raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    ckpt = checkpointer or Checkpointer(None)
     n = len(data.ids)
     steps_per_epoch = math.ceil(n / batch_size)
     total = steps_per_epoch * epochs
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * total), num_training_steps=total)
     y = torch.as_tensor(labels, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
     result = TrainResult()
+    sums = {"loss": 0.0, "correct": 0}
+    state = ckpt.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        result.history, result.steps, sums = state["history"], state["step"], state["sums"]
+        result.resumed_from = result.steps
+
+    def snapshot() -> Dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(), "history": result.history, "step": result.steps, "sums": sums}
+
     model.train()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen).tolist()
-        loss_sum, correct = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            logits = model(**data.batch(idx, pad_id))
-            loss = loss_fn(logits, y[idx], result.steps / total)
-            if not torch.isfinite(loss):
-                raise W2SGError(
-                    f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
-                    f"try a lower learning rate (now {lr:g}) or check the labels"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            result.steps += 1
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == y[idx].argmax(-1)).sum())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        entry = {"epoch": epoch + 1, "loss": loss_sum / n, "train_acc": correct / n, "lr": sched.get_last_lr()[0]}
-        result.history.append(entry)
-        if on_epoch is not None:
-            on_epoch(epoch, entry)
+    bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    while result.steps < total:
+        epoch, pos = divmod(result.steps, steps_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        idx = order[pos * batch_size : (pos + 1) * batch_size]
+        logits = model(**data.batch(idx, pad_id))
+        loss = loss_fn(logits, y[idx], result.steps / total)
+        if not torch.isfinite(loss):
+            raise W2SGError(
+                f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
+                f"try a lower learning rate (now {lr:g}) or check the labels"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        result.steps += 1
+        sums["loss"] += loss.item() * len(idx)
+        sums["correct"] += int((logits.argmax(-1) == y[idx].argmax(-1)).sum())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if result.steps % steps_per_epoch == 0:
+            entry = {"epoch": epoch + 1, "loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
+                     "lr": sched.get_last_lr()[0]}
+            result.history.append(entry)
+            sums = {"loss": 0.0, "correct": 0}
+            if on_epoch is not None:
+                on_epoch(epoch, entry)
+        if ckpt.stop_signal is not None:
+            ckpt.save(snapshot())
+            bar.close()
+            raise Preempted(ckpt.stop_signal, result.steps)
+        if ckpt.every and result.steps % ckpt.every == 0 and result.steps < total:
+            ckpt.save(snapshot())
     bar.close()
     model.eval()
     return result

@@ -1,0 +1,157 @@
+"""The stage store: content keys, reuse, resume after SIGKILL/SIGTERM, one computation under concurrency."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CONF, TINY, compose, metrics_files, run_w2sg
+from w2sg.experiment import plan
+from w2sg.store import Store
+
+# enough steps to interrupt: 200 examples per half, batch 4 -> 50 steps per epoch
+LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "task.n_test=64", "train.batch_size=4",
+        "train.epochs=2", "train.checkpoint_every=3", "progress=false"]
+
+
+def keys(overrides=(), conf=CONF):
+    if conf == CONF:
+        cfg = compose(list(overrides))
+    else:
+        from hydra import compose as hc
+        from hydra import initialize_config_dir
+
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            cfg = hc("config", overrides=list(overrides))
+    return {name: s.key for name, s in plan(cfg).items()}
+
+
+def test_pinned_keys_of_the_default_experiment():
+    """Accidental changes to hashing (or to what a stage uses) show up here first."""
+    assert keys() == {
+        "weak": "3ba2b4c4ba3996aa786e40db", "weak_labels": "c3d7c2d562fb51c35be084c7", "ceiling": "8accdfc2cda7a5faa855bdae", "w2s": "54a13381d49ce77e4c12452b"}
+
+
+def test_keys_leave_out_what_cannot_change_results():
+    base = keys()
+    assert keys(["progress=false", "store_dir=/elsewhere", "train.eval_batch_size=7",
+                 "train.checkpoint_every=5", "weak.name=renamed", "strong.size=big"]) == base
+
+
+def _conf_with(tmp_path, name, edit):
+    """A copy of conf/ with one default changed in one file."""
+    conf = tmp_path / name
+    shutil.copytree(CONF, conf, symlinks=True)
+    (conf / "sweep").unlink()  # points outside conf/
+    path = conf / edit[0]
+    text = path.read_text()
+    assert edit[1] in text
+    path.write_text(text.replace(edit[1], edit[2]))
+    return conf
+
+
+def test_changing_a_default_changes_exactly_the_affected_keys(tmp_path):
+    before = keys()
+    lr = _conf_with(tmp_path, "lr", ("model/minilm_l6.yaml", "lr: 5e-5", "lr: 4e-5"))
+    after = keys(conf=lr)
+    assert {k for k in before if before[k] != after[k]} == {"ceiling", "w2s"}
+    aux = _conf_with(tmp_path, "aux", ("loss/logconf.yaml", "aux_coef: 0.5", "aux_coef: 0.4"))
+    b, a = keys(["loss=logconf"]), keys(["loss=logconf"], conf=aux)
+    assert {k for k in b if b[k] != a[k]} == {"w2s"}
+    epochs = _conf_with(tmp_path, "epochs", ("train/default.yaml", "epochs: 5", "epochs: 4"))
+    e = keys(conf=epochs)
+    assert {k for k in before if before[k] != e[k]} == {"weak", "weak_labels", "ceiling", "w2s"}
+    assert keys(["seed=1"])["weak"] != before["weak"]
+
+
+def _popen(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(store, proc, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        found = list((store / "partial").glob("*/checkpoint.pt")) if (store / "partial").exists() else []
+        if found:
+            return found[0].parent.name
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _stage_probs(store, key):
+    return np.load(store / "stages" / key / "test_probs.npy")
+
+
+def _reference(tmp_path):
+    """The same run, uninterrupted, in a store of its own."""
+    ref_store, ref_dir = tmp_path / "ref_store", tmp_path / "ref"
+    ref_dir.mkdir()
+    run_w2sg(LONG, ref_dir, env_extra={"W2SG_STORE": str(ref_store)})
+    return ref_store, metrics_files(ref_dir)[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
+    ref_store, ref = _reference(tmp_path)
+    proc = _popen(LONG, tmp_path)
+    key = _wait_for_checkpoint(store, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "checkpoint saved; rerun the same command to resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert (store / "partial" / key / "checkpoint.pt").exists()
+    assert not (store / "stages" / key).exists(), "an interrupted stage is never taken as finished"
+    run_w2sg(LONG, tmp_path)
+    m = metrics_files(tmp_path)[-1]
+    stage = json.loads((store / "stages" / key / "metrics.json").read_text())
+    assert stage["resumed_from_step"] > 0
+    assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"]
+    np.testing.assert_allclose(_stage_probs(store, key), _stage_probs(ref_store, key), atol=1e-6)
+    assert not (store / "partial" / key).exists(), "the checkpoint is dropped once the stage is stored"
+
+
+def test_two_processes_compute_each_stage_once(tmp_path, store):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    procs = [_popen(TINY, tmp_path / d) for d in ("a", "b")]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    runs = metrics_files(tmp_path / "a") + metrics_files(tmp_path / "b")
+    assert len(runs) == 2
+    for name in ("weak", "weak_labels", "ceiling", "w2s"):
+        assert sorted(r["stages"][name]["reused"] for r in runs) == [False, True], name
+    assert runs[0]["acc"] == runs[1]["acc"]
+
+
+def test_corrupt_or_old_stage_is_reported_and_recomputed(tmp_path, store):
+    run_w2sg(TINY, tmp_path)
+    m = metrics_files(tmp_path)[0]
+    key = m["stages"]["ceiling"]["key"]
+    meta = store / "stages" / key / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))
+    proc = run_w2sg(TINY, tmp_path)
+    assert f"stage {key} (ceiling:tiny_random_l2) in the store is invalid: stored with format 0" in proc.stdout
+    last = metrics_files(tmp_path)[-1]
+    assert {k for k, s in last["stages"].items() if not s["reused"]} == {"ceiling"}
+    assert last["acc"] == m["acc"]
+    assert Store(store).status(key) == "done"
+
+
+def test_recompute_forces_chosen_stages(tmp_path, store):
+    run_w2sg(TINY, tmp_path)
+    run_w2sg(TINY + ["recompute=[w2s,ceiling]"], tmp_path)
+    last = metrics_files(tmp_path)[-1]
+    assert {k for k, s in last["stages"].items() if not s["reused"]} == {"w2s", "ceiling"}
+    proc = run_w2sg(TINY + ["recompute=[nope]"], tmp_path, check=False)
+    assert proc.returncode == 2 and "no stage named 'nope' in this run; valid: weak, weak_labels" in proc.stderr
