@@ -155,3 +155,18 @@ def test_recompute_forces_chosen_stages(tmp_path, store):
     assert {k for k, s in last["stages"].items() if not s["reused"]} == {"w2s", "ceiling"}
     proc = run_w2sg(TINY + ["recompute=[nope]"], tmp_path, check=False)
     assert proc.returncode == 2 and "no stage named 'nope' in this run; valid: weak, weak_labels" in proc.stderr
+
+
+def test_status_lists_the_store_and_the_stages_of_a_run_or_sweep(tmp_path, store):
+    proc = run_w2sg(["status", "-m", "sweep=tiny_grid"], tmp_path)
+    assert "10 stages: 10 missing" in proc.stdout  # 2 weak + 2 labels + 2 ceiling + 4 w2s
+    run_w2sg(TINY, tmp_path)
+    proc = run_w2sg(["status"], tmp_path)
+    assert "4 stages: 4 done" in proc.stdout and "w2s:tiny_random->tiny_random_l2" in proc.stdout
+    proc = run_w2sg(["status", *TINY, "loss=logconf"], tmp_path)
+    lines = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines()[1:5]}
+    assert lines == {"weak": "done", "weak_labels": "done", "ceiling": "done", "w2s": "missing"}
+    proc = run_w2sg(["status", "--state", "missing", *TINY, "loss=logconf"], tmp_path)
+    assert "1 stages: 1 missing" in proc.stdout
+    proc = run_w2sg(["status", "task=nope"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Could not find 'task/nope'" in proc.stderr

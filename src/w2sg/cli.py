@@ -92,7 +92,14 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     return metrics["pgr"]
 
 
+SUBCOMMANDS = {"status": "w2sg.status"}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     # Offline by default: no hub look-ups unless the user allows them (HF_HUB_OFFLINE=0).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

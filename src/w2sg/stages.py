@@ -130,7 +130,8 @@ class Runner:
         start = time.time()
         compute = self._compute_train if stage.kind == "train" else self._compute_labels
         meta = {"kind": stage.kind, "label": stage.label, "spec": stage.spec,
-                "inputs": {k: v.key for k, v in stage.inputs.items()}, "model_name": stage.model.name}
+                "inputs": {k: v.key for k, v in stage.inputs.items()}, "model_name": stage.model.name,
+                "task_name": self.cfg.task.name}
         sd, reused = self.store.compute(
             stage.key, meta, lambda out: compute(stage, out), force=force,
             on_invalid=lambda why: log.warning("stage %s (%s) in the store is %s; recomputing", stage.key, stage.label, why),
