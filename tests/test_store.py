@@ -118,6 +118,12 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
     assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"]
     np.testing.assert_allclose(_stage_probs(store, key), _stage_probs(ref_store, key), atol=1e-6)
     assert not (store / "partial" / key).exists(), "the checkpoint is dropped once the stage is stored"
+    # the resumed stage continued its W&B run: same id, no duplicate runs
+    from wandb_offline import read_runs
+
+    runs = read_runs(tmp_path / "wandb")
+    assert {r["id"] for r in runs} == {s["key"] for s in m["stages"].values()}
+    assert sum(r["id"] == key for r in runs) >= 2
 
 
 def test_two_processes_compute_each_stage_once(tmp_path, store):

@@ -56,15 +56,29 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     from w2sg.stages import Runner
     from w2sg.store import Store
 
+    from w2sg.tracking import Tracker
+
     validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
-    runner = Runner(cfg, Store(cfg.store_dir))
+    runner = Runner(cfg, Store(cfg.store_dir), Tracker(cfg.logger, sweep_name()))
     metrics = experiment.run(cfg, runner)
     metrics["output_dir"] = str(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(experiment.table(metrics), flush=True)
     log.info("metrics: %s", out_dir / "metrics.json")
     return metrics
+
+
+def sweep_name() -> Optional[str]:
+    """W&B group: the sweep file's name, else the multirun folder's name; None for a single run."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.runtime.choices.get("sweep"):
+        return str(hc.runtime.choices["sweep"])
+    if _is_multirun():
+        return "/".join(Path(hc.sweep.dir).parts[-2:])
+    return None
 
 
 def _is_multirun() -> bool:
@@ -92,7 +106,7 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
     return metrics["pgr"]
 
 
-SUBCOMMANDS = {"status": "w2sg.status"}
+SUBCOMMANDS = {"status": "w2sg.status", "report": "w2sg.report"}
 
 
 def main() -> None:

@@ -65,6 +65,11 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     }
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
+    if runner.tracker.enabled:
+        w2s = stages["w2s"]
+        runner.tracker.update_summary(w2s.key, w2s.label, w2s.role, runner.tracker_config(w2s), {
+            "acc_weak": acc["weak"], "acc_ceiling": acc["ceiling"], "acc_w2s": acc["w2s"], "pgr": metrics["pgr"],
+            "auroc_weak": auroc["weak"], "auroc_ceiling": auroc["ceiling"], "auroc_w2s": auroc["w2s"]})
     return metrics
 
 

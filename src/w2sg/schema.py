@@ -82,6 +82,19 @@ class ChainConfig:
 
 
 @dataclass
+class LoggerConfig:
+    enabled: bool = True
+    project: str = "w2sg"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    # online | offline | disabled; null: WANDB_MODE, else online with credentials and offline without
+    mode: Optional[str] = None
+    group: Optional[str] = None  # null: the sweep's name (sweep=<name>, else the multirun folder)
+    dir: Optional[str] = None  # where W&B writes its files (null: ./wandb)
+    init_timeout: float = 60.0
+
+
+@dataclass
 class Config:
     weak: ModelConfig = MISSING
     strong: ModelConfig = MISSING
@@ -91,6 +104,7 @@ class Config:
     loss: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     chain: Optional[ChainConfig] = None
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     store_dir: str = MISSING  # content-addressed stage store shared by every run (env W2SG_STORE)
     progress: bool = True  # progress bars (does not change any result)
@@ -105,3 +119,4 @@ def register() -> None:
     cs.store(group="schema", name="task", node=TaskConfig)
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="chain", node=ChainConfig)
+    cs.store(group="schema", name="logger", node=LoggerConfig)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 from omegaconf import OmegaConf
 
 from w2sg.store import Store, StageDir
+from w2sg.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class Stage:
     model: Any = None  # the model config (for building; its result-relevant part is in spec)
     label: str = ""  # human-readable name, e.g. "weak:minilm_l1"
 
+    @property
+    def role(self) -> str:
+        """weak, ceiling, w2s, link or labels: the W&B job type and the kind shown to users."""
+        prefix = self.label.split(":")[0]
+        return "labels" if prefix.endswith("labels") else prefix.rstrip("0123456789")
+
     @cached_property
     def key(self) -> str:
         payload = {"kind": self.kind, "spec": self.spec, "inputs": {k: v.key for k, v in sorted(self.inputs.items())}}
@@ -92,9 +99,10 @@ class Outcome:
 class Runner:
     """Executes stages against the store, loading the task once and keeping fresh models in memory."""
 
-    def __init__(self, cfg: Any, store: Store):
+    def __init__(self, cfg: Any, store: Store, tracker: Optional[Tracker] = None):
         self.cfg = cfg
         self.store = store
+        self.tracker = tracker or Tracker(None, None)
         self._data = None
         self._tokenizers: Dict[str, Any] = {}
         self._models: Dict[str, Any] = {}  # stage key -> trained Classifier computed in this process
@@ -141,6 +149,22 @@ class Runner:
         self.outcomes[stage.key] = outcome
         return outcome
 
+    def tracker_config(self, stage: Stage) -> Dict[str, Any]:
+        """What dashboards group and plot by: models and sizes, task, loss, seed, and the stage's full spec."""
+        cfg, m = self.cfg, stage.model
+        conf: Dict[str, Any] = {"stage": stage.role, "key": stage.key, "model": m.name, "params": int(m.params),
+                                "size": m.size, "task": cfg.task.name, "seed": int(cfg.seed), "spec": stage.spec}
+        if stage.kind == "train":
+            conf["loss"] = stage.spec["loss"]["name"]
+        if stage.role in ("weak", "labels"):
+            conf.update(weak_model=m.name, weak_params=int(m.params))
+        if stage.role in ("ceiling", "w2s", "link"):
+            conf.update(strong_model=m.name, strong_params=int(m.params))
+        if stage.role in ("w2s", "link"):
+            teacher = stage.inputs["labels"].model
+            conf.update(weak_model=teacher.name, weak_params=int(teacher.params))
+        return conf
+
     # --- stage bodies -------------------------------------------------------------------------------------
 
     def _compute_train(self, stage: Stage, out: StageDir) -> None:
@@ -165,26 +189,31 @@ class Runner:
         pad_id = tok.pad_token_id
         tspec = stage.spec["train"]
         ckpt_path = self.store.partial_dir(stage.key) / "checkpoint.pt"
-        with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt:
+        with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt, \
+                self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
             result = train_model(
                 model, self.encode(model_cfg, texts), soft, make_loss(stage.spec["loss"]),
                 epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
                 seed=int(cfg.seed), weight_decay=float(tspec["weight_decay"]),
                 warmup_frac=float(tspec["warmup_frac"]), schedule=str(tspec["schedule"]),
                 progress=bool(cfg.progress), desc=stage.label, checkpointer=ckpt,
+                on_epoch=lambda epoch, entry: wb.log({f"train/{k}": v for k, v in entry.items()}),
             )
-        if result.resumed_from:
-            log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
-        test_y = [y for _, y in data.test]
-        probs = predict(model, self.encode(model_cfg, [t for t, _ in data.test]),
-                        batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
-                        desc=f"{stage.label} test")
+            if result.resumed_from:
+                log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
+            test_y = [y for _, y in data.test]
+            probs = predict(model, self.encode(model_cfg, [t for t, _ in data.test]),
+                            batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
+                            desc=f"{stage.label} test")
+            metrics = {
+                "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(texts),
+                "n_test": len(test_y), "params": count_params(model), "history": result.history,
+                "resumed_from_step": result.resumed_from,
+            }
+            wb.log({"eval/acc": metrics["acc"], "eval/auroc": metrics["auroc"], "epoch": len(result.history)})
+            wb.summary({k: v for k, v in metrics.items() if k != "history"})
         out.write_array("test_probs", probs)
-        out.write_json("metrics.json", {
-            "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(texts),
-            "n_test": len(test_y), "params": count_params(model), "history": result.history,
-            "resumed_from_step": result.resumed_from,
-        })
+        out.write_json("metrics.json", metrics)
         save_model(model, str(out.file("model.safetensors")))
         self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
 
@@ -211,6 +240,9 @@ class Runner:
                         pad_id=self.tokenizer(trained.model).pad_token_id, progress=bool(self.cfg.progress),
                         desc=stage.label)
         gt = [y for _, y in data.weak]
-        out.write_array("probs", probs)
         # how good the labels are against the (hidden) ground truth of that half
-        out.write_json("metrics.json", {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt)})
+        metrics = {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt)}
+        with self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
+            wb.summary({f"label_{k}": v for k, v in metrics.items()})
+        out.write_array("probs", probs)
+        out.write_json("metrics.json", metrics)

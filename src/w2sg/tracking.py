@@ -1,0 +1,87 @@
+"""Weights & Biases tracking: one W&B run per stage, its id derived from the stage key.
+
+``resume="allow"`` with that id makes reruns and Slurm requeues continue the same run instead of creating
+duplicates. Mode: ``logger.mode`` if set, else ``WANDB_MODE``, else ``online`` when credentials exist and
+``offline`` otherwise. Any W&B failure is reported once and tracking switches off: science goes on, and the
+local metrics.json files are written whatever happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+
+def resolve_mode(configured: Optional[str]) -> str:
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+class StageRun:
+    """What a stage writes to its W&B run; every call is a no-op once tracking has failed."""
+
+    def __init__(self, tracker: "Tracker", run: Any):
+        self._tracker, self._run = tracker, run
+
+    def log(self, data: Dict[str, Any], step: Optional[int] = None) -> None:
+        self._tracker._call(lambda: self._run.log(data, step=step) if self._run else None)
+
+    def summary(self, data: Dict[str, Any]) -> None:
+        self._tracker._call(lambda: self._run.summary.update(data) if self._run else None)
+
+
+class Tracker:
+    def __init__(self, logger_cfg: Any, group: Optional[str]):
+        self.cfg = logger_cfg
+        self.enabled = bool(logger_cfg is not None and logger_cfg.get("enabled", True))
+        self.mode = resolve_mode(logger_cfg.get("mode")) if self.enabled else "disabled"
+        if self.mode == "disabled":
+            self.enabled = False
+        self.group = logger_cfg.get("group") or group if self.enabled else None
+        self._failed = False
+
+    def _call(self, fn) -> Any:
+        if not self.enabled or self._failed:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # W&B must never fail an experiment
+            self._failed = True
+            log.warning("W&B tracking failed (%s: %s); the experiment goes on without it, metrics.json is kept",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+
+    def _init(self, key: str, name: str, job_type: str, config: Dict[str, Any]):
+        import wandb
+
+        return wandb.init(
+            project=self.cfg.project, entity=self.cfg.get("entity"), id=key, name=name, resume="allow",
+            group=self.group, job_type=job_type, config=config, tags=list(self.cfg.get("tags") or []),
+            mode=self.mode, dir=self.cfg.get("dir"), reinit="finish_previous",
+            settings=wandb.Settings(silent=True, init_timeout=float(self.cfg.get("init_timeout", 60))),
+        )
+
+    @contextmanager
+    def stage_run(self, key: str, name: str, job_type: str, config: Dict[str, Any]) -> Iterator[StageRun]:
+        run = self._call(lambda: self._init(key, name, job_type, config))
+        try:
+            yield StageRun(self, run)
+        finally:
+            if run is not None:
+                self._call(run.finish)
+
+    def update_summary(self, key: str, name: str, job_type: str, config: Dict[str, Any],
+                       summary: Dict[str, Any]) -> None:
+        """Reopen a stage's run (same id) to add experiment-level numbers such as PGR."""
+        with self.stage_run(key, name, job_type, config) as run:
+            run.summary(summary)

@@ -1,0 +1,113 @@
+"""W&B (offline, read back from disk), the sweep summary, and the local report."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import TINY, metrics_files, run_w2sg
+from wandb_offline import read_runs
+
+
+def _stage_metrics(store, key):
+    return json.loads((store / "stages" / key / "metrics.json").read_text())
+
+
+def test_every_stage_logs_an_offline_run_readable_from_disk(tmp_path, store):
+    run_w2sg(TINY, tmp_path)
+    [m] = metrics_files(tmp_path)
+    runs = read_runs(tmp_path / "wandb")
+    by_id = {}
+    for r in runs:
+        by_id.setdefault(r["id"], []).append(r)
+    assert set(by_id) == {s["key"] for s in m["stages"].values()}, "run ids are the stage keys"
+    for name, s in m["stages"].items():
+        first = by_id[s["key"]][0]
+        assert first["job_type"] == {"weak_labels": "labels"}.get(name, name)
+        assert first["project"] == "w2sg"
+        cfg = first["config"]
+        assert (cfg["task"], cfg["seed"]) == ("tweet_sentiment", 0)
+        if name != "weak_labels":
+            assert cfg["loss"] == ("xent" if name != "w2s" else m["loss"])
+            hist = first["history"]
+            assert any("train/loss" in h for h in hist) and any("eval/acc" in h for h in hist)
+            assert first["summary"]["acc"] == pytest.approx(_stage_metrics(store, s["key"])["acc"])
+    w2s = by_id[m["stages"]["w2s"]["key"]]
+    cfg = w2s[0]["config"]
+    assert (cfg["weak_model"], cfg["weak_params"]) == ("tiny_random", m["weak"]["params"])
+    assert (cfg["strong_model"], cfg["strong_params"]) == ("tiny_random_l2", m["strong"]["params"])
+    summary = {k: v for r in w2s for k, v in r["summary"].items()}
+    assert summary["acc_w2s"] == pytest.approx(m["acc"]["w2s"]) and summary["acc_weak"] == pytest.approx(m["acc"]["weak"])
+    assert summary["pgr"] == (pytest.approx(m["pgr"]) if m["pgr"] is not None else None)
+
+
+def test_rerun_continues_the_same_runs(tmp_path, store):
+    run_w2sg(TINY, tmp_path)
+    ids_first = {r["id"] for r in read_runs(tmp_path / "wandb")}
+    run_w2sg(TINY, tmp_path)
+    assert {r["id"] for r in read_runs(tmp_path / "wandb")} == ids_first, "no new runs, no duplicates"
+
+
+def test_broken_wandb_leaves_the_run_successful(tmp_path, store):
+    proc = run_w2sg(TINY + ["logger.mode=bogus"], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert out.count("W&B tracking failed") == 1, "reported once"
+    [m] = metrics_files(tmp_path)
+    assert m["acc"]["w2s"] is not None
+
+
+def test_wandb_off_writes_no_runs(tmp_path, store):
+    run_w2sg(TINY + ["logger=none"], tmp_path)
+    assert not (tmp_path / "wandb").exists()
+    assert len(metrics_files(tmp_path)) == 1
+    run_w2sg(TINY + ["loss=kl"], tmp_path, env_extra={"WANDB_MODE": "disabled"})
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_sweep_report_table_plots_and_wandb_summary(tmp_path, store):
+    run_w2sg(["-m", "sweep=tiny_grid", "seed=0,1"], tmp_path)
+    [sweep_dir] = [p.parent for p in (tmp_path / "multirun").glob("*/*/multirun.yaml")]
+    runs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
+    assert len(runs) == 8
+    with open(sweep_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    expected = {(m["weak"]["model"], m["strong"]["model"], m["seed"]): m for m in runs}
+    for r in rows:
+        m = expected[(r["weak"], r["strong"], int(r["seed"]))]
+        assert float(r["acc_w2s"]) == pytest.approx(m["acc"]["w2s"])
+        assert (r["pgr"] == "") == (m["pgr"] is None)
+    with open(sweep_dir / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 4 and all(s["n_seeds"] == "2" for s in summary)
+    for name in ("pgr_vs_strong_size.png", "accuracy_vs_strong_size.png"):
+        data = (sweep_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    sweep_runs = [r for r in read_runs(tmp_path / "wandb") if r["job_type"] == "sweep_summary"]
+    assert len(sweep_runs) == 1 and sweep_runs[0]["group"] == "tiny_grid"
+    logged = sweep_runs[0]["summary"]
+    assert logged["results/_type"] == "table-file" and logged["results/nrows"] == 8
+    assert logged["summary/nrows"] == 4
+    for chart in ("pgr_vs_strong_size", "pgr_vs_strong_size_by_loss", "w2s_acc_vs_strong_size"):
+        assert logged[f"{chart}_table/nrows"] == 4  # each line plot's data
+    assert logged["png/pgr_vs_strong_size/_type"] == "image-file"
+    stage_runs = [r for r in read_runs(tmp_path / "wandb") if r["job_type"] == "w2s"]
+    assert {r["group"] for r in stage_runs} == {"tiny_grid"}
+
+
+def test_report_command_on_a_sweep_and_on_the_store(tmp_path, store):
+    run_w2sg(["-m", "sweep=tiny_grid"], tmp_path)
+    [sweep_dir] = [p.parent for p in (tmp_path / "multirun").glob("*/*/multirun.yaml")]
+    proc = run_w2sg(["report", str(sweep_dir), "--out", str(tmp_path / "a")], tmp_path)
+    assert "tiny_random -> tiny_random_l3" in proc.stdout
+    run_w2sg(["report", str(store), "--out", str(tmp_path / "b")], tmp_path)
+    a, b = ([dict(r) for r in csv.DictReader(open(tmp_path / d / "results.csv"))] for d in ("a", "b"))
+    assert a == b, "the store alone rebuilds the same table"
+    from w2sg.report import write_report
+
+    curves = write_report(sweep_dir, tmp_path / "c")["curves"]
+    assert curves["pgr_vs_strong_size.png"] == [] or all("weak=" in c for c in curves["pgr_vs_strong_size.png"])
+    assert curves["accuracy_vs_strong_size.png"] == [
+        "ceiling (strong on ground truth)", "w2s from tiny_random (xent)", "w2s from tiny_random_l2 (xent)"]
+    proc = run_w2sg(["report", str(tmp_path / "nothing")], tmp_path, check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -1,0 +1,60 @@
+"""Read back what W&B wrote in offline mode (run-<id>.wandb: a LevelDB-style log of protobuf records)."""
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+BLOCK = 32768
+HEADER = 7  # ":W&B", magic (2 bytes), version (1 byte)
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B log"
+    pos, buf = HEADER, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL, FIRST | MIDDLE, LAST
+        if kind in (1, 4):
+            yield buf
+
+
+def read_run(path: Path) -> Dict[str, Any]:
+    """{id, group, job_type, project, tags, config, summary, history} of one offline run file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def items(updates):
+        return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
+
+    run: Dict[str, Any] = {"config": {}, "summary": {}, "history": []}
+    for raw in _records(path):
+        r = pb.Record()
+        r.ParseFromString(raw)
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run.update(id=r.run.run_id, group=r.run.run_group, job_type=r.run.job_type, project=r.run.project,
+                       tags=list(r.run.tags))
+            run["config"].update(items(r.run.config.update))
+        elif kind == "config":
+            run["config"].update(items(r.config.update))
+        elif kind == "summary":
+            run["summary"].update(items(r.summary.update))
+        elif kind == "history":
+            run["history"].append(items(r.history.item))
+    run["config"] = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v)
+                     for k, v in run["config"].items()}
+    return run
+
+
+def read_runs(wandb_dir: Path) -> List[Dict[str, Any]]:
+    return [read_run(p) for p in sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"))]
