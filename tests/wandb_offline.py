@@ -22,6 +22,8 @@ def _records(path: Path) -> Iterator[bytes]:
         if length == 0 and kind == 0:  # zero padding to the end of the block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a run killed mid-write leaves a truncated last record
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk  # FULL, FIRST | MIDDLE, LAST
