@@ -105,6 +105,7 @@ class Runner:
         self.tracker = tracker or Tracker(None, None)
         self._data = None
         self._tokenizers: Dict[str, Any] = {}
+        self._encoded: Dict[tuple, Any] = {}  # (tokenizer path, task part) -> token ids
         self._models: Dict[str, Any] = {}  # stage key -> trained Classifier computed in this process
         self.outcomes: Dict[str, Outcome] = {}  # stage key -> outcome
 
@@ -124,10 +125,16 @@ class Runner:
             self._tokenizers[path] = load_tokenizer(model)
         return self._tokenizers[path]
 
-    def encode(self, model: Any, texts):
+    def encode(self, model: Any, part: str):
+        """Token ids of one part of the task (gt, weak or test), computed once per tokenizer and part."""
+        from w2sg.models import resolve_path
         from w2sg.train import Encoded
 
-        return Encoded.of(self.tokenizer(model), texts, int(self.cfg.train.max_length))
+        key = (resolve_path(model.path), part)
+        if key not in self._encoded:
+            texts = [t for t, _ in getattr(self.data, part)]
+            self._encoded[key] = Encoded.of(self.tokenizer(model), texts, int(self.cfg.train.max_length))
+        return self._encoded[key]
 
     def run(self, stage: Stage, force: bool = False) -> Outcome:
         """Run a stage (its inputs first) through the store; ``force`` recomputes it even if it is stored."""
@@ -179,10 +186,10 @@ class Runner:
         cfg, data, model_cfg = self.cfg, self.data, stage.model
         num_classes = int(cfg.task.num_classes)
         if "labels" in stage.inputs:
-            texts = [t for t, _ in data.weak]
+            part = "weak"
             soft = self.store.get(stage.inputs["labels"].key).read_array("probs")
         else:
-            texts = [t for t, _ in data.gt]
+            part = "gt"
             soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
         model = build_model(model_cfg, num_classes, int(cfg.seed))
         tok = self.tokenizer(model_cfg)
@@ -192,7 +199,7 @@ class Runner:
         with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt, \
                 self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
             result = train_model(
-                model, self.encode(model_cfg, texts), soft, make_loss(stage.spec["loss"]),
+                model, self.encode(model_cfg, part), soft, make_loss(stage.spec["loss"]),
                 epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
                 seed=int(cfg.seed), weight_decay=float(tspec["weight_decay"]),
                 warmup_frac=float(tspec["warmup_frac"]), schedule=str(tspec["schedule"]),
@@ -202,11 +209,11 @@ class Runner:
             if result.resumed_from:
                 log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
             test_y = [y for _, y in data.test]
-            probs = predict(model, self.encode(model_cfg, [t for t, _ in data.test]),
+            probs = predict(model, self.encode(model_cfg, "test"),
                             batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
                             desc=f"{stage.label} test")
             metrics = {
-                "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(texts),
+                "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(soft),
                 "n_test": len(test_y), "params": count_params(model), "history": result.history,
                 "resumed_from_step": result.resumed_from,
             }
@@ -235,7 +242,7 @@ class Runner:
         trained = stage.inputs["model"]
         model = self._load_trained(trained)
         data = self.data
-        probs = predict(model, self.encode(trained.model, [t for t, _ in data.weak]),
+        probs = predict(model, self.encode(trained.model, "weak"),
                         batch_size=int(self.cfg.train.eval_batch_size),
                         pad_id=self.tokenizer(trained.model).pad_token_id, progress=bool(self.cfg.progress),
                         desc=stage.label)

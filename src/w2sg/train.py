@@ -62,12 +62,13 @@ class Preempted(Exception):
 class Checkpointer:
     """Periodic and on-signal training checkpoints in one file, written atomically.
 
-    SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) only set a flag; the training loop
-    then saves a checkpoint after the current step and raises Preempted. A process killed outright (SIGKILL)
-    resumes from its last periodic checkpoint.
+    SIGTERM, SIGUSR1 and SIGUSR2 (what Slurm and submitit send before a time limit or preemption) only set a
+    flag; the training loop then saves a checkpoint after the current step, hands the signal to the handler that
+    was installed before (submitit's, which requeues the job and exits), and otherwise raises Preempted. A
+    process killed outright (SIGKILL) resumes from its last periodic checkpoint.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self, path: Optional[str], every: int = 0):
         self.path = path
@@ -94,6 +95,16 @@ class Checkpointer:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signum
+
+    def stop(self, state: Dict[str, Any], step: int) -> None:
+        """Save, let the previous handler of the signal act (e.g. requeue), then stop training."""
+        self.save(state)
+        signum = self.stop_signal
+        previous = self._previous.get(signum)
+        if callable(previous):
+            self.__exit__()
+            previous(signum, None)
+        raise Preempted(signum, step)
 
     def load(self) -> Optional[Dict[str, Any]]:
         import os
@@ -195,9 +206,8 @@ def train_model(
             if on_epoch is not None:
                 on_epoch(epoch, entry)
         if ckpt.stop_signal is not None:
-            ckpt.save(snapshot())
             bar.close()
-            raise Preempted(ckpt.stop_signal, result.steps)
+            ckpt.stop(snapshot(), result.steps)
         if ckpt.every and result.steps % ckpt.every == 0 and result.steps < total:
             ckpt.save(snapshot())
     bar.close()

@@ -1,0 +1,158 @@
+"""w2sg against bare baselines measured in the same run: training and labeling throughput, start-up, padding, memory.
+
+    python benchmarks/throughput.py            # MiniLM 6 layers, 256 examples per measurement
+    python benchmarks/throughput.py --quick    # MiniLM 1 layer, 128 examples (CI)
+
+Every figure is printed next to its baseline as a ratio; targets: training and labeling >= 0.95x the bare loop,
+start-up (`w2sg --help`, a config-error exit) under 1.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def compose(overrides):
+    from w2sg.status import compose as c
+
+    return c(overrides)
+
+
+def bare_train(model, tok, texts, labels, batch_size, max_length, lr, seed):
+    """A hand-written loop: tokenize each batch with padding, cross-entropy, AdamW."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    model.train()
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        logits = model(enc["input_ids"], enc["attention_mask"])
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def bare_predict(model, tok, texts, batch_size, max_length):
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            out.append(torch.softmax(model(enc["input_ids"], enc["attention_mask"]), -1))
+    return torch.cat(out)
+
+
+def timed(fn, repeats=1):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def throughput(model_name: str, n: int) -> None:
+    import numpy as np
+
+    from w2sg.losses import make_loss
+    from w2sg.models import build_model, load_tokenizer
+    from w2sg.tasks import load_task
+    from w2sg.train import Encoded, predict, train_model
+
+    cfg = compose([f"weak={model_name}"])
+    data = load_task(cfg.task, 0)
+    pool = (data.gt + data.weak + data.test)[:n]
+    texts, labels = [t for t, _ in pool], [y for _, y in pool]
+    tok = load_tokenizer(cfg.weak)
+    bs, ml, lr = int(cfg.train.batch_size), int(cfg.train.max_length), float(cfg.weak.lr)
+
+    def ours():
+        model = build_model(cfg.weak, 2, 0)
+        enc = Encoded.of(tok, texts, ml)  # tokenizing is part of w2sg's cost here
+        soft = np.eye(2, dtype=np.float32)[labels]
+        train_model(model, enc, soft, make_loss({"name": "xent"}), epochs=1, batch_size=bs, lr=lr,
+                    pad_id=tok.pad_token_id, seed=0, progress=False)
+
+    def bare():
+        bare_train(build_model(cfg.weak, 2, 0), tok, texts, labels, bs, ml, lr, 0)
+
+    ours()  # warm-up: first-call allocations
+    t_bare, t_ours = timed(bare, 2), timed(ours, 2)
+    print(f"training  ({model_name}, {n} examples, batch {bs}): bare {n / t_bare:7.1f} ex/s   "
+          f"w2sg {n / t_ours:7.1f} ex/s   ratio {t_bare / t_ours:.2f}x  (target >= 0.95x)")
+
+    model = build_model(cfg.weak, 2, 0)
+    ebs = int(cfg.train.eval_batch_size)
+    t_bare = timed(lambda: bare_predict(model, tok, texts, ebs, ml), 3)
+    t_ours = timed(lambda: predict(model, Encoded.of(tok, texts, ml), batch_size=ebs, pad_id=tok.pad_token_id,
+                                   progress=False), 3)
+    print(f"labeling  ({model_name}, {n} examples, batch {ebs}): bare {n / t_bare:7.1f} ex/s   "
+          f"w2sg {n / t_ours:7.1f} ex/s   ratio {t_bare / t_ours:.2f}x  (target >= 0.95x)")
+
+    # padding: share of token slots that are padding, per batching scheme
+    lengths = [len(ids) for ids in Encoded.of(tok, texts, ml).ids]
+    real = sum(lengths)
+
+    def waste(batches):
+        slots = sum(len(b) * max(b) for b in batches)
+        return 1 - real / slots
+
+    fixed = 1 - real / (len(lengths) * ml)
+    dynamic = waste([lengths[i:i + bs] for i in range(0, len(lengths), bs)])
+    srt = sorted(lengths)
+    bucketed = waste([srt[i:i + ebs] for i in range(0, len(srt), ebs)])
+    print(f"padding   waste: fixed max_length {fixed:.1%}   dynamic per batch (training) {dynamic:.1%}   "
+          f"length-sorted (labeling) {bucketed:.1%}")
+
+
+def startup() -> None:
+    def wall(cmd):
+        return statistics.median(timed(lambda: subprocess.run(cmd, capture_output=True), 1) for _ in range(3))
+
+    base = wall([sys.executable, "-c", "import hydra"])
+    help_ = wall([sys.executable, "-m", "w2sg", "--help"])
+    err = wall([sys.executable, "-m", "w2sg", "task=nope"])
+    print(f"start-up  python -c 'import hydra' {base:.2f}s   w2sg --help {help_:.2f}s ({help_ / base:.1f}x)   "
+          f"config error {err:.2f}s ({err / base:.1f}x)   (target < 1.5 s)")
+
+
+def memory(quick: bool) -> None:
+    args = ["experiment=smoke"] if quick else ["experiment=quick"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, W2SG_STORE=os.path.join(tmp, "store"), WANDB_MODE="disabled")
+        subprocess.run([sys.executable, "-m", "w2sg", *args, "progress=false"], cwd=tmp, env=env, check=True,
+                       capture_output=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"memory    peak RSS of `w2sg {' '.join(args)}`: {peak:.0f} MiB   (probe mode: not implemented yet)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    throughput("minilm_l1" if args.quick else "minilm_l6", 128 if args.quick else 256)
+    startup()
+    memory(args.quick)
+
+
+if __name__ == "__main__":
+    main()
