@@ -1,0 +1,112 @@
+"""Sweeps through a real single-node Slurm (launchers/local-slurm/setup.sh), as CI runs them. Marked `slurm`."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import metrics_files, run_w2sg
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(shutil.which("sbatch") is None,
+                                                    reason="no Slurm here: run launchers/local-slurm/setup.sh")]
+GRID = ["-m", "sweep=tiny_grid"]
+SLURM = ["launcher=slurm_local"]
+
+
+def sweep_runs(cwd):
+    return [json.loads(p.read_text()) for p in sorted((cwd / "multirun").glob("*/*/*/metrics.json"))]
+
+
+def job_ids(output: str):
+    return re.findall(r"-> Slurm job (\d+)", output)
+
+
+def sacct_states(ids):
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("|") for line in out.strip().splitlines())
+
+
+def test_grid_through_slurm_matches_the_local_launcher_and_shares_stages(tmp_path, store):
+    (tmp_path / "local").mkdir()
+    run_w2sg(GRID, tmp_path / "local", env_extra={"W2SG_STORE": str(tmp_path / "local_store")})
+    start = time.time()
+    proc = run_w2sg(GRID + SLURM, tmp_path)
+    wall = time.time() - start
+    ids = job_ids(proc.stdout + proc.stderr)
+    assert len(ids) == 4
+    assert set(sacct_states(ids).values()) == {"COMPLETED"}
+    slurm = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path)}
+    local = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path / "local")}
+    assert slurm.keys() == local.keys() and len(slurm) == 4
+    for pair, m in slurm.items():
+        assert m["acc"] == local[pair]["acc"], pair
+    trained = [s["key"] for m in slurm.values() for k, s in m["stages"].items()
+               if not s["reused"] and k != "weak_labels"]
+    assert len(trained) == len(set(trained)) == 8, "2 weak + 2 ceiling + 4 w2s, each once"
+    print(f"2x2 tiny grid under Slurm: {wall:.1f}s")
+
+    # rerunning a finished sweep submits nothing: every job is collected from the store
+    proc = run_w2sg(GRID + SLURM, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "Submitting" not in out and out.count("collected here, not submitted") == 4
+
+
+def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, store):
+    args = ["-m", "weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "task.n_test=64",
+            "train.batch_size=4", "train.epochs=3", "train.checkpoint_every=3", "progress=false"]
+    (tmp_path / "ref").mkdir()
+    run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})
+    [ref] = sweep_runs(tmp_path / "ref")
+    proc = subprocess.Popen(["python3", "-m", "w2sg", *args, *SLURM], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((store / "partial").glob("*/checkpoint.pt")) if (store / "partial").exists() else True:
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.2)
+    [job] = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what submitit uses for preemption
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    states = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job], capture_output=True,
+                            text=True).stdout.split()
+    assert "REQUEUED" in states and states[-1] == "COMPLETED", states
+    [m] = sweep_runs(tmp_path)
+    assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"]
+    resumed = [json.loads((store / "stages" / s["key"] / "metrics.json").read_text()).get("resumed_from_step", 0)
+               for s in m["stages"].values()]
+    assert max(resumed) > 0, "one stage resumed from its checkpoint"
+
+
+def test_crashing_job_fails_the_sweep_naming_job_and_log(tmp_path, store):
+    proc = run_w2sg(["-m", "pair=tiny", "train.epochs=1", "task.n_test=32", "task.n_train=64,1", "progress=false",
+                     *SLURM], tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "1 of 2 jobs failed" in out
+    match = re.search(r"job #1 \(.*task.n_train=1.*\), Slurm id (\S+): .*\n\s+log: (\S+)", out)
+    assert match, out[-3000:]
+    assert "need n_train >= 2" in open(match.group(2)).read()
+    assert len(sweep_runs(tmp_path)) == 1, "the other job finished and wrote its metrics"
+
+
+def test_submit_and_walk_away_then_collect(tmp_path, store):
+    start = time.time()
+    proc = run_w2sg(GRID + SLURM + ["hydra.launcher.wait=false"], tmp_path)
+    assert time.time() - start < 60
+    ids = job_ids(proc.stdout + proc.stderr)
+    assert len(ids) == 4
+    status = run_w2sg(["status", *GRID[1:], "-m"], tmp_path).stdout
+    assert "10 stages" in status
+    deadline = time.time() + 600
+    while set(sacct_states(ids).values()) - {"COMPLETED", "FAILED"}:
+        assert time.time() < deadline, sacct_states(ids)
+        time.sleep(2)
+    assert set(sacct_states(ids).values()) == {"COMPLETED"}
+    proc = run_w2sg(GRID + SLURM, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "Submitting" not in out and out.count("collected here, not submitted") == 4
+    assert "10 stages: 10 done" in run_w2sg(["status", "-m", *GRID[1:]], tmp_path).stdout
