@@ -97,6 +97,7 @@ def _reference(tmp_path):
     return ref_store, metrics_files(ref_dir)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
     ref_store, ref = _reference(tmp_path)
