@@ -99,9 +99,9 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
             raise
         sys.exit(128 + e.signum)
     except W2SGError as e:
+        print(f"w2sg: error: {e}", file=sys.stderr, flush=True)  # also into the job's log under a launcher
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs of the sweep still run
-        print(f"w2sg: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     return metrics["pgr"]
 

@@ -104,11 +104,16 @@ class W2sgSlurmLauncher(SlurmLauncher):
                 failures = []
                 for (idx, overrides), job in zip(todo, jobs):
                     try:
-                        results[idx] = job.results()[0]
-                    except Exception as e:  # submitit raises for a job that failed, crashed or was killed
-                        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-                        failures.append(f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id "
-                                        f"{job.job_id}: {first}\n    log: {job.paths.stderr}")
+                        ret = job.results()[0]
+                        results[idx] = ret
+                        if ret.status != JobStatus.FAILED:
+                            continue
+                        error = str(ret._return_value)  # the job's own exception, caught by Hydra in the job
+                    except Exception as e:  # submitit raises for a job that crashed or was killed
+                        error = str(e)
+                    first = next((ln for ln in error.splitlines() if ln.strip()), "failed")
+                    failures.append(f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id "
+                                    f"{job.job_id}: {first}\n    log: {job.paths.stderr}")
                 if failures:
                     raise W2SGError(f"{len(failures)} of {len(job_overrides)} jobs failed; the others finished "
                                     "and their stages are stored (rerun to retry only what is missing):\n"
