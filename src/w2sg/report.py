@@ -182,9 +182,9 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
 
 
 def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
+    rows = collect(source)
     out = Path(out or source)
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(source)
     summary = summarize(rows)
     write_csv(out / "results.csv", rows, COLUMNS)
     stats = [f"{c}_{s}" for c in ("acc_weak", "acc_ceiling", "acc_w2s", "pgr") for s in ("median", "min", "max")]
