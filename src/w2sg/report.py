@@ -133,6 +133,21 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
         ax.set_xlabel("strong model parameters (M)")
 
     written = []
+
+    def finish(fig, ax, sizes, ylabel: str, title: str, name: str) -> None:
+        """Axes, legend, save, remember the curves drawn."""
+        size_axis(ax, sizes)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=120)
+        if curves is not None:
+            curves[path.name] = ax.get_legend_handles_labels()[1]
+        plt.close(fig)
+        written.append(path)
+
     for task in sorted({s["task"] for s in summary}):
         ts = [s for s in summary if s["task"] == task]
         suffix = "" if len({s["task"] for s in summary}) == 1 else f"_{task}"
@@ -147,17 +162,8 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
             err = [[p["pgr_median"] - p["pgr_min"] for p in pts], [p["pgr_max"] - p["pgr_median"] for p in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"weak={weak}, loss={loss}")
         ax.axhline(0, color="grey", lw=0.8)
-        size_axis(ax, [s["strong_params"] for s in ts])
-        ax.set_ylabel("PGR (median over seeds; bars: min-max)")
-        ax.set_title(f"Performance gap recovered: {task}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"pgr_vs_strong_size{suffix}.png"
-        fig.savefig(path, dpi=120)
-        if curves is not None:
-            curves[path.name] = ax.get_legend_handles_labels()[1]
-        plt.close(fig)
-        written.append(path)
+        finish(fig, ax, [s["strong_params"] for s in ts], "PGR (median over seeds; bars: min-max)",
+               f"Performance gap recovered: {task}", f"pgr_vs_strong_size{suffix}.png")
 
         fig, ax = plt.subplots(figsize=(6, 4.2))
         ceil = sorted({(s["strong_params"], s["acc_ceiling_median"]) for s in ts})
@@ -167,17 +173,8 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
             line, = ax.plot([p["strong_params"] / 1e6 for p in pts], [p["acc_w2s_median"] for p in pts], "-o",
                             label=f"w2s from {weak} ({loss})")
             ax.axhline(pts[0]["acc_weak_median"], color=line.get_color(), ls=":", lw=1)
-        size_axis(ax, [s["strong_params"] for s in ts])
-        ax.set_ylabel("test accuracy (median over seeds)")
-        ax.set_title(f"Accuracy: {task} (dotted: weak model)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"accuracy_vs_strong_size{suffix}.png"
-        fig.savefig(path, dpi=120)
-        if curves is not None:
-            curves[path.name] = ax.get_legend_handles_labels()[1]
-        plt.close(fig)
-        written.append(path)
+        finish(fig, ax, [s["strong_params"] for s in ts], "test accuracy (median over seeds)",
+               f"Accuracy: {task} (dotted: weak model)", f"accuracy_vs_strong_size{suffix}.png")
     return written
 
 
