@@ -38,7 +38,8 @@ def read_run(path: Path) -> Dict[str, Any]:
     def items(updates):
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
 
-    run: Dict[str, Any] = {"config": {}, "summary": {}, "history": []}
+    # W&B names the file after the run id; a run killed before its first flush has no run record yet
+    run: Dict[str, Any] = {"id": path.stem[len("run-"):], "config": {}, "summary": {}, "history": []}
     for raw in _records(path):
         r = pb.Record()
         r.ParseFromString(raw)
