@@ -1,12 +1,11 @@
 """Every shipped config option, pair, chain and sweep composes; mistakes fail at compose time, naming the valid keys."""
 
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT, compose
+from conftest import CONF, compose
 from w2sg.cli import validate
 from w2sg.errors import W2SGError
 from w2sg.stages import model_spec

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from w2sg.errors import W2SGError
 from w2sg.schema import register
