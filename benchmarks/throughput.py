@@ -22,12 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def compose(overrides):
-    from w2sg.status import compose as c
-
-    return c(overrides)
-
-
 def bare_train(model, tok, texts, labels, batch_size, max_length, lr, seed):
     """A hand-written loop: tokenize each batch with padding, cross-entropy, AdamW."""
     import torch
@@ -72,6 +66,7 @@ def throughput(model_name: str, n: int) -> None:
 
     from w2sg.losses import make_loss
     from w2sg.models import build_model, load_tokenizer
+    from w2sg.status import compose
     from w2sg.tasks import load_task
     from w2sg.train import Encoded, predict, train_model
 

@@ -21,14 +21,9 @@ TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "pro
 
 
 def compose(overrides: List[str] = ()):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from w2sg.status import compose as w2sg_compose
 
-    from w2sg.schema import register
-
-    register()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    return w2sg_compose(overrides, conf_dir=CONF)
 
 
 def fixture_task(task: str) -> List[str]:

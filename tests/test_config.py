@@ -97,11 +97,9 @@ def test_model_spec_leaves_out_labels_that_do_not_change_results():
 
 @pytest.mark.parametrize("sweep", options("sweep"))
 def test_every_sweep_has_a_grid_of_valid_choices(sweep):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from w2sg.status import compose as w2sg_compose
 
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    cfg = w2sg_compose([f"sweep={sweep}"], with_hydra=True, conf_dir=CONF)
     grid = cfg.hydra.sweeper.params
     assert grid, f"sweeps/{sweep}.yaml defines no grid"
     combos = [[]]

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONF, TINY, compose, metrics_files, run_w2sg
+from conftest import CONF, TINY, metrics_files, run_w2sg
 from w2sg.experiment import plan
 from w2sg.store import Store
 
@@ -20,15 +20,9 @@ LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "tas
 
 
 def keys(overrides=(), conf=CONF):
-    if conf == CONF:
-        cfg = compose(list(overrides))
-    else:
-        from hydra import compose as hc
-        from hydra import initialize_config_dir
+    from w2sg.status import compose as w2sg_compose
 
-        with initialize_config_dir(str(conf), version_base="1.3"):
-            cfg = hc("config", overrides=list(overrides))
-    return {name: s.key for name, s in plan(cfg).items()}
+    return {name: s.key for name, s in plan(w2sg_compose(overrides, conf_dir=conf)).items()}
 
 
 def test_pinned_keys_of_the_default_experiment():

@@ -19,15 +19,16 @@ from w2sg.errors import W2SGError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-def compose(overrides: List[str], with_hydra: bool = False):
+def compose(overrides: Iterable[str] = (), with_hydra: bool = False, conf_dir: Path = CONF_DIR):
+    """The config a run with these overrides gets (Hydra's compose API), without running anything."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from w2sg.schema import register
 
     register()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides, return_hydra_config=with_hydra)
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def expand_sweep(overrides: List[str]) -> List[List[str]]:

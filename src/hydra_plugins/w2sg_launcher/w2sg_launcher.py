@@ -76,11 +76,12 @@ class W2sgSlurmLauncher(SlurmLauncher):
         todo: List[Tuple[int, List[str]]] = []
         for pos, overrides in enumerate(job_overrides):
             idx = initial_job_idx + pos
-            if self.skip_done and self._all_done(self._sweep_config(overrides, idx)):
+            cfg = self._sweep_config(overrides, idx) if self.skip_done else None
+            if cfg is not None and self._all_done(cfg):
                 log.info("\t#%d : %s  (all stages stored: collected here, not submitted)", idx,
                          " ".join(filter_overrides(overrides)))
                 results[idx] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                       config=self._sweep_config(overrides, idx), job_dir_key="hydra.sweep.dir",
+                                       config=cfg, job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir")
             else:
                 todo.append((idx, list(overrides)))
