@@ -40,7 +40,7 @@ class DataFiles:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    # formatter from w2sg.tasks.FORMATTERS: "template" (generic: text template over the columns) or a
+    # formatter from w2sg.task_formats.FORMATTERS: "template" (generic: text template over the columns) or a
     # paper-format formatter ("sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh")
     kind: str = "template"
     # first argument of datasets.load_dataset: a hub id ("sciq"), or a builder ("csv", "json", "parquet")

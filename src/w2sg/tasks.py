@@ -2,8 +2,7 @@
 
 A task config names a data set (hub id or a builder such as ``json``/``csv``/``parquet`` with local
 ``data_files``), its splits, and a formatter from ``FORMATTERS``. The generic ``template`` formatter makes a
-new classification task one YAML file; the others reproduce the text formats of the paper's code
-(openai/weak-to-strong ``datasets.py``) for its hub tasks.
+new classification task one YAML file; the formatters live in ``w2sg.task_formats``.
 
 Every task yields three disjoint sets: the ground-truth train half (weak and ceiling models train on it),
 the weak-label train half (the weak model labels it, w2s models train on those labels), and test.
@@ -13,79 +12,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 
 from w2sg.errors import W2SGError
 from w2sg.models import resolve_path
-
-Row = Dict[str, Any]
-Example = Tuple[str, int]  # (text, class index)
-Formatter = Callable[[Row, random.Random, Any], Optional[Example]]
-FORMATTERS: Dict[str, Formatter] = {}
-
-
-def register_formatter(name: str) -> Callable[[Formatter], Formatter]:
-    def deco(fn: Formatter) -> Formatter:
-        FORMATTERS[name] = fn
-        return fn
-
-    return deco
-
-
-def _label(cfg: Any, raw: Any) -> Optional[int]:
-    if cfg.label_map is None:
-        return int(raw)
-    key = str(raw)
-    return int(cfg.label_map[key]) if key in cfg.label_map else None  # unmapped labels are dropped
-
-
-@register_formatter("template")
-def format_template(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
-    label = _label(cfg, row[cfg.label_column])
-    if label is None:
-        return None
-    return cfg.template.format(**row), label
-
-
-@register_formatter("amazon_polarity")
-def format_amazon_polarity(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
-    return f"{row['title']} {row['content']}", int(row["label"])
-
-
-@register_formatter("sciq")
-def format_sciq(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
-    label = int(rng.random() < 0.5)
-    if label:
-        answer = row["correct_answer"]
-    else:
-        answer = rng.choice([row["distractor1"], row["distractor2"], row["distractor3"]])
-    return f"Q: {row['question']} A: {answer}", label
-
-
-@register_formatter("anthropic_hh")
-def format_anthropic_hh(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
-    label = int(rng.random() < 0.5)
-    return (row["chosen"] if label else row["rejected"]), label
-
-
-@register_formatter("cosmos_qa")
-def format_cosmos_qa(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
-    true_answer = row["answer" + str(row["label"])]
-    if "None of the above choices ." in true_answer:
-        label = 0
-    else:
-        label = int(rng.random() < 0.5)
-    if label:
-        answer = true_answer
-    else:
-        candidates = [row["answer" + str(i)] for i in range(4)]
-        answer = rng.choice([a for a in candidates if a != true_answer])
-    return f"Context: {row['context']}\nQuestion: {row['question']}\nAnswer: {answer}", label
-
-
-@register_formatter("boolq")
-def format_boolq(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
-    return f"Passage: {row['passage']}\nQuestion: {row['question']}", int(row["answer"])
+from w2sg.task_formats import FORMATTERS, Example
 
 
 @dataclass
