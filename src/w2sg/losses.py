@@ -126,3 +126,70 @@ def product(
     target = labels.float().clamp(min=0).pow(alpha) * probs.pow(beta)
     target = target / target.sum(-1, keepdim=True).clamp(min=1e-12)
     return _soft_xent(logits, target)
+
+
+@register_loss("entropy")
+def entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    step_frac: float,
+    aux_coef: float = 0.5,
+    warmup_frac: float = 0.1,
+) -> torch.Tensor:
+    """Entropy loss (EleutherAI/w2s, loss name ``entropy``): xent against the labels plus the student's entropy.
+
+        L = (1 - a) · mean_i[-sum_c y_ic log p_ic] + a · mean_i[-sum_c p_ic log p_ic],   p = softmax(logits)
+
+    with a rising linearly from 0 to ``aux_coef`` over the first ``warmup_frac`` of training, then constant.
+    Minimising the second term makes the student more confident in whatever it already predicts, like
+    ``logconf`` but without hardening (and without its class-balanced threshold).
+
+    Source: EleutherAI/w2s, w2s/loss.py ``log_confidence_loss(..., harden=False)``, called for
+    ``--loss entropy`` by ``CustomLossTrainer.compute_loss`` in w2s/sft.py: xent against the target
+    (1 - a)·labels + a·softmax(logits).detach(), whose value is exactly L above. Differences:
+
+    * Gradient: because that target is detached, its a-term has zero gradient (d/dz of -sum_c q_c log p_c with
+      q = p is p - p = 0), so the repository's "entropy" loss trains exactly like (1 - a)·xent. Here the
+      entropy term is differentiated, so it does push towards confident predictions, as the name means.
+    * Warm-up: theirs is ``min(1, step / warmup_steps)`` over optimizer steps (``logconf_warmup_steps`` = 100
+      of ~940 steps with their defaults: 10k examples, batch 32, 3 epochs); here it is the same linear ramp
+      over a fraction of training, default 0.1 (about the same share). ``aux_coef`` is their ``logconf_weight``
+      (default 0.5).
+    * Their optional ``balance_batch`` (binary log-odds centring of the labels, off by default) is left out.
+    """
+    ramp = 1.0 if warmup_frac <= 0 else min(1.0, step_frac / warmup_frac)
+    coef = aux_coef * ramp
+    logp = F.log_softmax(logits.float(), dim=-1)
+    xent_term = -(labels.float() * logp).sum(-1).mean()
+    entropy_term = -(logp.exp() * logp).sum(-1).mean()
+    return (1 - coef) * xent_term + coef * entropy_term
+
+
+@register_loss("window")
+def window(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    step_frac: float,
+    radius: float = 0.15,
+) -> torch.Tensor:
+    """Confidence-window loss (EleutherAI/w2s ``confidence_window_loss``): xent only where the student is unsure.
+
+        keep_i = max_c p_ic < 0.5 + radius          (p = softmax(logits), the student's own prediction)
+        L = (1 / B) · sum_{i: keep_i} [-sum_c y_ic log p_ic]
+
+    i.e. examples on which the student is already confident (top-class probability at least 0.5 + radius)
+    are dropped, whatever the weak label says. The sum is divided by the whole batch size B, not by the
+    number kept, as in the source: a batch with nothing kept gives a loss of exactly 0 (zero gradient, no
+    NaN), and radius >= 0.5 keeps everything, which is plain ``xent``. ``step_frac`` is unused.
+
+    Source: EleutherAI/w2s, w2s/loss.py ``confidence_window_loss`` (loss name ``window``, default
+    radius 0.15), binary there; here the same rule on the top class for any number of classes. Their blog
+    runs use ``--radius midweak``: radius = the median over the training set of the weak labels' confidence
+    |p_weak(1) - 0.5| (w2s/sft.py ``train``). A loss sees one batch only, so that is not computed here: set
+    ``radius`` to that number to reproduce it.
+    """
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    keep = logp.detach().exp().max(-1).values < 0.5 + float(radius)
+    per_example = -(labels.float()[keep] * logp[keep]).sum(-1)
+    return per_example.sum() / logits.shape[0]
