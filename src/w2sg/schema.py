@@ -62,14 +62,36 @@ class TaskConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names to adapt; null: the defaults for the model family (w2sg.models.LORA_TARGETS)
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
 class TrainConfig:
+    # full: finetune every weight | probe: a linear head on frozen features (computed once per model and task,
+    # stored and reused) | lora: low-rank adapters (peft) plus the head
+    mode: str = "full"
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 32  # examples per optimizer step
+    # examples per forward/backward pass; batch_size / minibatch_size steps of gradient accumulation (null: one)
+    minibatch_size: Optional[int] = None
     lr: Optional[float] = None  # null: the model's own default learning rate
+    optimizer: str = "adamw"  # adamw | adam | adafactor
     max_length: int = 64
     weight_decay: float = 0.0
-    warmup_frac: float = 0.0  # linear warm-up, then cosine decay (0: cosine from the start)
-    schedule: str = "cosine"  # cosine | constant
+    warmup_frac: float = 0.0  # linear warm-up, then the schedule (0: no warm-up)
+    schedule: str = "cosine"  # cosine | constant | linear
+    # validation: the share of the training half held out (0: none); what w2s stages validate against: "weak"
+    # (the weak labels, all a real user has) or "true" (ground truth, an oracle for analysis)
+    val_frac: float = 0.0
+    val_labels: str = "weak"
+    eval_every: int = 0  # validate every this many optimizer steps (0: at the end of each epoch)
+    keep_best: Optional[str] = None  # acc | auroc | loss: keep the weights with the best validation value
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval_batch_size: int = 64
     checkpoint_every: int = 50  # save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGUSR1)
 
@@ -110,6 +132,9 @@ class Config:
     progress: bool = True  # progress bars (does not change any result)
     # stage names of this run to compute again even if the store has them (e.g. [w2s] or [weak, ceiling])
     recompute: List[str] = field(default_factory=list)
+    # run only these named stages of the plan and the stages they need (e.g. [weak, weak_labels]); such a run
+    # writes no PGR and marks its metrics.json as a subset, which reports skip (null: all stages, a full result)
+    stages: Optional[List[str]] = None
 
 
 def register() -> None:
@@ -118,5 +143,6 @@ def register() -> None:
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="task", node=TaskConfig)
     cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="schema", name="lora", node=LoraConfig)
     cs.store(group="schema", name="chain", node=ChainConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)

@@ -47,6 +47,8 @@ def train_spec(train: Any, model: Any) -> Dict[str, Any]:
     for k in ("eval_batch_size", "checkpoint_every"):  # evaluation batching and checkpoints do not change results
         t.pop(k, None)
     t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
+    if t.get("mode") != "lora":
+        t.pop("lora", None)  # adapter settings matter only when adapters are trained
     return t
 
 
