@@ -1,17 +1,38 @@
 """Every task loader reads local files of its hub data set's format through datasets.load_dataset."""
 
+import random
+
 import pytest
 
-from conftest import compose, fixture_task
+from conftest import FIXTURES, compose, fixture_task
 from w2sg.errors import W2SGError
+from w2sg.task_formats import FORMATTERS
 from w2sg.tasks import load_task
 
-HUB_TASKS = ["sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh", "sst2"]
+HUB_TASKS = ["sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh", "sst2",
+             # the EleutherAI/w2s task registry
+             "piqa", "hellaswag", "social_i_qa", "openbookqa", "anli", "paws", "quail", "wic", "multirc", "mc_taco",
+             "ethics_deontology", "ethics_justice", "ethics_virtue", "ethics_utilitarianism"]
+
+
+def local_files(task: str):
+    """Like conftest.fixture_task, with both files keyed by the task's split names (mc_taco trains on 'test').
+
+    task.data_files only has the fields train/validation/test, so a task reading other split names (anli:
+    train_r2/test_r2) reads its local files as train/test instead.
+    """
+    splits, d = compose([f"task={task}"]).task.splits, FIXTURES / task
+    train, test = splits["train"], splits["test"]
+    extra = []
+    if not {train, test} <= {"train", "validation", "test"}:
+        train, test, extra = "train", "test", ["task.splits={train: train, test: test}"]
+    return [f"task={task}", "task.dataset=json", *extra,
+            f"task.data_files={{{train}: {d / 'train.jsonl'}, {test}: {d / 'test.jsonl'}}}"]
 
 
 @pytest.mark.parametrize("task", HUB_TASKS)
 def test_loader_reads_local_files_of_the_hub_format(task):
-    cfg = compose(fixture_task(task) + ["task.n_train=20", "task.n_test=10"])
+    cfg = compose(local_files(task) + ["task.n_train=20", "task.n_test=10"])
     data = load_task(cfg.task, seed=0)
     assert len(data.gt) == 10 and len(data.weak) == 10 and len(data.test) == 10
     for text, label in data.gt + data.weak + data.test:
@@ -67,3 +88,107 @@ def test_missing_local_file_is_reported():
 def test_unknown_kind_lists_the_valid_ones():
     with pytest.raises(W2SGError, match="unknown kind 'nope'; valid: amazon_polarity, anthropic_hh, boolq"):
         load_task(compose(["task.kind=nope"]).task, 0)
+
+
+@pytest.mark.parametrize("task", ["anli", "mc_taco"])
+def test_skewed_registry_tasks_are_balanced(task):
+    data = load_task(compose(local_files(task) + ["task.n_train=20", "task.n_test=10"]).task, seed=0)
+    labels = [y for _, y in data.gt + data.weak]
+    assert labels.count(0) == labels.count(1) == 10
+
+
+def formatted(kind, row, seeds=range(20)):
+    """(text, label) for each seed; both labels must occur, so each branch of the formatter is checked."""
+    out = [FORMATTERS[kind](row, random.Random(seed), None) for seed in seeds]
+    assert {label for _, label in out} == {0, 1}, f"{kind}: both labels should occur over {len(out)} seeds"
+    return out
+
+
+def test_piqa_format():
+    row = {"goal": "To dry wet shoes,", "sol1": "fill them with water.", "sol2": "stuff them with newspaper.",
+           "label": 1}
+    for text, label in formatted("piqa", row):
+        assert text == "Q: To dry wet shoes, A: " + ("stuff them with newspaper." if label else "fill them with water.")
+    assert FORMATTERS["piqa"](dict(row, label=-1), random.Random(0), None) is None  # unlabelled test rows
+
+
+def test_hellaswag_format():
+    endings = ["falls asleep.", "jumps into the pool.", "takes a bow.", "eats the ball."]
+    row = {"ctx": "A diver climbs the board and", "endings": endings, "label": "1"}
+    head = "Context:\nA diver climbs the board and\n\nContinuations:\n\n" + "\n".join(endings) + '\n\nQ: Is "'
+    for text, label in formatted("hellaswag", row):
+        assert text.startswith(head) and text.endswith('" the best continuation?')
+        answer = text[len(head):-len('" the best continuation?')]
+        assert answer in endings and (answer == "jumps into the pool.") == bool(label)
+    assert FORMATTERS["hellaswag"](dict(row, label=""), random.Random(0), None) is None  # unlabelled test rows
+
+
+def test_social_i_qa_format():
+    row = {"context": "Jo lent Max a pen.", "question": "How would Max feel?", "answerA": "annoyed",
+           "answerB": "sleepy", "answerC": "grateful", "label": "3"}
+    for text, label in formatted("social_i_qa", row):
+        answer = text.split('Is the answer "')[1][:-2]
+        assert text == ('Context:\nJo lent Max a pen.\n\nQuestion: "How would Max feel?"\n\nChoices:\nannoyed\n'
+                        f'sleepy\ngrateful\n\nIs the answer "{answer}"?')
+        assert (answer == "grateful") == bool(label) and answer in ("annoyed", "sleepy", "grateful")
+
+
+def test_openbookqa_format_answers_with_a_letter_either_way():
+    row = {"question_stem": "Plants need", "answerKey": "C",
+           "choices": {"text": ["rocks", "salt", "sunlight", "noise"], "label": ["A", "B", "C", "D"]}}
+    for text, label in formatted("openbookqa", row):
+        head, answer = text.rsplit("\n\nAnswer: ", 1)
+        assert head == "Q: Plants need\n\nChoices:\nA) rocks\nB) salt\nC) sunlight\nD) noise"
+        # a letter either way, so the form of the answer does not give the label away
+        assert answer in ("A", "B", "D") if label == 0 else answer == "C"
+
+
+def test_quail_format():
+    row = {"context": "Mia fed the cat.", "question": "Who fed the cat?", "answers": ["Tom", "Mia", "Ann", "Bo"],
+           "correct_answer_id": 1}
+    for text, label in formatted("quail", row):
+        answer = text.split('Is the answer "')[1][:-2]
+        assert text == f'Passage:\n\nMia fed the cat.\n\nQ: "Who fed the cat?" Is the answer "{answer}"?'
+        assert (answer == "Mia") == bool(label) and answer in row["answers"]
+
+
+def test_ethics_utilitarianism_format():
+    row = {"baseline": "I won a prize.", "less_pleasant": "I lost my keys."}
+    orders = set()
+    for text, label in formatted("ethics_utilitarianism", row):
+        lines = text.split("\n")
+        assert lines[0] == "Which is more pleasant?" and lines[1].startswith("1) ") and lines[2].startswith("2) ")
+        first, (second, stated) = lines[1][3:], lines[2][3:].split(" A: ")
+        assert {first, second} == {"I won a prize.", "I lost my keys."}
+        assert ([first, second][int(stated) - 1] == "I won a prize.") == bool(label)
+        orders.add(first)
+    assert len(orders) == 2, "the two scenarios should come in both orders"
+
+
+@pytest.mark.parametrize("task,row,text,label", [
+    ("anli", {"premise": "A cat sleeps.", "hypothesis": "An animal sleeps.", "label": 0},
+     "Premise: A cat sleeps.\nHypothesis: An animal sleeps.\n\nDoes the premise entail the hypothesis?", 1),
+    ("anli", {"premise": "A cat sleeps.", "hypothesis": "The cat is black.", "label": 1},
+     "Premise: A cat sleeps.\nHypothesis: The cat is black.\n\nDoes the premise entail the hypothesis?", 0),
+    ("anli", {"premise": "A cat sleeps.", "hypothesis": "The cat runs.", "label": 2},
+     "Premise: A cat sleeps.\nHypothesis: The cat runs.\n\nDoes the premise entail the hypothesis?", 0),
+    ("paws", {"sentence1": "He left early.", "sentence2": "Early, he left.", "label": 1},
+     "Sent 1: He left early.\nSent 2: Early, he left.\n\nQ: Are these sentences semantically equivalent?", 1),
+    ("wic", {"word": "bank", "sentence1": "A river bank.", "sentence2": "A savings bank.", "label": 0},
+     'Sentence 1:\nA river bank.\n\nSentence 2:\nA savings bank.\n\nQ: Does "bank" have the same meaning in '
+     "the above sentences?", 0),
+    ("multirc", {"paragraph": "Bo is 9.", "question": "How old is Bo?", "answer": "9", "label": 1},
+     'Passage:\n\nBo is 9.\n\nQ: "How old is Bo?" Is the answer "9"?', 1),
+    ("mc_taco", {"sentence": "He ate lunch.", "question": "How long did lunch take?", "answer": "a year", "label": 0},
+     "He ate lunch.\n\nGiven the above, How long did lunch take? Is the answer a year?", 0),
+    ("ethics_deontology", {"scenario": "Can you walk the dog?", "excuse": "No, it is raining hard.", "label": 1},
+     "Q: Is the following a morally valid excuse?\n\nCan you walk the dog?\n\nNo, it is raining hard.\n\nA:", 1),
+    ("ethics_justice", {"scenario": "I paid him less because he is short.", "label": 0},
+     "Q: Does this statement exemplify justice?\n\nI paid him less because he is short.\n\nA:", 0),
+    ("ethics_virtue", {"scenario": "She shared her lunch. [SEP] generous", "label": 1},
+     "Q: Does this behavior match the adjective that follows?\n\nShe shared her lunch. [SEP] generous\n\nA:", 1),
+])
+def test_template_tasks_follow_the_eleutherai_formats(task, row, text, label):
+    cfg = compose([f"task={task}"]).task
+    assert cfg.kind == "template"
+    assert FORMATTERS["template"](row, random.Random(0), cfg) == (text, label)

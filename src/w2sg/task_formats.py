@@ -80,3 +80,71 @@ def format_cosmos_qa(row: Row, rng: random.Random, cfg: Any) -> Optional[Example
 @register_formatter("boolq")
 def format_boolq(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
     return f"Passage: {row['passage']}\nQuestion: {row['question']}", int(row["answer"])
+
+
+# --- EleutherAI/w2s task registry (w2s/ds_registry.py): multiple choice turned binary -------------------------
+# Each picks, with probability 1/2, the correct answer (label 1) or one random wrong one (label 0), as sciq does.
+# Tasks whose rows only need a template (anli, paws, wic, multirc, mc_taco, ethics deontology/justice/virtue) are
+# kind=template YAML files.
+
+
+def _right_or_wrong(choices: list, correct: int, rng: random.Random) -> Tuple[Any, int]:
+    """(the correct choice, 1) or (a random other choice, 0), each with probability 1/2."""
+    label = int(rng.random() < 0.5)
+    if label:
+        return choices[correct], label
+    return rng.choice([c for i, c in enumerate(choices) if i != correct]), label
+
+
+@register_formatter("piqa")
+def format_piqa(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    if int(row["label"]) not in (0, 1):  # the hub's test split is unlabelled (-1)
+        return None
+    answer, label = _right_or_wrong([row["sol1"], row["sol2"]], int(row["label"]), rng)
+    return f"Q: {row['goal']} A: {answer}", label
+
+
+@register_formatter("hellaswag")
+def format_hellaswag(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    if str(row["label"]).strip() == "":  # the hub's test split is unlabelled ("")
+        return None
+    answer, label = _right_or_wrong(list(row["endings"]), int(row["label"]), rng)
+    endings = "\n".join(row["endings"])
+    text = f'Context:\n{row["ctx"]}\n\nContinuations:\n\n{endings}\n\nQ: Is "{answer}" the best continuation?'
+    return text, label
+
+
+@register_formatter("social_i_qa")
+def format_social_i_qa(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    answers = [row["answerA"], row["answerB"], row["answerC"]]
+    answer, label = _right_or_wrong(answers, int(row["label"]) - 1, rng)  # label is "1".."3"
+    text = (f"Context:\n{row['context']}\n\nQuestion: \"{row['question']}\"\n\nChoices:\n" + "\n".join(answers)
+            + f'\n\nIs the answer "{answer}"?')
+    return text, label
+
+
+@register_formatter("openbookqa")
+def format_openbookqa(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    # EleutherAI/w2s answers with the letter when right but with the choice's text when wrong, which gives the
+    # label away; here both are letters.
+    letters = list(row["choices"]["label"])
+    answer, label = _right_or_wrong(letters, letters.index(row["answerKey"].strip()), rng)
+    choices = "\n".join(f"{a}) {t}" for a, t in zip(letters, row["choices"]["text"]))
+    return f"Q: {row['question_stem']}\n\nChoices:\n{choices}\n\nAnswer: {answer}", label
+
+
+@register_formatter("quail")
+def format_quail(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    answer, label = _right_or_wrong(list(row["answers"]), int(row["correct_answer_id"]), rng)
+    return f'Passage:\n\n{row["context"]}\n\nQ: "{row["question"]}" Is the answer "{answer}"?', label
+
+
+@register_formatter("ethics_utilitarianism")
+def format_ethics_utilitarianism(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    # rows pair a scenario (baseline) with a less pleasant variant; label 1 if the stated answer is the baseline
+    label = int(rng.random() < 0.5)
+    choices = [row["baseline"], row["less_pleasant"]]
+    rng.shuffle(choices)
+    correct = choices.index(row["baseline"])
+    response = correct if label else 1 - correct
+    return f"Which is more pleasant?\n1) {choices[0]}\n2) {choices[1]} A: {response + 1}", label
