@@ -107,3 +107,51 @@ def test_every_sweep_has_a_grid_of_valid_choices(sweep):
         combos = [c + [f"{key}={v.strip()}"] for c in combos for v in str(values).split(",")]
     for combo in combos:
         validate(compose([f"sweep={sweep}", *combo]))
+
+
+def test_help_is_hydras_with_every_group_and_option(tmp_path):
+    """`w2sg --help`: our header and footer around Hydra's own listing of every config group and its options."""
+    from conftest import run_w2sg
+
+    out = run_w2sg(["--help"], cwd=tmp_path).stdout
+    assert out.startswith("w2sg: weak-to-strong generalization experiments.")
+    assert "== Configuration groups ==" in out and "== Config ==" in out and "Powered by Hydra" in out
+    listed = {line.split(":")[0]: line.split(": ", 1)[1].split(", ")
+              for line in out.split("== Configuration groups ==")[1].split("== Config ==")[0].splitlines()
+              if ": " in line}
+    for group in GROUPS + ["weak", "strong", "launcher", "logger"]:
+        assert listed.get(group) == options(group), group
+    assert "minilm_l6" in listed["weak"] and "minilm_l6" in listed["strong"]
+    assert "logconf" in listed["loss"] and "tweet_sentiment" in listed["task"]
+    assert "strong:\n  name: minilm_l6" in out  # the composed config follows
+
+
+def test_hydra_repository_copies_share_the_config_store():
+    """w2sg.hydra_compat: Hydra's per-group copies of its config repository no longer deep-copy the ConfigStore
+    (what made `w2sg --help` take seconds), and still see configs registered after the copy."""
+    import copy
+
+    from hydra._internal.config_repository import CachingConfigRepository, ConfigRepository
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.object_type import ObjectType
+    from hydra.core.plugins import Plugins
+
+    import w2sg.cli  # noqa: F401  (installs the fix)
+
+    Plugins.instance()  # registers the config source types (file://, structured://)
+    search_path = ConfigSearchPathImpl()
+    search_path.append("main", f"file://{CONF}")
+    search_path.append("schema", "structured://")
+    repo = ConfigRepository(search_path)
+    copied = copy.deepcopy(repo)
+    assert copied.sources is not repo.sources
+    assert copied.sources[-1] is not repo.sources[-1] and copied.sources[-1].store is ConfigStore.instance()
+    caching = CachingConfigRepository(repo)
+    ConfigStore.instance().store(group="w2sg_test_late", name="late", node={"a": 1})
+    try:
+        assert caching.get_group_options("w2sg_test_late", ObjectType.CONFIG) == ["late"]
+        assert caching.load_config("w2sg_test_late/late").config.a == 1
+        assert "task" in caching.get_group_options("", ObjectType.GROUP)
+    finally:
+        del ConfigStore.instance().repo["w2sg_test_late"]
