@@ -35,9 +35,22 @@ def validate(cfg: DictConfig) -> None:
     from w2sg.losses import validate_loss
     from w2sg.models import POOLINGS, check_model_path
     from w2sg.tasks import validate_task
+    from w2sg.train import check_train_settings
 
     validate_loss(cfg.loss)
     validate_task(cfg.task)
+    t = cfg.train
+    check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, float(t.val_frac), t.val_labels,
+                         int(t.batch_size), t.minibatch_size)
+    g = cfg.generative
+    if g.enabled:
+        from w2sg.generative import OBJECTIVES
+
+        if g.objective not in OBJECTIVES:
+            raise W2SGError(f"unknown generative.objective {g.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        bad = sorted(set(g.sides) - {"weak", "strong"})
+        if bad:
+            raise W2SGError(f"generative.sides: unknown side {', '.join(map(repr, bad))}; valid: weak, strong")
     models = [cfg.weak, cfg.strong] + (list(cfg.chain.models.values()) if cfg.chain is not None else [])
     for m in models:
         if m.pooling not in POOLINGS:

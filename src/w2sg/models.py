@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
@@ -46,22 +46,50 @@ def check_model_path(cfg: Any) -> None:
 
 
 class Classifier(nn.Module):
-    """Backbone + pooling + linear head. ``forward`` returns class logits."""
+    """Backbone + pooling + linear head. ``forward`` returns class logits.
 
-    def __init__(self, backbone: nn.Module, hidden: int, num_classes: int, pooling: str):
+    Pairwise (reward modeling): the head gives one scalar reward per text; for a pair (a, b) the logits are
+    [r(b), r(a)], so softmax gives P(a preferred) = sigmoid(r(a) - r(b)) as class 1, and every loss and metric
+    for two classes applies unchanged.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden: int, num_classes: int, pooling: str, pairwise: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise W2SGError(f"unknown pooling {pooling!r}; valid: {', '.join(sorted(POOLINGS))}")
         self.backbone = backbone
         self.pooling = pooling
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = Head(hidden, num_classes, pairwise)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         return POOLINGS[self.pooling](out.last_hidden_state, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                input_ids_b: Optional[torch.Tensor] = None, attention_mask_b: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        f_b = self.features(input_ids_b, attention_mask_b) if input_ids_b is not None else None
+        return self.head(self.features(input_ids, attention_mask), f_b)
+
+
+class Head(nn.Module):
+    """The linear head: class logits from features, or for pairs [r(b), r(a)] from one scalar reward each.
+
+    Used on its own in probe mode, on features stored by the features stage."""
+
+    def __init__(self, hidden: int, num_classes: int, pairwise: bool = False):
+        super().__init__()
+        if pairwise and num_classes != 2:
+            raise W2SGError(f"pairwise tasks have 2 classes (first or second preferred), got num_classes={num_classes}")
+        self.pairwise = pairwise
+        self.linear = nn.Linear(hidden, 1 if pairwise else num_classes)
+
+    def forward(self, features: torch.Tensor, features_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.pairwise:
+            return self.linear(features)
+        if features_b is None:
+            raise W2SGError("a pairwise head needs both texts of each pair")
+        return torch.cat([self.linear(features_b), self.linear(features)], dim=-1)
 
 
 def _mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,7 +126,7 @@ def load_tokenizer(cfg: Any):
     return tok
 
 
-def build_model(cfg: Any, num_classes: int, seed: int) -> Classifier:
+def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False) -> Classifier:
     """Load (or, for tests, randomly build) the backbone and add a freshly initialised head."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
@@ -119,8 +147,57 @@ def build_model(cfg: Any, num_classes: int, seed: int) -> Classifier:
             backbone = AutoModel.from_pretrained(path, config=hf_config)
     except OSError as e:
         raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
-    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
-    return Classifier(backbone, hidden, num_classes, cfg.pooling)
+    return Classifier(backbone, hidden_size(hf_config), num_classes, cfg.pooling, pairwise)
+
+
+def hidden_size(hf_config: Any) -> int:
+    return getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
+
+
+def build_head(cfg: Any, num_classes: int, seed: int, pairwise: bool = False) -> Head:
+    """Probe mode: the head alone (the backbone runs once, in the features stage)."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    hf_config = AutoConfig.from_pretrained(resolve_path(cfg.path))
+    if cfg.random_init is not None:
+        for key, value in cfg.random_init.items():
+            setattr(hf_config, key, value)
+    return Head(hidden_size(hf_config), num_classes, pairwise)
+
+
+# LoRA target modules per model family (transformers' config.model_type); train.lora.target_modules overrides
+LORA_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"], "electra": ["query", "value"], "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "pythia": ["query_key_value"], "phi": ["q_proj", "v_proj"],
+}
+
+
+def add_lora(model: Classifier, rank: int, alpha: float, dropout: float, target_modules: Optional[List[str]]) -> None:
+    """Freeze the backbone and wrap it with peft LoRA adapters; the head stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    model_type = getattr(model.backbone.config, "model_type", "?")
+    targets = list(target_modules) if target_modules else LORA_TARGETS.get(model_type)
+    if not targets:
+        raise W2SGError(f"no default LoRA target modules for model type {model_type!r} (known: "
+                        f"{', '.join(sorted(LORA_TARGETS))}); set train.lora.target_modules=[...]")
+    try:
+        model.backbone = get_peft_model(model.backbone, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                                   target_modules=targets))
+    except ValueError as e:
+        raise W2SGError(f"LoRA on model type {model_type!r}: {str(e).splitlines()[0]}") from None
+
+
+def merge_lora(model: Classifier) -> None:
+    """Fold trained adapters into the backbone's weights, leaving a plain model to store and reload."""
+    if hasattr(getattr(model, "backbone", None), "merge_and_unload"):
+        model.backbone = model.backbone.merge_and_unload()
+        for p in model.parameters():
+            p.requires_grad_(True)
 
 
 def count_params(model: nn.Module) -> int:

@@ -86,7 +86,7 @@ class TrainConfig:
     warmup_frac: float = 0.0  # linear warm-up, then the schedule (0: no warm-up)
     schedule: str = "cosine"  # cosine | constant | linear
     # validation: the share of the training half held out (0: none); what w2s stages validate against: "weak"
-    # (the weak labels, all a real user has) or "true" (ground truth, an oracle for analysis)
+    # (the weak labels, all a real user has) or "ground_truth" (an oracle, for analysis)
     val_frac: float = 0.0
     val_labels: str = "weak"
     eval_every: int = 0  # validate every this many optimizer steps (0: at the end of each epoch)
@@ -101,6 +101,19 @@ class ChainConfig:
     name: str = MISSING
     # the chain's models, weakest first (a dict so YAML defaults can fill it: /model@chain.models.m1: <model>)
     models: Dict[str, ModelConfig] = MISSING
+
+
+@dataclass
+class GenerativeConfig:
+    """Optional generative finetuning on the task's unlabelled text before the supervised stages."""
+
+    enabled: bool = False
+    sides: List[str] = field(default_factory=lambda: ["strong"])  # weak and/or strong (every strong-side model)
+    objective: str = "auto"  # auto (masked LM for encoders, causal LM for decoders) | mlm | clm
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-5
+    mlm_probability: float = 0.15
 
 
 @dataclass
@@ -126,6 +139,7 @@ class Config:
     loss: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     chain: Optional[ChainConfig] = None
+    generative: GenerativeConfig = field(default_factory=GenerativeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     store_dir: str = MISSING  # content-addressed stage store shared by every run (env W2SG_STORE)
@@ -146,3 +160,4 @@ def register() -> None:
     cs.store(group="schema", name="lora", node=LoraConfig)
     cs.store(group="schema", name="chain", node=ChainConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
+    cs.store(group="schema", name="generative", node=GenerativeConfig)

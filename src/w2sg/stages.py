@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
+from w2sg.errors import W2SGError
 from w2sg.store import Store, StageDir
 from w2sg.tracking import Tracker
 
@@ -49,6 +50,9 @@ def train_spec(train: Any, model: Any) -> Dict[str, Any]:
     t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
     if t.get("mode") != "lora":
         t.pop("lora", None)  # adapter settings matter only when adapters are trained
+    if not t.get("val_frac"):
+        for k in ("val_labels", "eval_every", "keep_best"):  # no validation set: nothing to validate
+            t.pop(k, None)
     return t
 
 
@@ -64,6 +68,8 @@ class Stage:
     def role(self) -> str:
         """weak, ceiling, w2s, link or labels: the W&B job type and the kind shown to users."""
         prefix = self.label.split(":")[0]
+        if self.kind in ("features", "lm"):
+            return self.kind
         return "labels" if prefix.endswith("labels") else prefix.rstrip("0123456789")
 
     @cached_property
@@ -73,16 +79,48 @@ class Stage:
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def lm_stage(cfg: Any, model: Any) -> Stage:
+    """Generative finetuning of a model on the task's unlabelled training text (w2sg.generative)."""
+    g = _plain(cfg.generative)
+    spec = {"model": model_spec(model), "task": task_spec(cfg.task), "seed": int(cfg.seed),
+            "max_length": int(cfg.train.max_length),
+            "generative": {k: g[k] for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")}}
+    return Stage("lm", spec, {}, model, f"lm:{model.name}")
+
+
+def init_inputs(cfg: Any, model: Any, side: str) -> Dict[str, Stage]:
+    """The generatively finetuned weights a model starts from, when generative finetuning applies to its side."""
+    if cfg.generative.enabled and side in cfg.generative.sides:
+        return {"init": lm_stage(cfg, model)}
+    return {}
+
+
+def features_stage(cfg: Any, model: Any, side: str) -> Stage:
+    """Probe mode: the frozen model's pooled features of every part of the task, computed once and reused."""
+    spec = {"model": model_spec(model), "task": task_spec(cfg.task), "seed": int(cfg.seed),
+            "max_length": int(cfg.train.max_length)}
+    return Stage("features", spec, init_inputs(cfg, model, side), model, f"features:{model.name}")
+
+
 def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label: str) -> Stage:
+    inputs: Dict[str, Stage] = {"labels": labels} if labels is not None else {}
+    side = "weak" if label.startswith("weak:") else "strong"  # ceiling, w2s and chain links train strong-side models
+    if cfg.train.mode == "probe":
+        inputs["features"] = features_stage(cfg, model, side)
+    else:
+        inputs.update(init_inputs(cfg, model, side))
+    tspec = train_spec(cfg.train, model)
+    if labels is None:
+        tspec.pop("val_labels", None)  # ground-truth stages validate against ground truth whatever it says
     spec = {
         "model": model_spec(model),
         "task": task_spec(cfg.task),
-        "train": train_spec(cfg.train, model),
+        "train": tspec,
         "seed": int(cfg.seed),
         "loss": _plain(loss) if labels is not None else GT_LOSS,
         "labels": "weak" if labels is not None else "ground_truth",
     }
-    return Stage("train", spec, {"labels": labels} if labels is not None else {}, model, label)
+    return Stage("train", spec, inputs, model, label)
 
 
 def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
@@ -145,7 +183,8 @@ class Runner:
         for dep in stage.inputs.values():
             self.run(dep)
         start = time.time()
-        compute = self._compute_train if stage.kind == "train" else self._compute_labels
+        compute = {"train": self._compute_train, "labels": self._compute_labels,
+                   "features": self._compute_features, "lm": self._compute_lm}[stage.kind]
         meta = {"kind": stage.kind, "label": stage.label, "spec": stage.spec,
                 "inputs": {k: v.key for k, v in stage.inputs.items()}, "model_name": stage.model.name,
                 "task_name": self.cfg.task.name}
@@ -176,16 +215,64 @@ class Runner:
 
     # --- stage bodies -------------------------------------------------------------------------------------
 
+    @property
+    def pairwise(self) -> bool:
+        """Reward modeling: each example is a pair of texts (see w2sg.models.Classifier)."""
+        return bool(self.data.gt) and isinstance(self.data.gt[0][0], tuple)
+
+    def inputs_of(self, stage: Stage, part: str):
+        """What a model of this stage reads for one part of the task: token ids, or stored features (probe)."""
+        from w2sg.train import Features
+
+        if "features" in stage.inputs:
+            sd = self.store.get(stage.inputs["features"].key)
+            x_b = sd.read_array(f"{part}_b") if self.pairwise else None
+            return Features(_tensor(sd.read_array(part)), _tensor(x_b) if x_b is not None else None)
+        return self.encode(stage.model, part)
+
+    def _build(self, stage: Stage):
+        """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe)."""
+        from w2sg.models import add_lora, build_head, build_model
+
+        cfg, num_classes = self.cfg, int(self.cfg.task.num_classes)
+        if stage.spec["train"]["mode"] == "probe":
+            return build_head(stage.model, num_classes, int(cfg.seed), self.pairwise)
+        model = build_model(stage.model, num_classes, int(cfg.seed), self.pairwise)
+        self._load_init(stage, model)
+        if stage.spec["train"]["mode"] == "lora":
+            lora = stage.spec["train"]["lora"]
+            add_lora(model, int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"])
+        return model
+
+    def _validation(self, stage: Stage, data: Any, soft: Any, part: str):
+        """Hold out ``val_frac`` of the training part (seeded); return (train data, train labels, Validation)."""
+        import numpy as np
+
+        from w2sg.train import Validation
+
+        tspec = stage.spec["train"]
+        n_val = int(round(float(tspec["val_frac"]) * len(soft)))
+        if n_val == 0:
+            return data, soft, None
+        perm = np.random.RandomState(int(self.cfg.seed)).permutation(len(soft))
+        val_idx, train_idx = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
+        val_y = soft[val_idx]
+        if part == "weak" and tspec["val_labels"] == "ground_truth":  # judge against ground truth (an oracle)
+            truth = [self.data.weak[i][1] for i in val_idx]
+            val_y = np.eye(int(self.cfg.task.num_classes), dtype=np.float32)[truth]
+        validation = Validation(data.subset(val_idx), val_y, int(tspec["eval_every"]), tspec["keep_best"])
+        return data.subset(train_idx), soft[train_idx], validation
+
     def _compute_train(self, stage: Stage, out: StageDir) -> None:
         import numpy as np
         from safetensors.torch import save_model
 
         from w2sg.losses import make_loss
         from w2sg.metrics import accuracy, auroc
-        from w2sg.models import build_model, count_params
+        from w2sg.models import count_params, merge_lora
         from w2sg.train import Checkpointer, predict, train_model
 
-        cfg, data, model_cfg = self.cfg, self.data, stage.model
+        cfg, data = self.cfg, self.data
         num_classes = int(cfg.task.num_classes)
         if "labels" in stage.inputs:
             part = "weak"
@@ -193,47 +280,106 @@ class Runner:
         else:
             part = "gt"
             soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
-        model = build_model(model_cfg, num_classes, int(cfg.seed))
-        tok = self.tokenizer(model_cfg)
-        pad_id = tok.pad_token_id
+        model = self._build(stage)
+        pad_id = self.tokenizer(stage.model).pad_token_id
         tspec = stage.spec["train"]
+        train_data, train_y, validation = self._validation(stage, self.inputs_of(stage, part), soft, part)
         ckpt_path = self.store.partial_dir(stage.key) / "checkpoint.pt"
         with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt, \
                 self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
             result = train_model(
-                model, self.encode(model_cfg, part), soft, make_loss(stage.spec["loss"]),
+                model, train_data, train_y, make_loss(stage.spec["loss"]),
                 epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
-                seed=int(cfg.seed), weight_decay=float(tspec["weight_decay"]),
-                warmup_frac=float(tspec["warmup_frac"]), schedule=str(tspec["schedule"]),
-                progress=bool(cfg.progress), desc=stage.label, checkpointer=ckpt,
-                on_epoch=lambda epoch, entry: wb.log({f"train/{k}": v for k, v in entry.items()}),
+                seed=int(cfg.seed), minibatch_size=tspec.get("minibatch_size"), optimizer=str(tspec["optimizer"]),
+                weight_decay=float(tspec["weight_decay"]), warmup_frac=float(tspec["warmup_frac"]),
+                schedule=str(tspec["schedule"]), validation=validation, eval_batch_size=int(cfg.train.eval_batch_size),
+                progress=bool(cfg.progress), desc=stage.label, checkpointer=ckpt, on_log=wb.log,
             )
             if result.resumed_from:
                 log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
+            merge_lora(model)
             test_y = [y for _, y in data.test]
-            probs = predict(model, self.encode(model_cfg, "test"),
+            probs = predict(model, self.inputs_of(stage, "test"),
                             batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
                             desc=f"{stage.label} test")
             metrics = {
-                "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(soft),
+                "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
                 "n_test": len(test_y), "params": count_params(model), "history": result.history,
                 "resumed_from_step": result.resumed_from,
             }
+            if validation is not None:
+                metrics.update(n_val=len(validation.labels), val_labels=tspec.get("val_labels", "ground_truth"),
+                               evals=result.evals, best=result.best)
             wb.log({"eval/acc": metrics["acc"], "eval/auroc": metrics["auroc"], "epoch": len(result.history)})
-            wb.summary({k: v for k, v in metrics.items() if k != "history"})
+            wb.summary({k: v for k, v in metrics.items() if k not in ("history", "evals")})
         out.write_array("test_probs", probs)
         out.write_json("metrics.json", metrics)
         save_model(model, str(out.file("model.safetensors")))
         self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+
+    def _compute_features(self, stage: Stage, out: StageDir) -> None:
+        """Pooled last-layer features of the frozen model for gt, weak and test (and each pair's second text)."""
+        from w2sg.models import build_model
+        from w2sg.train import extract_features
+
+        model = build_model(stage.model, int(self.cfg.task.num_classes), int(self.cfg.seed))
+        self._load_init(stage, model)
+        pad_id = self.tokenizer(stage.model).pad_token_id
+        shapes = {}
+        for part in ("gt", "weak", "test"):
+            x, x_b = extract_features(model, self.encode(stage.model, part), batch_size=int(self.cfg.train.eval_batch_size),
+                                      pad_id=pad_id, progress=bool(self.cfg.progress), desc=f"{stage.label} {part}")
+            out.write_array(part, x)
+            if x_b is not None:
+                out.write_array(f"{part}_b", x_b)
+            shapes[part] = list(x.shape)
+        out.write_json("metrics.json", {"shapes": shapes})
+
+    def _load_init(self, stage: Stage, model: Any) -> None:
+        """Start from the generatively finetuned backbone when the stage has one."""
+        if "init" not in stage.inputs:
+            return
+        from safetensors.torch import load_model
+
+        path = self.store.get(stage.inputs["init"].key).file("backbone.safetensors")
+        missing, unexpected = load_model(model.backbone, str(path), strict=False)
+        # an LM head's backbone has no pooler; the classifier pools hidden states itself and never uses one
+        if unexpected or [k for k in missing if not k.startswith("pooler.")]:
+            raise W2SGError(f"{stage.label}: generatively finetuned weights do not fit the model "
+                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+    def _compute_lm(self, stage: Stage, out: StageDir) -> None:
+        from safetensors.torch import save_file
+
+        from w2sg.generative import finetune_lm
+
+        texts = [t for part in (self.data.gt, self.data.weak) for x, _ in part
+                 for t in (x if isinstance(x, tuple) else (x,))]
+        g = stage.spec["generative"]
+        with self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
+            result = finetune_lm(stage.model, self.tokenizer(stage.model), texts, objective=g["objective"],
+                                 epochs=int(g["epochs"]), batch_size=int(g["batch_size"]), lr=float(g["lr"]),
+                                 max_length=int(stage.spec["max_length"]), mlm_probability=float(g["mlm_probability"]),
+                                 seed=int(self.cfg.seed), progress=bool(self.cfg.progress), desc=stage.label)
+            for entry in result["history"]:
+                wb.log({f"lm/{k}": v for k, v in entry.items()})
+            metrics = {"objective": result["objective"], "n_texts": len(texts), "history": result["history"]}
+            wb.summary({"objective": result["objective"], "final_loss": result["history"][-1]["loss"]})
+        save_file({k: v.contiguous() for k, v in result["state"].items()}, str(out.file("backbone.safetensors")))
+        out.write_json("metrics.json", metrics)
 
     def _load_trained(self, stage: Stage):
         if stage.key in self._models:
             return self._models[stage.key]
         from safetensors.torch import load_model
 
-        from w2sg.models import build_model
+        from w2sg.models import build_head, build_model
 
-        model = build_model(stage.model, int(self.cfg.task.num_classes), int(self.cfg.seed))
+        num_classes, seed = int(self.cfg.task.num_classes), int(self.cfg.seed)
+        if stage.spec["train"]["mode"] == "probe":
+            model = build_head(stage.model, num_classes, seed, self.pairwise)
+        else:  # full, and lora (adapters were merged before saving)
+            model = build_model(stage.model, num_classes, seed, self.pairwise)
         load_model(model, str(self.store.get(stage.key).file("model.safetensors")))
         return model
 
@@ -244,7 +390,7 @@ class Runner:
         trained = stage.inputs["model"]
         model = self._load_trained(trained)
         data = self.data
-        probs = predict(model, self.encode(trained.model, "weak"),
+        probs = predict(model, self.inputs_of(trained, "weak"),
                         batch_size=int(self.cfg.train.eval_batch_size),
                         pad_id=self.tokenizer(trained.model).pad_token_id, progress=bool(self.cfg.progress),
                         desc=stage.label)
@@ -255,3 +401,9 @@ class Runner:
             wb.summary({f"label_{k}": v for k, v in metrics.items()})
         out.write_array("probs", probs)
         out.write_json("metrics.json", metrics)
+
+
+def _tensor(arr: Any):
+    import torch
+
+    return torch.as_tensor(arr, dtype=torch.float32)

@@ -13,7 +13,7 @@ import random
 from typing import Any, Callable, Dict, Optional, Tuple
 
 Row = Dict[str, Any]
-Example = Tuple[str, int]  # (text, class index)
+Example = Tuple[Any, int]  # (text, class index); pairwise tasks give a (text, text) pair instead of one text
 Formatter = Callable[[Row, random.Random, Any], Optional[Example]]
 FORMATTERS: Dict[str, Formatter] = {}
 
@@ -60,6 +60,20 @@ def format_sciq(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
 def format_anthropic_hh(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
     label = int(rng.random() < 0.5)
     return (row["chosen"] if label else row["rejected"]), label
+
+
+@register_formatter("pairwise")
+def format_pairwise(row: Row, rng: random.Random, cfg: Any) -> Optional[Example]:
+    """Reward modeling: a (chosen, rejected) pair in a random order; label 1 when the first text is the chosen one.
+
+    Any data set with ``chosen`` and ``rejected`` text columns (Anthropic/hh-rlhf and most preference data).
+    Identical texts carry no preference and are dropped.
+    """
+    if row["chosen"] == row["rejected"]:
+        return None
+    label = int(rng.random() < 0.5)
+    pair = (row["chosen"], row["rejected"]) if label else (row["rejected"], row["chosen"])
+    return pair, label
 
 
 @register_formatter("cosmos_qa")

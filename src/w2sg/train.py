@@ -1,51 +1,110 @@
 """The one training loop (weak, ceiling, w2s and chain links all use it) and batched prediction.
 
-Read top to bottom: tokenize once, then epochs of shuffled minibatches with dynamic padding, the chosen
-loss against soft labels, AdamW with a transformers schedule. Prediction runs under ``torch.inference_mode``
-over length-sorted batches (less padding) and returns class probabilities in the input order.
+Read top to bottom: tokenize once, then epochs of shuffled batches with dynamic padding (split into minibatches
+for gradient accumulation), the chosen loss against soft labels, an optimizer (AdamW, Adam or Adafactor) with a
+transformers schedule, optional validation on held-out examples keeping the best weights. The same loop trains
+a full model, one with LoRA adapters (only trainable parameters are optimised) or a probe head on stored
+features (``Features`` batches instead of token ids). Prediction runs under ``torch.inference_mode`` over
+length-sorted batches (less padding) and returns class probabilities in the input order.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from w2sg.errors import W2SGError
-from w2sg.models import Classifier
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
+def _pad(rows: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    return input_ids, mask
+
+
 @dataclass
 class Encoded:
-    """Token ids of each text (unpadded); batches are padded on the fly."""
+    """Token ids of each text (unpadded); batches are padded on the fly.
+
+    Pairwise tasks (reward modeling) give a pair of texts per example: ``ids_b`` then holds the second text's
+    ids and batches carry both (``input_ids_b``, ``attention_mask_b``). Pairs are truncated on the left, so the
+    end of each text (where a chosen and a rejected response differ) survives.
+    """
 
     ids: List[List[int]]
+    ids_b: Optional[List[List[int]]] = None
 
     @classmethod
-    def of(cls, tokenizer: Any, texts: Sequence[str], max_length: int) -> "Encoded":
+    def of(cls, tokenizer: Any, texts: Sequence[Any], max_length: int) -> "Encoded":
+        if texts and isinstance(texts[0], (tuple, list)):
+            side = tokenizer.truncation_side
+            tokenizer.truncation_side = "left"
+            try:
+                a = tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)["input_ids"]
+                b = tokenizer([t[1] for t in texts], truncation=True, max_length=max_length)["input_ids"]
+            finally:
+                tokenizer.truncation_side = side
+            return cls(ids=a, ids_b=b)
         enc = tokenizer(list(texts), truncation=True, max_length=max_length)
         return cls(ids=enc["input_ids"])
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def length(self, i: int) -> int:
+        return len(self.ids[i]) + (len(self.ids_b[i]) if self.ids_b is not None else 0)
+
     def batch(self, idx: Sequence[int], pad_id: int) -> Dict[str, torch.Tensor]:
-        rows = [self.ids[i] for i in idx]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[j, : len(r)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        input_ids, mask = _pad([self.ids[i] for i in idx], pad_id)
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if self.ids_b is not None:
+            out["input_ids_b"], out["attention_mask_b"] = _pad([self.ids_b[i] for i in idx], pad_id)
+        return out
+
+    def subset(self, idx: Sequence[int]) -> "Encoded":
+        return Encoded([self.ids[i] for i in idx], [self.ids_b[i] for i in idx] if self.ids_b is not None else None)
+
+
+@dataclass
+class Features:
+    """Frozen feature vectors [N, H] (probe mode), and [N, H] of the second text for pairwise tasks."""
+
+    x: torch.Tensor
+    x_b: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def length(self, i: int) -> int:
+        return 1
+
+    def batch(self, idx: Sequence[int], pad_id: int = 0) -> Dict[str, torch.Tensor]:
+        out = {"features": self.x[list(idx)]}
+        if self.x_b is not None:
+            out["features_b"] = self.x_b[list(idx)]
+        return out
+
+    def subset(self, idx: Sequence[int]) -> "Features":
+        i = list(idx)
+        return Features(self.x[i], self.x_b[i] if self.x_b is not None else None)
 
 
 @dataclass
 class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)  # one entry per epoch
+    evals: List[Dict[str, float]] = field(default_factory=list)  # one entry per validation
+    best: Optional[Dict[str, float]] = None  # the validation entry whose weights were kept (keep_best)
     steps: int = 0
     resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
 
@@ -126,9 +185,65 @@ class Checkpointer:
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
 
 
+def _adafactor(params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
+
+
+OPTIMIZERS: Dict[str, Callable[[Any, float, float], torch.optim.Optimizer]] = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adafactor": _adafactor,
+}
+# keep_best metric -> True when larger is better
+BEST_METRICS = {"acc": True, "auroc": True, "loss": False}
+
+
+@dataclass
+class Validation:
+    """Held-out examples checked during training, and whether to keep the best weights by one metric."""
+
+    data: Any  # Encoded or Features
+    labels: np.ndarray  # [N, C] soft labels they are judged against (weak labels, or ground truth)
+    every: int = 0  # optimizer steps between checks (0: at the end of each epoch)
+    keep_best: Optional[str] = None  # a key of BEST_METRICS
+
+    def evaluate(self, model: torch.nn.Module, pad_id: int, batch_size: int) -> Dict[str, float]:
+        from w2sg.metrics import accuracy, auroc
+
+        probs = predict(model, self.data, batch_size=batch_size, pad_id=pad_id, progress=False)
+        hard = self.labels.argmax(-1).tolist()
+        loss = float(-(self.labels * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1).mean())
+        au = auroc(probs, hard)
+        return {"acc": accuracy(probs, hard), "auroc": au if au is not None else float("nan"), "loss": loss}
+
+
+def check_train_settings(mode: str, optimizer: str, schedule: str, keep_best: Optional[str], val_frac: float,
+                         val_labels: str, batch_size: int, minibatch_size: Optional[int]) -> None:
+    """Errors naming the bad value and the valid ones, before anything is loaded."""
+    choices = {"train.mode": (mode, MODES), "train.optimizer": (optimizer, OPTIMIZERS),
+               "train.schedule": (schedule, SCHEDULES), "train.val_labels": (val_labels, ("weak", "ground_truth"))}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise W2SGError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+    if keep_best is not None and keep_best not in BEST_METRICS:
+        raise W2SGError(f"unknown train.keep_best {keep_best!r}; valid: {', '.join(BEST_METRICS)} (or null)")
+    if keep_best is not None and not 0 < val_frac < 1:
+        raise W2SGError(f"train.keep_best={keep_best} needs a validation set: set 0 < train.val_frac < 1 "
+                        f"(now {val_frac})")
+    if not 0 <= val_frac < 1:
+        raise W2SGError(f"train.val_frac must be in [0, 1), got {val_frac}")
+    if minibatch_size is not None and (minibatch_size < 1 or batch_size % minibatch_size):
+        raise W2SGError(f"train.minibatch_size={minibatch_size} must divide train.batch_size={batch_size}")
+
+
+MODES = ("full", "probe", "lora")
+
+
 def train_model(
-    model: Classifier,
-    data: Encoded,
+    model: torch.nn.Module,
+    data: Any,
     labels: np.ndarray,
     loss_fn: LossFn,
     *,
@@ -137,32 +252,42 @@ def train_model(
     lr: float,
     pad_id: int,
     seed: int,
+    minibatch_size: Optional[int] = None,
+    optimizer: str = "adamw",
     weight_decay: float = 0.0,
     warmup_frac: float = 0.0,
     schedule: str = "cosine",
+    validation: Optional[Validation] = None,
+    eval_batch_size: int = 64,
     progress: bool = True,
     desc: str = "train",
     checkpointer: Optional[Checkpointer] = None,
-    on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    on_log: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> TrainResult:
     """Fit ``model`` to soft ``labels`` [N, C]. Raises W2SGError on a non-finite loss.
 
-    Each epoch's order comes from (seed, epoch), so a run resumed from a checkpoint (model, optimiser,
-    schedule, RNG state, position) continues exactly as the uninterrupted run would have.
+    ``data`` is Encoded (token ids) or Features (probe mode); only parameters with ``requires_grad`` train.
+    Each optimizer step sees ``batch_size`` examples, in forward passes of ``minibatch_size`` (gradient
+    accumulation). Each epoch's order comes from (seed, epoch), so a run resumed from a checkpoint (model,
+    optimiser, schedule, RNG state, position, best weights so far) continues exactly as the uninterrupted run.
     """
     from transformers import get_scheduler
 
     if schedule not in SCHEDULES:
         raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise W2SGError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     ckpt = checkpointer or Checkpointer(None)
-    n = len(data.ids)
+    n = len(data)
+    mb = minibatch_size or batch_size
     steps_per_epoch = math.ceil(n / batch_size)
     total = steps_per_epoch * epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * total), num_training_steps=total)
     y = torch.as_tensor(labels, dtype=torch.float32)
     result = TrainResult()
     sums = {"loss": 0.0, "correct": 0}
+    best_state: Optional[Dict[str, torch.Tensor]] = None
     state = ckpt.load()
     if state is not None:
         model.load_state_dict(state["model"])
@@ -170,11 +295,30 @@ def train_model(
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         result.history, result.steps, sums = state["history"], state["step"], state["sums"]
+        result.evals, result.best, best_state = state.get("evals", []), state.get("best"), state.get("best_state")
         result.resumed_from = result.steps
 
     def snapshot() -> Dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "history": result.history, "step": result.steps, "sums": sums}
+                "rng": torch.get_rng_state(), "history": result.history, "step": result.steps, "sums": sums,
+                "evals": result.evals, "best": result.best, "best_state": best_state}
+
+    def log(entry: Dict[str, float]) -> None:
+        if on_log is not None:
+            on_log(entry)
+
+    def validate() -> None:
+        nonlocal best_state
+        entry = {"step": result.steps, **validation.evaluate(model, pad_id, eval_batch_size)}
+        model.train()
+        result.evals.append(entry)
+        log({f"val/{k}": v for k, v in entry.items()})
+        metric = validation.keep_best
+        if metric is not None:
+            value, sign = entry[metric], 1 if BEST_METRICS[metric] else -1
+            if result.best is None or sign * value > sign * result.best[metric]:
+                result.best = entry
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     model.train()
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -182,52 +326,81 @@ def train_model(
         epoch, pos = divmod(result.steps, steps_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
         idx = order[pos * batch_size : (pos + 1) * batch_size]
-        logits = model(**data.batch(idx, pad_id))
-        loss = loss_fn(logits, y[idx], result.steps / total)
-        if not torch.isfinite(loss):
-            raise W2SGError(
-                f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
-                f"try a lower learning rate (now {lr:g}) or check the labels"
-            )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for start in range(0, len(idx), mb):
+            part = idx[start : start + mb]
+            logits = model(**data.batch(part, pad_id))
+            loss = loss_fn(logits, y[part], result.steps / total)
+            if not torch.isfinite(loss):
+                raise W2SGError(
+                    f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
+                    f"try a lower learning rate (now {lr:g}) or check the labels"
+                )
+            (loss * (len(part) / len(idx)) if len(part) < len(idx) else loss).backward()
+            step_loss += loss.item() * len(part)
+            sums["correct"] += int((logits.argmax(-1) == y[part].argmax(-1)).sum())
         opt.step()
         sched.step()
         result.steps += 1
-        sums["loss"] += loss.item() * len(idx)
-        sums["correct"] += int((logits.argmax(-1) == y[idx].argmax(-1)).sum())
+        sums["loss"] += step_loss
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if result.steps % steps_per_epoch == 0:
+        bar.set_postfix(loss=f"{step_loss / len(idx):.3f}")
+        epoch_end = result.steps % steps_per_epoch == 0
+        if epoch_end:
             entry = {"epoch": epoch + 1, "loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
                      "lr": sched.get_last_lr()[0]}
             result.history.append(entry)
             sums = {"loss": 0.0, "correct": 0}
-            if on_epoch is not None:
-                on_epoch(epoch, entry)
+            log({f"train/{k}": v for k, v in entry.items()})
+        if validation is not None and (result.steps % validation.every == 0 if validation.every else epoch_end):
+            validate()
         if ckpt.stop_signal is not None:
             bar.close()
             ckpt.stop(snapshot(), result.steps)
         if ckpt.every and result.steps % ckpt.every == 0 and result.steps < total:
             ckpt.save(snapshot())
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return result
 
 
-def predict(
-    model: Classifier, data: Encoded, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "predict"
-) -> np.ndarray:
-    """Class probabilities [N, C] in input order, under inference_mode, batches sorted by length."""
-    model.eval()
-    order = sorted(range(len(data.ids)), key=lambda i: len(data.ids[i]))
+def _map_batches(fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: Any, batch_size: int, pad_id: int,
+                 progress: bool, desc: str) -> List[np.ndarray]:
+    """Apply ``fn`` to length-sorted batches under inference_mode; one output row per example, in input order."""
+    order = sorted(range(len(data)), key=data.length)
     out: List[Optional[np.ndarray]] = [None] * len(order)
     with torch.inference_mode():
         for start in tqdm(
             range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True
         ):
             idx = order[start : start + batch_size]
-            probs = torch.softmax(model(**data.batch(idx, pad_id)).float(), dim=-1).numpy()
+            rows = fn(data.batch(idx, pad_id)).float().numpy()
             for j, i in enumerate(idx):
-                out[i] = probs[j]
+                out[i] = rows[j]
+    return out
+
+
+def predict(
+    model: torch.nn.Module, data: Any, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "predict"
+) -> np.ndarray:
+    """Class probabilities [N, C] in input order, under inference_mode, batches sorted by length."""
+    model.eval()
+    out = _map_batches(lambda b: torch.softmax(model(**b).float(), dim=-1), data, batch_size, pad_id, progress, desc)
     return np.stack(out) if out else np.zeros((0, 2), dtype=np.float32)
+
+
+def extract_features(
+    model: Any, data: Encoded, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "features"
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Pooled features [N, H] of each text (and of each pair's second text) from a frozen Classifier."""
+    model.eval()
+    x = _map_batches(lambda b: model.features(b["input_ids"], b["attention_mask"]), data, batch_size, pad_id,
+                     progress, desc)
+    x_b = None
+    if data.ids_b is not None:
+        x_b = np.stack(_map_batches(lambda b: model.features(b["input_ids_b"], b["attention_mask_b"]), data,
+                                    batch_size, pad_id, progress, desc))
+    return np.stack(x), x_b
