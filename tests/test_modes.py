@@ -137,8 +137,10 @@ def test_probe_mode_computes_features_once_per_model_and_reuses_them(tmp_path):
     assert shapes == [[32, 32], [32, 48]], "32 examples x the hidden size of each tiny model (32, 48)"
     full, _ = run_experiment(["train.epochs=3"], tmp_path / "other")
     assert full["stages"]["weak"]["key"] != first["stages"]["weak"]["key"], "the mode is part of a stage's key"
-    head = runner.store.get(second["stages"]["w2s"]["key"]).read_json("metrics.json")["params"]
-    assert head == 48 * 2 + 2, "a probe trains and stores only the linear head"
+    w2s = runner.store.get(second["stages"]["w2s"]["key"])
+    assert w2s.read_json("metrics.json")["trained_params"] == 48 * 2 + 2, "a probe trains only the linear head"
+    assert w2s.read_json("metrics.json")["params"] == compose(TINY).strong.params, "reports the model's size"
+    assert w2s.file("model.safetensors").stat().st_size < 4096, "and stores only the head"
 
 
 def test_lora_trains_adapters_and_head_then_merges_into_a_plain_model():

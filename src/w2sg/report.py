@@ -39,9 +39,53 @@ def rows_from_runs(root: Path) -> List[Dict[str, Any]]:
     for path in sorted(root.glob("**/metrics.json")):
         if "stages" in path.parts:  # a store's own per-stage files
             continue
-        row = _row(json.loads(path.read_text()))
+        metrics = json.loads(path.read_text())
+        if metrics.get("subset"):  # a run of only some stages (stages=[...], e.g. a launcher's shared-stage job)
+            continue
+        row = _row(metrics)
         rows[tuple(row[c] for c in GROUP + ["seed"])] = row
     return list(rows.values())
+
+
+def chain_rows(root: Path) -> List[Dict[str, Any]]:
+    """Bootstrap chain vs direct, one row per chain run (task, chain, loss, seed) under a sweep or run folder."""
+    rows: Dict[tuple, Dict[str, Any]] = {}
+    for path in sorted(root.glob("**/metrics.json")):
+        m = json.loads(path.read_text())
+        if "chain" not in m or m.get("subset"):
+            continue
+        ch = m["chain"]
+        row = {"task": m["task"], "chain": ch["name"], "loss": m["loss"], "seed": m["seed"],
+               "acc_weak": m["acc"]["weak"], "acc_ceiling": m["acc"]["ceiling"], "acc_direct": ch["direct"]["acc"],
+               "acc_chain": ch["end_to_end"]["acc"], "pgr_direct": ch["direct"]["pgr"],
+               "pgr_chain": ch["end_to_end"]["pgr"], "chain_minus_direct": ch["bootstrap_minus_direct"]}
+        rows[tuple(row[c] for c in ("task", "chain", "loss", "seed"))] = row
+    return sorted(rows.values(), key=lambda r: (r["task"], r["chain"], r["loss"], r["seed"]))
+
+
+def _median(vals: List[Any]) -> Optional[float]:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def loss_summary(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per task and loss: median PGR over every pair and seed, and the median PGR at the largest gap.
+
+    The largest gap is the (weak, strong) pair whose median ceiling - weak accuracy is largest."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        ts = [s for s in summary if s["task"] == task and s["acc_ceiling_median"] is not None]
+        gap = max(ts, key=lambda s: s["acc_ceiling_median"] - s["acc_weak_median"]) if ts else None
+        for loss in sorted({r["loss"] for r in rows if r["task"] == task}):
+            rs = [r for r in rows if r["task"] == task and r["loss"] == loss]
+            at_gap = [r for r in rs if gap and (r["weak"], r["strong"]) == (gap["weak"], gap["strong"])]
+            out.append({"task": task, "loss": loss, "n_runs": len(rs), "pgr_median": _median([r["pgr"] for r in rs]),
+                        "pgr_positive_share": (sum(r["pgr"] > 0 for r in rs if r["pgr"] is not None)
+                                               / max(1, sum(r["pgr"] is not None for r in rs))),
+                        "largest_gap_pair": f"{gap['weak']}->{gap['strong']}" if gap else None,
+                        "largest_gap": (gap["acc_ceiling_median"] - gap["acc_weak_median"]) if gap else None,
+                        "pgr_median_at_largest_gap": _median([r["pgr"] for r in at_gap])})
+    return out
 
 
 def rows_from_store(root: Path) -> List[Dict[str, Any]]:
@@ -186,10 +230,59 @@ def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     write_csv(out / "results.csv", rows, COLUMNS)
     stats = [f"{c}_{s}" for c in ("acc_weak", "acc_ceiling", "acc_w2s", "pgr") for s in ("median", "min", "max")]
     write_csv(out / "summary.csv", summary, GROUP + ["n_seeds"] + stats)
+    files = [out / "results.csv", out / "summary.csv"]
+    losses = loss_summary(rows, summary)
+    if losses:
+        write_csv(out / "loss_summary.csv", losses, list(losses[0]))
+        files.append(out / "loss_summary.csv")
+    chains = chain_rows(Path(source)) if not (Path(source) / "stages").is_dir() else []
+    if chains:
+        write_csv(out / "chains.csv", chains, list(chains[0]))
+        files.append(out / "chains.csv")
     curves: Dict[str, List[str]] = {}
     pngs = plot(summary, out, curves) if rows else []
-    return {"rows": rows, "summary": summary, "files": [out / "results.csv", out / "summary.csv", *pngs],
+    if chains:
+        pngs.append(plot_chains(chains, out))
+    return {"rows": rows, "summary": summary, "losses": losses, "chains": chains, "files": files + pngs,
             "curves": curves}
+
+
+def plot_chains(chains: List[Dict[str, Any]], out: Path) -> Path:
+    """Bootstrap chain vs direct: median test accuracy per loss (bars: min-max over seeds), weak and ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["task"], r["chain"], r["loss"]) for r in chains})
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    width = 0.38
+    for j, (kind, col) in enumerate((("direct", "acc_direct"), ("bootstrap chain", "acc_chain"))):
+        meds, lo, hi = [], [], []
+        for g in groups:
+            vals = [r[col] for r in chains if (r["task"], r["chain"], r["loss"]) == g]
+            med = statistics.median(vals)
+            meds.append(med)
+            lo.append(med - min(vals))
+            hi.append(max(vals) - med)
+        xs = [i + (j - 0.5) * width for i in range(len(groups))]
+        ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=kind)
+    for i, g in enumerate(groups):
+        rs = [r for r in chains if (r["task"], r["chain"], r["loss"]) == g]
+        for col, style in (("acc_weak", ":"), ("acc_ceiling", "--")):
+            ax.hlines(statistics.median(r[col] for r in rs), i - 0.45, i + 0.45, colors="k", linestyles=style, lw=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{c}\n{loss}" for _, c, loss in groups], fontsize=8)
+    accs = [r[c] for r in chains for c in ("acc_weak", "acc_ceiling", "acc_direct", "acc_chain")]
+    ax.set_ylim(min(accs) - 0.03, max(accs) + 0.03)
+    ax.set_ylabel("test accuracy (median over seeds)")
+    ax.set_title("Bootstrap chain vs direct (dotted: weak, dashed: ceiling)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "chain_vs_direct.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def log_sweep_to_wandb(logger_cfg: Any, group: str, report: Dict[str, Any]) -> None:
@@ -257,7 +350,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileNotFoundError as e:
         print(f"w2sg report: {e}", file=sys.stderr)
         return 2
-    if not report["rows"]:
+    if not report["rows"] and not report["chains"]:
         print(f"w2sg report: no finished experiments under {args.source}", file=sys.stderr)
         return 1
     for s in report["summary"]:
@@ -265,5 +358,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{s['task']:<16} {s['weak']:>14} -> {s['strong']:<14} {s['loss']:<8} seeds={s['n_seeds']}  "
               f"acc weak {s['acc_weak_median']:.3f} w2s {s['acc_w2s_median']:.3f} ceiling {s['acc_ceiling_median']:.3f}"
               f"  PGR {'n/a' if p is None else f'{p:.3f}'}")
+    for ls in report["losses"]:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"{ls['task']:<16} loss {ls['loss']:<8} median PGR {fmt(ls['pgr_median'])} over {ls['n_runs']} runs "
+              f"({ls['pgr_positive_share']:.0%} > 0); at the largest gap ({ls['largest_gap_pair']}, "
+              f"{fmt(ls['largest_gap'])}): {fmt(ls['pgr_median_at_largest_gap'])}")
+    for task, chain, loss in sorted({(r["task"], r["chain"], r["loss"]) for r in report["chains"]}):
+        rs = [r for r in report["chains"] if (r["task"], r["chain"], r["loss"]) == (task, chain, loss)]
+        print(f"{task:<16} chain {chain} ({loss}, {len(rs)} seeds): median acc chain "
+              f"{statistics.median(r['acc_chain'] for r in rs):.3f} vs direct "
+              f"{statistics.median(r['acc_direct'] for r in rs):.3f}; chain - direct per seed "
+              + " ".join(f"{r['chain_minus_direct']:+.3f}" for r in rs))
     print("wrote " + ", ".join(str(p) for p in report["files"]))
     return 0

@@ -297,6 +297,7 @@ class Runner:
             )
             if result.resumed_from:
                 log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
+            trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             merge_lora(model)
             test_y = [y for _, y in data.test]
             probs = predict(model, self.inputs_of(stage, "test"),
@@ -304,7 +305,9 @@ class Runner:
                             desc=f"{stage.label} test")
             metrics = {
                 "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
-                "n_test": len(test_y), "params": count_params(model), "history": result.history,
+                "n_test": len(test_y), "history": result.history, "trained_params": trained_params,
+                # the predicting model's size (a probe's backbone ran in the features stage)
+                "params": int(stage.model.params) if tspec["mode"] == "probe" else count_params(model),
                 "resumed_from_step": result.resumed_from,
             }
             if validation is not None:
