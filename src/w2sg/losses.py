@@ -91,6 +91,11 @@ def harden_balanced(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([~is_1, is_1], dim=1).to(probs.dtype)
 
 
+def warmed_up(coef: float, warmup_frac: float, step_frac: float) -> float:
+    """``coef`` scaled by a linear ramp from 0 over the first ``warmup_frac`` of training, then constant."""
+    return coef * (1.0 if warmup_frac <= 0 else min(1.0, step_frac / warmup_frac))
+
+
 @register_loss("logconf")
 def logconf(
     logits: torch.Tensor,
@@ -105,8 +110,7 @@ def logconf(
     (The paper's code multiplies by step_frac itself during warm-up, so its a jumps from
     0.1·aux_coef to aux_coef at warmup_frac = 10% of training; this follows the intended linear ramp.)
     """
-    ramp = 1.0 if warmup_frac <= 0 else min(1.0, step_frac / warmup_frac)
-    coef = aux_coef * ramp
+    coef = warmed_up(aux_coef, warmup_frac, step_frac)
     probs = torch.softmax(logits.float(), dim=-1)
     hard = harden_balanced(probs.detach(), labels)
     target = labels.float() * (1 - coef) + hard * coef
@@ -157,8 +161,7 @@ def entropy(
       (default 0.5).
     * Their optional ``balance_batch`` (binary log-odds centring of the labels, off by default) is left out.
     """
-    ramp = 1.0 if warmup_frac <= 0 else min(1.0, step_frac / warmup_frac)
-    coef = aux_coef * ramp
+    coef = warmed_up(aux_coef, warmup_frac, step_frac)
     logp = F.log_softmax(logits.float(), dim=-1)
     xent_term = -(labels.float() * logp).sum(-1).mean()
     entropy_term = -(logp.exp() * logp).sum(-1).mean()
