@@ -137,6 +137,10 @@ def test_probe_mode_computes_features_once_per_model_and_reuses_them(tmp_path):
     assert shapes == [[32, 32], [32, 48]], "32 examples x the hidden size of each tiny model (32, 48)"
     full, _ = run_experiment(["train.epochs=3"], tmp_path / "other")
     assert full["stages"]["weak"]["key"] != first["stages"]["weak"]["key"], "the mode is part of a stage's key"
+    from w2sg.status import plan_rows
+
+    rows = plan_rows(runner.store, TINY + ["train=probe", "train.epochs=3", "loss=logconf", f"store_dir={store_dir}"])
+    assert [r["kind"] for r in rows].count("features") == 2 and all(r["state"] == "done" for r in rows)
     w2s = runner.store.get(second["stages"]["w2s"]["key"])
     assert w2s.read_json("metrics.json")["trained_params"] == 48 * 2 + 2, "a probe trains only the linear head"
     assert w2s.read_json("metrics.json")["params"] == compose(TINY).strong.params, "reports the model's size"

@@ -102,7 +102,14 @@ def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
 
     cfg = compose(overrides)
     rows = []
-    for name, stage in plan(cfg).items():
+    named = list(plan(cfg).items())
+    seen = {stage.key for _, stage in named}
+    for _, stage in list(named):  # stored features (probe) and generatively finetuned weights are stages too
+        for dep in stage.inputs.values():
+            if dep.kind in ("features", "lm") and dep.key not in seen:
+                seen.add(dep.key)
+                named.append((dep.kind, dep))
+    for name, stage in named:
         state = store.status(stage.key)
         if state == "missing" and store.has_partial(stage.key):
             state = "running" if _lock_held(store, stage.key) else "interrupted"
@@ -123,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--multirun", action="store_true", help="expand the overrides as a sweep")
     parser.add_argument("--plan", action="store_true", help="show the stages of the run the overrides describe")
-    parser.add_argument("--kind", help="filter: train or labels (store listing), or a stage name (plans)")
+    parser.add_argument("--kind", help="filter: train, labels, features or lm (store listing), or a stage name (plans)")
     parser.add_argument("--model", help="filter by model name")
     parser.add_argument("--task", help="filter by task")
     parser.add_argument("--state", help="filter: done, missing, running, interrupted, invalid")
