@@ -24,6 +24,10 @@ def job_ids(output: str):
     return re.findall(r"-> Slurm job (\d+)", output)
 
 
+def shared_job_ids(output: str):
+    return re.findall(r"-> shared Slurm job (\d+(?:_\d+)?)", output)
+
+
 def sacct_states(ids):
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
                          capture_output=True, text=True, check=True).stdout
@@ -93,9 +97,11 @@ def test_crashing_job_fails_the_sweep_naming_job_and_log(tmp_path, store):
     assert len(sweep_runs(tmp_path)) == 1, "the other job finished and wrote its metrics"
 
 
-def test_submit_and_walk_away_then_collect(tmp_path, store):
+@pytest.mark.parametrize("shared_stages", ["lock", "dependency"])
+def test_submit_and_walk_away_then_collect(tmp_path, store, shared_stages):
     start = time.time()
-    proc = run_w2sg(GRID + SLURM + ["hydra.launcher.wait=false"], tmp_path)
+    proc = run_w2sg(GRID + SLURM + ["hydra.launcher.wait=false", f"hydra.launcher.shared_stages={shared_stages}"],
+                    tmp_path)
     assert time.time() - start < 60
     ids = job_ids(proc.stdout + proc.stderr)
     assert len(ids) == 4
@@ -110,3 +116,48 @@ def test_submit_and_walk_away_then_collect(tmp_path, store):
     out = proc.stdout + proc.stderr
     assert "Submitting" not in out and out.count("collected here, not submitted") == 4
     assert "10 stages: 10 done" in run_w2sg(["status", "-m", *GRID[1:]], tmp_path).stdout
+
+
+DEPENDENCY = SLURM + ["hydra.launcher.shared_stages=dependency"]
+
+
+def test_dependency_variant_matches_the_local_launcher_and_trains_each_shared_stage_once(tmp_path, store):
+    (tmp_path / "local").mkdir()
+    run_w2sg(GRID, tmp_path / "local", env_extra={"W2SG_STORE": str(tmp_path / "local_store")})
+    proc = run_w2sg(GRID + DEPENDENCY, tmp_path)
+    out = proc.stdout + proc.stderr
+    shared, main = shared_job_ids(out), re.findall(r"-> Slurm job (\d+(?:_\d+)?) after ", out)
+    assert len(shared) == 4 and len(main) == 4, out[-3000:]
+    assert set(sacct_states(shared + main).values()) == {"COMPLETED"}
+    slurm = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path)}
+    local = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path / "local")}
+    assert slurm.keys() == local.keys() and len(slurm) == 4
+    for pair, m in slurm.items():
+        assert (m["acc"], m["pgr"]) == (local[pair]["acc"], local[pair]["pgr"]), pair
+        assert "subset" not in m and all(m["stages"][k]["reused"] for k in ("weak", "weak_labels", "ceiling"))
+    parts = [json.loads(p.read_text()) for p in (tmp_path / "multirun").glob("*/*/shared/*/metrics.json")]
+    assert sorted(tuple(m["subset"]) for m in parts) == [("ceiling",)] * 2 + [("weak", "weak_labels")] * 2
+    trained = [s["key"] for m in parts + list(slurm.values()) for k, s in m["stages"].items()
+               if not s["reused"] and k != "weak_labels"]
+    assert len(trained) == len(set(trained)) == 8, "2 weak + 2 ceiling + 4 w2s, each once"
+    [results] = (tmp_path / "multirun").glob("*/*/results.csv")
+    assert len(results.read_text().strip().splitlines()) == 1 + 4, "the report skips the shared-stage jobs"
+
+
+def test_dependency_variant_reports_a_failed_shared_stage_and_cancels_its_dependents(tmp_path, store):
+    start = time.time()
+    proc = run_w2sg(["-m", "pair=tiny", "train.epochs=1", "task.n_test=32", "task.n_train=64,1", "progress=false",
+                     *DEPENDENCY], tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.time() - start < 600
+    assert "1 of 2 jobs failed (2 of 4 shared-stage jobs failed)" in out, out[-3000:]
+    match = re.search(r"shared stages weak:tiny_random \+ weak_labels:tiny_random, Slurm id (\S+): .*need n_train "
+                      r">= 2.*\n\s+log: (\S+)", out)
+    assert match, out[-3000:]
+    assert "need n_train >= 2" in open(match.group(2)).read()
+    cancelled = re.search(r"job #1 \(.*task.n_train=1.*\), Slurm id (\S+): not run: its shared-stage job (\S+) "
+                          r"\(.*\) failed\n\s+log: (\S+)", out)
+    assert cancelled, out[-3000:]
+    states = sacct_states([match.group(1), cancelled.group(1)])
+    assert states[match.group(1)] == "FAILED" and states[cancelled.group(1)].startswith("CANCELLED"), states
+    assert len(sweep_runs(tmp_path)) == 1, "the other job finished and wrote its metrics"

@@ -38,16 +38,43 @@ def _pgr_entry(weak: float, w2s: float, ceiling: float) -> Dict[str, Any]:
     return {"pgr": value, "pgr_reason": reason} if reason else {"pgr": value}
 
 
+def select(cfg: Any, stages: Dict[str, Stage]) -> Dict[str, Stage]:
+    """The stages this run executes: ``cfg.stages`` (names of the plan) and the stages they need; null: all."""
+    only = cfg.get("stages")
+    for option, names in (("recompute", cfg.recompute), ("stages", only or [])):
+        unknown = sorted(set(names) - set(stages))
+        if unknown:
+            raise W2SGError(f"{option}: no stage named {', '.join(map(repr, unknown))} in this run; "
+                            f"valid: {', '.join(stages)}")
+    if only is None:
+        return stages
+    if not only:
+        raise W2SGError(f"stages: empty list; name some of {', '.join(stages)}, or null for all")
+    keys: set = set()
+
+    def need(stage: Stage) -> None:
+        if stage.key not in keys:
+            keys.add(stage.key)
+            for dep in stage.inputs.values():
+                need(dep)
+
+    for name in only:
+        need(stages[name])
+    return {name: stage for name, stage in stages.items() if stage.key in keys}
+
+
 def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     stages = plan(cfg)
-    unknown = sorted(set(cfg.recompute) - set(stages))
-    if unknown:
-        raise W2SGError(f"recompute: no stage named {', '.join(map(repr, unknown))} in this run; "
-                        f"valid: {', '.join(stages)}")
+    selected = select(cfg, stages)
+    subset = len(selected) < len(stages)  # stages=[...]: part of the experiment, not a result with PGR
     outcomes: Dict[str, Outcome] = {
-        name: runner.run(stage, force=name in cfg.recompute) for name, stage in stages.items()}
-    acc = {k: outcomes[k].metrics["acc"] for k in ("weak", "ceiling", "w2s")}
-    auroc = {k: outcomes[k].metrics["auroc"] for k in ("weak", "ceiling", "w2s")}
+        name: runner.run(stage, force=name in cfg.recompute) for name, stage in selected.items()}
+
+    def ran(name: str, metric: str) -> Any:  # None for a stage that did not run
+        return outcomes[name].metrics[metric] if name in outcomes else None
+
+    acc = {k: ran(k, "acc") for k in ("weak", "ceiling", "w2s")}
+    auroc = {k: ran(k, "auroc") for k in ("weak", "ceiling", "w2s")}
     metrics: Dict[str, Any] = {
         "task": cfg.task.name,
         "loss": cfg.loss.name,
@@ -56,13 +83,17 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
         "strong": {"model": cfg.strong.name, "params": int(cfg.strong.params), "size": cfg.strong.size},
         "acc": acc,
         "auroc": auroc,
-        "weak_label_acc": outcomes["weak_labels"].metrics["acc"],
-        **_pgr_entry(acc["weak"], acc["w2s"], acc["ceiling"]),
+        "weak_label_acc": ran("weak_labels", "acc"),
+        **({"pgr": None, "pgr_reason": f"only stages {', '.join(selected)} ran (stages=)"} if subset
+           else _pgr_entry(acc["weak"], acc["w2s"], acc["ceiling"])),
         "stages": {
             name: {"key": o.key, "reused": o.reused, "seconds": round(o.seconds, 3), "label": stages[name].label}
             for name, o in outcomes.items()
         },
     }
+    if subset:
+        metrics["subset"] = list(selected)  # the stages that ran; reports skip such results
+        return metrics
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
     if runner.tracker.enabled:
@@ -105,6 +136,9 @@ def table(metrics: Dict[str, Any]) -> str:
     ]
     for k in ("weak", "ceiling", "w2s"):
         au = metrics["auroc"][k]
+        if metrics["acc"][k] is None:
+            rows.append((f"acc {k}", "not run (stages=)"))
+            continue
         rows.append((f"acc {k}", f"{metrics['acc'][k]:.4f}" + (f"   auroc {au:.4f}" if au is not None else "")))
     rows.append(("PGR", f"{metrics['pgr']:.3f}" if metrics["pgr"] is not None else f"n/a: {metrics['pgr_reason']}"))
     if "chain" in metrics:

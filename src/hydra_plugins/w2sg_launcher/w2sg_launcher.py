@@ -8,13 +8,19 @@
   Slurm id and log file, instead of stopping at the first failure.
 - Preemption and time limits: submitit's checkpoint signal reaches the training loop, which saves a checkpoint
   and lets submitit requeue the job (``max_num_timeout`` times); the requeued job resumes from it.
+- ``shared_stages``: how jobs that need the same weak or ceiling stage share it. ``lock``: every job is
+  submitted at once; a job that needs a stage another job is computing waits on its lock in the store.
+  ``dependency``: one job per missing shared stage group (a weak model and its labels; a ceiling model) runs
+  first (the same task with ``stages=[...]``), then each experiment's job with a Slurm ``afterok`` dependency
+  on the jobs computing its inputs (``--kill-on-invalid-dep=yes``: a job whose input failed is cancelled).
 """
 
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -33,6 +39,74 @@ class W2sgSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.w2sg_launcher.w2sg_launcher.W2sgSlurmLauncher"
     wait: bool = True  # false: submit and return at once
     skip_done: bool = True  # run jobs whose stages are all stored here instead of submitting them
+    # lock: submit every job at once, jobs needing a stage another job computes wait on its lock in the store;
+    # dependency: submit the missing weak/ceiling stages first, then the experiments with Slurm dependencies
+    # (benchmarks/slurm_shared_stages.py: lock finished the 2x2 tiny grid on the local Slurm 1.66x sooner, with half
+    # the job start-ups and no barrier between the phases, so it is the default)
+    shared_stages: str = "lock"
+
+
+SHARED_STAGES = ("lock", "dependency")
+SHARED_JOB = "shared_stages_"  # job_id prefix that marks a shared-stage job (it must fail loudly, see __call__)
+
+
+@dataclass
+class SharedGroup:
+    """Missing shared stages computed by one Slurm job: a ground-truth training (weak or ceiling model), plus
+    the weak labels when a job needs them. ``source`` is the position of the job whose config runs them, under
+    the stage names ``names`` of that job's plan; ``jobs``: positions of the jobs that need them."""
+
+    key: str  # the ground-truth training's stage key
+    keys: set
+    labels: List[str]
+    source: int = 0
+    names: List[str] = field(default_factory=list)
+    jobs: List[int] = field(default_factory=list)
+
+
+def _shareable(stage: Any) -> bool:
+    """A ground-truth training (weak, ceiling) or the labels of one (weak_labels): stages other pairs share."""
+    if stage.kind == "train":
+        return stage.spec["labels"] == "ground_truth"
+    model = stage.inputs.get("model")
+    return model is not None and _shareable(model)
+
+
+def shared_stage_groups(cfgs: Sequence[Any]) -> List[SharedGroup]:
+    """The missing shared stages of these jobs' plans, one group per ground-truth training (by stage key, so a
+    model that is the weak model of one pair and the strong model of another trains once)."""
+    from w2sg.experiment import plan, select
+    from w2sg.store import Store
+
+    stores: Dict[str, Any] = {}
+    plans = [select(cfg, plan(cfg)) for cfg in cfgs]
+    groups: Dict[str, SharedGroup] = {}  # key of the ground-truth training -> its group
+    for pos, (cfg, stages) in enumerate(zip(cfgs, plans)):
+        store = stores.setdefault(str(cfg.store_dir), Store(cfg.store_dir))
+        for stage in stages.values():
+            if not _shareable(stage) or store.status(stage.key) == "done":
+                continue
+            root = stage if stage.kind == "train" else stage.inputs["model"]
+            group = groups.setdefault(root.key, SharedGroup(root.key, set(), []))
+            if stage.key not in group.keys:
+                group.keys.add(stage.key)
+                group.labels.append(stage.label)
+            if pos not in group.jobs:
+                group.jobs.append(pos)
+    for group in groups.values():  # a job whose plan holds all of the group's stages runs them (one always does)
+        group.source = next(pos for pos in group.jobs if group.keys <= {s.key for s in plans[pos].values()})
+        group.names = [name for name, s in plans[group.source].items() if s.key in group.keys]
+    return list(groups.values())
+
+
+def _error_line(error: str) -> str:
+    """The line that says what went wrong: the exception line of a traceback (submitit's FailedJobError), else the
+    first line (a Hydra job's own exception)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+    if "Traceback (most recent call last):" in lines:
+        end = next((i for i, ln in enumerate(lines) if ln.startswith("You can check full logs")), len(lines))
+        return next(ln for ln in reversed(lines[:end]) if ln.strip("-"))  # the trace ends above a line of dashes
+    return lines[0] if lines else "failed"
 
 
 # Hydra imports this module when it scans hydra_plugins, which registers the launcher's config.
@@ -40,10 +114,24 @@ ConfigStore.instance().store(group="hydra/launcher", name="w2sg_slurm", node=W2s
 
 
 class W2sgSlurmLauncher(SlurmLauncher):
-    def __init__(self, wait: bool = True, skip_done: bool = True, **params: Any) -> None:
+    def __init__(self, wait: bool = True, skip_done: bool = True, shared_stages: str = "lock",
+                 **params: Any) -> None:
+        if shared_stages not in SHARED_STAGES:
+            raise W2SGError(f"hydra.launcher.shared_stages: unknown value {shared_stages!r}; "
+                            f"valid: {', '.join(SHARED_STAGES)}")
         super().__init__(**params)
         self.wait = wait
         self.skip_done = skip_done
+        self.shared_stages = shared_stages
+
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+        """Runs in the Slurm job. Hydra catches a job's exception (the job still ends COMPLETED); a shared-stage
+        job raises it instead, so that Slurm marks it FAILED and cancels the jobs waiting on it (afterok)."""
+        ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        if job_id.startswith(SHARED_JOB) and ret.status == JobStatus.FAILED:
+            raise ret._return_value
+        return ret
 
     def _sweep_config(self, overrides: Sequence[str], idx: int):
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -59,64 +147,135 @@ class W2sgSlurmLauncher(SlurmLauncher):
         store = Store(cfg.store_dir)
         return all(store.status(s.key) == "done" for s in plan(cfg).values())
 
-    def _executor(self):
+    def _executor(self, after: Sequence[Any] = (), shared: bool = False):
+        """A Slurm executor with the profile's parameters; ``after``: jobs that must succeed first (afterok)."""
         import submitit
 
         params = dict(self.params)
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))
+        if shared:
+            params["name"] = f"{params.get('name') or 'w2sg'}_shared"
+        if after:
+            params["dependency"] = "afterok:" + ":".join(job.job_id for job in after)
+            # a job whose input failed is cancelled at once, instead of pending forever (DependencyNeverSatisfied)
+            params["additional_parameters"] = {**(params.get("additional_parameters") or {}),
+                                               "kill_on_invalid_dep": "yes"}
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
         return executor
+
+    def _submit_shared(self, todo: List[Tuple[int, List[str], Any]]) -> Tuple[List[SharedGroup], List[Any]]:
+        """One job per missing shared stage group, as one array; returns the groups and their Slurm jobs."""
+        groups = shared_stage_groups([cfg for _, _, cfg in todo])
+        if not groups:
+            return [], []
+        params = []
+        for g, group in enumerate(groups):
+            idx, overrides, _ = todo[group.source]
+            slug = re.sub(r"[^A-Za-z0-9_.-]", "_", group.labels[0]) + "_" + group.key[:8]
+            params.append(([o for o in overrides if not o.startswith("stages=")]
+                           + [f"stages=[{','.join(group.names)}]", f"hydra.sweep.subdir=shared/{slug}"],
+                           "hydra.sweep.dir", idx, f"{SHARED_JOB}{g}", Singleton.get_state()))
+        log.info("Submitting %d shared-stage jobs first (hydra.launcher.shared_stages=dependency)", len(groups))
+        jobs = self._executor(shared=True).map_array(self, *zip(*params))
+        for group, job in zip(groups, jobs):
+            needed = ", ".join(f"#{todo[pos][0]}" for pos in group.jobs)
+            log.info("\tshared stages %s (needed by %s) -> shared Slurm job %s, log %s", " + ".join(group.labels),
+                     needed, job.job_id, job.paths.stderr)
+        return groups, jobs
+
+    def _submit(self, todo: List[Tuple[int, List[str], Any]], after: List[List[Any]]) -> List[Any]:
+        """The experiments' jobs: one array per distinct set of shared-stage jobs they wait for."""
+        batches: Dict[Tuple[str, ...], List[int]] = {}
+        for pos, deps in enumerate(after):
+            batches.setdefault(tuple(sorted(j.job_id for j in deps)), []).append(pos)
+        jobs: List[Any] = [None] * len(todo)
+        for positions in batches.values():
+            params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}",
+                       Singleton.get_state()) for pos in positions]
+            for pos, job in zip(positions, self._executor(after[positions[0]]).map_array(self, *zip(*params))):
+                jobs[pos] = job
+        for (idx, overrides, _), job, deps in zip(todo, jobs, after):
+            waits = f" after {', '.join(j.job_id for j in deps)}" if deps else ""
+            log.info("\t#%d : %s  -> Slurm job %s%s, log %s", idx, " ".join(filter_overrides(overrides)),
+                     job.job_id, waits, job.paths.stderr)
+        return jobs
+
+    @staticmethod
+    def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str]]:
+        """Wait for a job: (its JobReturn or None, None if it succeeded else the line saying what went wrong)."""
+        try:
+            ret = job.results()[0]
+        except Exception as e:  # submitit raises for a job that crashed, was killed or cancelled
+            return None, _error_line(str(e))
+        if ret.status == JobStatus.FAILED:
+            return ret, _error_line(str(ret._return_value))  # the job's own exception, caught by Hydra in the job
+        return ret, None
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         results: Dict[int, JobReturn] = {}
-        todo: List[Tuple[int, List[str]]] = []
+        todo: List[Tuple[int, List[str], Any]] = []  # (job index, overrides, composed config or None)
+        plan_each = self.skip_done or self.shared_stages == "dependency"
         for pos, overrides in enumerate(job_overrides):
             idx = initial_job_idx + pos
-            cfg = self._sweep_config(overrides, idx) if self.skip_done else None
-            if cfg is not None and self._all_done(cfg):
+            cfg = self._sweep_config(overrides, idx) if plan_each else None
+            if self.skip_done and self._all_done(cfg):
                 log.info("\t#%d : %s  (all stages stored: collected here, not submitted)", idx,
                          " ".join(filter_overrides(overrides)))
                 results[idx] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                        config=cfg, job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir")
             else:
-                todo.append((idx, list(overrides)))
+                todo.append((idx, list(overrides), cfg))
         if todo:
+            groups: List[SharedGroup] = []
+            shared_jobs: List[Any] = []
+            if self.shared_stages == "dependency":
+                groups, shared_jobs = self._submit_shared(todo)
+            after: List[List[Any]] = [[] for _ in todo]
+            for group, job in zip(groups, shared_jobs):
+                for pos in group.jobs:
+                    after[pos].append(job)
             log.info("Submitting %d of %d jobs to Slurm; sweep dir %s", len(todo), len(job_overrides),
                      self.config.hydra.sweep.dir)
-            params = [(o, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()) for idx, o in todo]
-            jobs = self._executor().map_array(self, *zip(*params))
-            for (idx, overrides), job in zip(todo, jobs):
-                log.info("\t#%d : %s  -> Slurm job %s, log %s", idx, " ".join(filter_overrides(overrides)),
-                         job.job_id, job.paths.stderr)
+            jobs = self._submit(todo, after)
             if not self.wait:
                 log.info("Not waiting (hydra.launcher.wait=false): follow with `w2sg status -m <same overrides>`; "
                          "rerun the same command to collect finished jobs and resubmit missing ones")
-                for (idx, _), job in zip(todo, jobs):
+                for (idx, _, _), job in zip(todo, jobs):
                     ret = JobReturn()
                     ret.status = JobStatus.COMPLETED
                     ret._return_value = None
                     results[idx] = ret
             else:
-                failures = []
-                for (idx, overrides), job in zip(todo, jobs):
-                    try:
-                        ret = job.results()[0]
+                failures, failed = [], {}  # failed: Slurm id of a failed shared-stage job -> (its labels, its log)
+                for group, job in zip(groups, shared_jobs):
+                    _, error = self._failure(job)
+                    if error is not None:
+                        failed[job.job_id] = (" + ".join(group.labels), job.paths.stderr)
+                        failures.append(f"  shared stages {failed[job.job_id][0]}, Slurm id {job.job_id}: {error}"
+                                        f"\n    log: {job.paths.stderr}")
+                n_shared = len(failures)
+                for (idx, overrides, _), job, deps in zip(todo, jobs, after):
+                    what = f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id {job.job_id}"
+                    lost = [d.job_id for d in deps if d.job_id in failed]
+                    if lost:  # Slurm cancels it (kill-on-invalid-dep); cancel it here too, whatever the cluster
+                        job.cancel(check=False)
+                        failures.append(f"{what}: not run: its shared-stage job {lost[0]} "
+                                        f"({failed[lost[0]][0]}) failed\n    log: {failed[lost[0]][1]}")
+                        continue
+                    ret, error = self._failure(job)
+                    if ret is not None:
                         results[idx] = ret
-                        if ret.status != JobStatus.FAILED:
-                            continue
-                        error = str(ret._return_value)  # the job's own exception, caught by Hydra in the job
-                    except Exception as e:  # submitit raises for a job that crashed or was killed
-                        error = str(e)
-                    first = next((ln for ln in error.splitlines() if ln.strip()), "failed")
-                    failures.append(f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id "
-                                    f"{job.job_id}: {first}\n    log: {job.paths.stderr}")
+                    if error is not None:
+                        failures.append(f"{what}: {error}\n    log: {job.paths.stderr}")
                 if failures:
-                    raise W2SGError(f"{len(failures)} of {len(job_overrides)} jobs failed; the others finished "
-                                    "and their stages are stored (rerun to retry only what is missing):\n"
-                                    + "\n".join(failures))
+                    head = f"{len(failures) - n_shared} of {len(job_overrides)} jobs failed"
+                    if n_shared:
+                        head += f" ({n_shared} of {len(shared_jobs)} shared-stage jobs failed)"
+                    raise W2SGError(f"{head}; the others finished and their stages are stored (rerun to retry "
+                                    "only what is missing):\n" + "\n".join(failures))
         return [results[initial_job_idx + pos] for pos in range(len(job_overrides))]
