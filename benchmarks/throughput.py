@@ -151,13 +151,14 @@ def peak_rss_mib(args, env, cwd) -> float:
 
 
 def memory(quick: bool) -> None:
-    base = ["experiment=smoke"] if quick else ["experiment=quick"]
+    base = ["experiment=smoke"] if quick else []  # the full figure is the default experiment itself
     figures = []
     for extra in ([], ["train=probe"]):
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, W2SG_STORE=os.path.join(tmp, "store"), WANDB_MODE="disabled")
-            figures.append((" ".join(base + extra), peak_rss_mib(base + extra + ["progress=false"], env, tmp)))
-    print("memory    peak RSS: " + "   ".join(f"`w2sg {a}` {m:.0f} MiB" for a, m in figures)
+            label = " ".join(["w2sg"] + base + extra)
+            figures.append((label, peak_rss_mib(base + extra + ["progress=false"], env, tmp)))
+    print("memory    peak RSS: " + "   ".join(f"`{a}` {m:.0f} MiB" for a, m in figures)
           + f"   (probe/full {figures[1][1] / figures[0][1]:.2f}x)")
 
 

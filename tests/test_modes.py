@@ -280,6 +280,7 @@ def tiny_gpt2(tmp_path):
             "strong.num_layers=null"]
 
 
+@pytest.mark.slow  # keeps the default suite under ~10 minutes; CI runs -m slow too
 def test_decoder_strong_model_with_lora_and_causal_lm_finetuning(tmp_path, tiny_gpt2):
     metrics, runner = run_experiment(tiny_gpt2 + ["train=lora", "train.epochs=1", "generative=lm"], tmp_path / "s")
     assert 0 <= metrics["acc"]["w2s"] <= 1

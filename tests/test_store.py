@@ -149,6 +149,7 @@ def test_corrupt_or_old_stage_is_reported_and_recomputed(tmp_path, store):
     assert Store(store).status(key) == "done"
 
 
+@pytest.mark.slow  # keeps the default suite under ~10 minutes; CI runs -m slow too
 def test_recompute_forces_chosen_stages(tmp_path, store):
     run_w2sg(TINY, tmp_path)
     run_w2sg(TINY + ["recompute=[w2s,ceiling]"], tmp_path)
