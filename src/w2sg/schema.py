@@ -40,8 +40,8 @@ class DataFiles:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    # formatter from w2sg.task_formats.FORMATTERS: "template" (generic: text template over the columns) or a
-    # paper-format formatter ("sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh")
+    # formatter from w2sg.task_formats.FORMATTERS: "template" (generic: text template over the columns),
+    # "pairwise" (reward modeling: chosen/rejected pairs), or a data set's own format ("sciq", "boolq", "piqa", ...)
     kind: str = "template"
     # first argument of datasets.load_dataset: a hub id ("sciq"), or a builder ("csv", "json", "parquet")
     dataset: str = MISSING
