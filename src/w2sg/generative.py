@@ -38,17 +38,12 @@ def resolve_objective(objective: str, hf_config: Any) -> str:
 
 def build_lm(cfg: Any, objective: str, seed: int):
     """The model with a language-model head, truncated and initialised like the classifier's backbone."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from w2sg.models import _layer_key, resolve_path
+    from w2sg.models import model_config
 
-    path = resolve_path(cfg.path)
     torch.manual_seed(seed)
-    hf_config = AutoConfig.from_pretrained(path)
-    for key, value in (cfg.random_init or {}).items():
-        setattr(hf_config, key, value)
-    if cfg.num_layers is not None:
-        setattr(hf_config, _layer_key(hf_config), int(cfg.num_layers))
+    path, hf_config = model_config(cfg)
     objective = resolve_objective(objective, hf_config)
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     lm = auto.from_config(hf_config) if cfg.random_init is not None else auto.from_pretrained(path, config=hf_config)

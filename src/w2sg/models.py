@@ -126,21 +126,34 @@ def load_tokenizer(cfg: Any):
     return tok
 
 
+def model_config(cfg: Any):
+    """(resolved path, transformers config) of a model config: random-init overrides and layer truncation applied.
+
+    The one place the backbone's shape is decided, for the classifier, a probe's head and the LM of generative
+    finetuning alike."""
+    from transformers import AutoConfig
+
+    path = resolve_path(cfg.path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    for key, value in (cfg.random_init or {}).items():
+        setattr(hf_config, key, value)
+    if cfg.num_layers is not None:
+        setattr(hf_config, _layer_key(hf_config), int(cfg.num_layers))
+    return path, hf_config
+
+
 def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False) -> Classifier:
     """Load (or, for tests, randomly build) the backbone and add a freshly initialised head."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # truncation leaves unused layer weights: expected, not worth a warning
-    path = resolve_path(cfg.path)
     torch.manual_seed(seed)
+    path, hf_config = model_config(cfg)
     try:
-        hf_config = AutoConfig.from_pretrained(path)
-        if cfg.random_init is not None:
-            for key, value in cfg.random_init.items():
-                setattr(hf_config, key, value)
-        if cfg.num_layers is not None:
-            setattr(hf_config, _layer_key(hf_config), int(cfg.num_layers))
         if cfg.random_init is not None:
             backbone = AutoModel.from_config(hf_config)
         else:
@@ -156,14 +169,8 @@ def hidden_size(hf_config: Any) -> int:
 
 def build_head(cfg: Any, num_classes: int, seed: int, pairwise: bool = False) -> Head:
     """Probe mode: the head alone (the backbone runs once, in the features stage)."""
-    from transformers import AutoConfig
-
     torch.manual_seed(seed)
-    hf_config = AutoConfig.from_pretrained(resolve_path(cfg.path))
-    if cfg.random_init is not None:
-        for key, value in cfg.random_init.items():
-            setattr(hf_config, key, value)
-    return Head(hidden_size(hf_config), num_classes, pairwise)
+    return Head(hidden_size(model_config(cfg)[1]), num_classes, pairwise)
 
 
 # LoRA target modules per model family (transformers' config.model_type); train.lora.target_modules overrides
