@@ -127,7 +127,7 @@ def test_chain_with_pair_is_an_error_on_the_command_line(tmp_path, store):
 
 
 def test_weak_larger_than_strong_is_warned_and_recorded(caplog):
-    from w2sg.experiment import run, size_warnings
+    from w2sg.experiment import run, size_warnings, table
     from w2sg.stages import Outcome
 
     assert size_warnings(compose()) == [] and size_warnings(compose(["chain=minilm_1_2_6"])) == []
@@ -145,6 +145,7 @@ def test_weak_larger_than_strong_is_warned_and_recorded(caplog):
     with caplog.at_level("WARNING", logger="w2sg"):
         metrics = run(cfg, FakeRunner())
     assert metrics["warnings"] == [warning] and warning in caplog.text
+    assert table(metrics).splitlines()[-1].split() == ["warning", *warning.split()]
     assert "warnings" not in run(compose(["pair=minilm_l1_l6"]), FakeRunner())
 
 

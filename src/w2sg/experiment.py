@@ -171,5 +171,6 @@ def table(metrics: Dict[str, Any]) -> str:
         rows.append(("direct", f"acc {d['acc']:.4f}  PGR {fmt(d['pgr'])}"))
     reused = sum(s["reused"] for s in metrics["stages"].values())
     rows.append(("stages", f"{len(metrics['stages'])} ({reused} reused from the store)"))
+    rows += [("warning", w) for w in metrics.get("warnings", [])]  # repeated at the end, where it is read
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
