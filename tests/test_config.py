@@ -114,7 +114,7 @@ def test_misspelt_key_names_the_valid_keys_on_the_command_line(tmp_path):
 def test_chain_with_pair_is_an_error():
     with pytest.raises(W2SGError, match="pair= cannot be combined with chain="):
         validate(compose(["chain=minilm_1_2_6", "pair=minilm_l2_l6"]), ["chain=minilm_1_2_6", "pair=minilm_l2_l6"])
-    validate(compose(["chain=minilm_1_2_6"]), ["chain=minilm_1_2_6"])
+    validate(compose(["chain=minilm_1_2_6"]), ["chain=minilm_1_2_6", "pair=null"])
     validate(compose(["experiment=smoke", "chain=tiny"]), ["experiment=smoke", "chain=tiny"])  # a preset's pair
 
 

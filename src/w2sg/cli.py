@@ -54,7 +54,7 @@ def _command_line_keys(overrides: Optional[Sequence[str]]) -> List[str]:
     """Keys and groups set on the command line (or by a sweep's grid): Hydra's task overrides of this job."""
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.endswith("=null")]
 
 
 def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None:
