@@ -11,6 +11,9 @@ from w2sg.errors import W2SGError
 from w2sg.stages import model_spec
 
 GROUPS = ["model", "pair", "task", "loss", "train", "chain", "experiment", "sweep"]
+# every group a user picks an option of on the command line
+USER_GROUPS = ["weak", "strong", "pair", "task", "loss", "train", "generative", "logger", "chain", "sweep",
+               "experiment", "launcher"]
 
 
 def options(group: str):
@@ -54,6 +57,115 @@ def test_unknown_group_option_lists_the_valid_ones():
     with pytest.raises(MissingConfigException) as e:
         compose(["task=nope"])
     assert "Could not find 'task/nope'" in str(e.value) and "tweet_sentiment" in str(e.value)
+
+
+@pytest.mark.parametrize("group", USER_GROUPS)
+def test_misspelt_option_of_every_group_fails_listing_the_valid_ones(group):
+    """pair/chain/sweep/experiment/launcher default to no option; a typo there must not silently run the default."""
+    with pytest.raises(MissingConfigException) as e:
+        compose([f"{group}=nope"])
+    assert f"Could not find '{group}/nope'" in str(e.value)
+    assert all(o in str(e.value) for o in options(group)), str(e.value)
+
+
+@pytest.mark.parametrize("args,bad,valid", [
+    (["pair=minilm_l1_l7", "--cfg", "job"], "pair/minilm_l1_l7", "minilm_l1_l6"),
+    (["chain=minilm_1_2_7", "--cfg", "job"], "chain/minilm_1_2_7", "minilm_1_2_6"),
+    (["experiment=smokee", "--cfg", "job"], "experiment/smokee", "smoke"),
+    # -m: these fail before any job starts (stages=[nope] would fail the job fast if one started)
+    (["-m", "sweep=size_gird", "experiment=smoke", "stages=[nope]"], "sweep/size_gird", "size_grid"),
+    (["-m", "experiment=smoke", "launcher=slurm_gpuu", "stages=[nope]"], "launcher/slurm_gpuu", "slurm_gpu"),
+    (["-m", "pair=tiny,minilm_l1_l7", "stages=[nope]"], "pair/minilm_l1_l7", "minilm_l1_l6"),
+    (["-m", "sweep=size_gird", "--cfg", "job"], "sweep/size_gird", "size_grid"),
+    (["status", "-m", "sweep=tiny_gird"], "sweep/tiny_gird", "tiny_grid"),
+    (["status", "chain=nope"], "chain/nope", "minilm_1_3_6"),
+])
+def test_misspelt_option_fails_on_the_command_line(tmp_path, store, args, bad, valid):
+    from conftest import run_w2sg
+
+    proc = run_w2sg(args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"Could not find '{bad}'" in proc.stderr and valid in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "job" not in proc.stdout.lower()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=1", "no key 'epoch' in 'train'; valid keys: mode, epochs, batch_size"),
+    ("train.epoch=1", "Did you mean train.epochs?"),
+    ("train.lora.rnk=4", "no key 'rnk' in 'train.lora'; valid keys: rank, alpha, dropout, target_modules"),
+    ("pari=tiny", "Did you mean pair?"),
+    ("loss.alpha=2", "loss 'xent' has no parameter 'alpha'; valid: (none) (loss=product takes 'alpha')"),
+])
+def test_misspelt_key_names_the_valid_keys(override, message):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([override])
+    assert message in str(e.value)
+
+
+def test_misspelt_key_names_the_valid_keys_on_the_command_line(tmp_path):
+    from conftest import run_w2sg
+
+    proc = run_w2sg(["-m", "seed=0,1", "train.epoch=1", "stages=[nope]"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "valid keys:" in proc.stderr and "train.epochs" in proc.stderr, proc.stderr
+    proc = run_w2sg(["loss=logconf", "loss.alpha=2", "--cfg", "job"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "valid: aux_coef, warmup_frac" in proc.stderr, proc.stderr
+
+
+def test_chain_with_pair_is_an_error():
+    with pytest.raises(W2SGError, match="pair= cannot be combined with chain="):
+        validate(compose(["chain=minilm_1_2_6", "pair=minilm_l2_l6"]), ["chain=minilm_1_2_6", "pair=minilm_l2_l6"])
+    validate(compose(["chain=minilm_1_2_6"]), ["chain=minilm_1_2_6", "pair=null"])
+    validate(compose(["experiment=smoke", "chain=tiny"]), ["experiment=smoke", "chain=tiny"])  # a preset's pair
+
+
+def test_chain_with_pair_is_an_error_on_the_command_line(tmp_path, store):
+    from conftest import run_w2sg
+
+    # stages=[nope]: without the check the run would stop at once on the unknown stage instead
+    proc = run_w2sg(["chain=tiny", "pair=tiny", "stages=[nope]"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "pair= cannot be combined with chain=" in proc.stderr, proc.stderr
+
+
+def test_weak_larger_than_strong_is_warned_and_recorded(caplog):
+    from w2sg.experiment import run, size_warnings, table
+    from w2sg.stages import Outcome
+
+    assert size_warnings(compose()) == [] and size_warnings(compose(["chain=minilm_1_2_6"])) == []
+    cfg = compose(["weak=minilm_l6", "strong=minilm_l1"])
+    (warning,) = size_warnings(cfg)
+    assert "weak model minilm_l6 (22.7M params) is larger than the strong model minilm_l1 (13.8M)" in warning
+
+    class FakeRunner:  # every stage "ran" with accuracy 0.5
+        class tracker:
+            enabled = False
+
+        def run(self, stage, force=False):
+            return Outcome(stage.key, False, 0.0, {"acc": 0.5, "auroc": 0.5})
+
+    with caplog.at_level("WARNING", logger="w2sg"):
+        metrics = run(cfg, FakeRunner())
+    assert metrics["warnings"] == [warning] and warning in caplog.text
+    assert table(metrics).splitlines()[-1].split() == ["warning", *warning.split()]
+    assert "warnings" not in run(compose(["pair=minilm_l1_l6"]), FakeRunner())
+
+
+@pytest.mark.parametrize("args", [["-m", "sweep=tiny_grid", "--cfg", "job"],
+                                  ["-m", "weak=tiny_random,tiny_random_l2", "strong=tiny_random_l3", "--cfg", "job"]])
+def test_multirun_cfg_job_prints_every_job(tmp_path, args):
+    from conftest import run_w2sg
+
+    out = run_w2sg(args, cwd=tmp_path).stdout
+    jobs = [line for line in out.splitlines() if line.startswith("# job ")]
+    assert len(jobs) == (4 if "sweep=tiny_grid" in args else 2), out
+    assert "weak=tiny_random_l2 strong=tiny_random_l3" in jobs[-1 if len(jobs) == 2 else 2]
+    assert out.count("\nweak:\n  name: tiny_random_l2\n") == len(jobs) // 2
+
+
+def test_multirun_with_another_cfg_is_a_clear_error(tmp_path):
+    from conftest import run_w2sg
+
+    proc = run_w2sg(["-m", "sweep=tiny_grid", "--cfg", "hydra"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "only --cfg job" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("override", ["train.epoch=3", "weak.num_layer=2", "task.n_trian=10"])
@@ -119,7 +231,8 @@ def test_help_is_hydras_with_every_group_and_option(tmp_path):
     listed = {line.split(":")[0]: line.split(": ", 1)[1].split(", ")
               for line in out.split("== Configuration groups ==")[1].split("== Config ==")[0].splitlines()
               if ": " in line}
-    for group in GROUPS + ["weak", "strong", "launcher", "logger"]:
+    assert sorted(listed) == sorted(USER_GROUPS)  # not the internal schema and model groups
+    for group in USER_GROUPS:
         assert listed.get(group) == options(group), group
     assert "minilm_l6" in listed["weak"] and "minilm_l6" in listed["strong"]
     assert "logconf" in listed["loss"] and "tweet_sentiment" in listed["task"]

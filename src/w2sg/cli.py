@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,10 +28,40 @@ register()
 # Hydra 1.3 deep-copies the whole ConfigStore once per config group it lists (~120 times for --help, ~2.4 s);
 # backport of the upstream fix (see w2sg.hydra_compat).
 hydra_compat.install()
+# config groups that only other configs use (schemas; the models chains pick): left out of `w2sg --help`
+HIDDEN_GROUPS = ("schema", "model")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks before any stage runs; each error names the bad value and the valid ones."""
+def _hide_internal_groups() -> None:
+    """``w2sg --help`` lists the groups a user picks from, not ``schema`` / ``model`` (idempotent)."""
+    from hydra._internal.hydra import Hydra
+
+    original = Hydra.format_config_groups
+    if getattr(original, "_w2sg", False):
+        return
+
+    def format_config_groups(self: Any, predicate: Any, compact: bool = True) -> str:
+        return original(self, lambda g: predicate(g) and g.split("/")[0] not in HIDDEN_GROUPS, compact)
+
+    format_config_groups._w2sg = True  # type: ignore[attr-defined]
+    Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
+
+
+_hide_internal_groups()
+
+
+def _command_line_keys(overrides: Optional[Sequence[str]]) -> List[str]:
+    """Keys and groups set on the command line (or by a sweep's grid): Hydra's task overrides of this job."""
+    if overrides is None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.endswith("=null")]
+
+
+def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None:
+    """Cheap checks before any stage runs; each error names the bad value and the valid ones.
+
+    ``overrides``: the job's command-line overrides (default: Hydra's, when it runs the job).
+    """
     from w2sg.losses import validate_loss
     from w2sg.models import POOLINGS, check_model_path
     from w2sg.tasks import validate_task
@@ -60,6 +90,11 @@ def validate(cfg: DictConfig) -> None:
         chain = list(cfg.chain.models.values())
         if len(chain) < 2:
             raise W2SGError(f"chain {cfg.chain.name!r} needs at least 2 models, got {len(chain)}")
+        if "pair" in _command_line_keys(overrides):
+            raise W2SGError(
+                f"chain {cfg.chain.name!r} sets weak and strong itself ({chain[0].name} -> {chain[-1].name}); "
+                f"pair= cannot be combined with chain=: drop pair= (or chain= to run just the pair)"
+            )
         if (chain[0].name, chain[-1].name) != (cfg.weak.name, cfg.strong.name):
             raise W2SGError(
                 f"chain {cfg.chain.name!r} runs {chain[0].name} -> {chain[-1].name} but weak={cfg.weak.name} "
@@ -126,11 +161,43 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
 SUBCOMMANDS = {"status": "w2sg.status", "report": "w2sg.report"}
 
 
+def print_multirun_configs(argv: List[str]) -> int:
+    """``w2sg -m <overrides> --cfg job``: each job's composed config (Hydra refuses --cfg with -m)."""
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    from w2sg.status import compose, expand_sweep
+
+    args = get_args_parser().parse_args(argv)
+    if args.cfg != "job":
+        print(f"w2sg: error: -m with --cfg {args.cfg}: only --cfg job prints the config of each job of a sweep; "
+              f"drop -m to see the {args.cfg} config of one run", file=sys.stderr)
+        return 2
+    try:
+        jobs = expand_sweep(args.overrides)
+        cfgs = [compose(job) for job in jobs]  # every job composes before anything is printed
+        for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
+            node = OmegaConf.select(cfg, args.package) if args.package else cfg
+            print(f"# job {i} of {len(jobs)}: {' '.join(job)}")
+            print(OmegaConf.to_yaml(node, resolve=args.resolve) if OmegaConf.is_config(node) else node)
+    except Exception as e:  # ours (W2SGError) and Hydra's compose errors (bad override or option): worded for users
+        print(f"w2sg: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_multirun_cfg(argv: List[str]) -> bool:
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    return bool(flags & {"-m", "--multirun"}) and bool(flags & {"-c", "--cfg"})
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         import importlib
 
         sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
+    if _is_multirun_cfg(sys.argv[1:]):
+        sys.exit(print_multirun_configs(sys.argv[1:]))
     # Offline by default: no hub look-ups unless the user allows them (HF_HUB_OFFLINE=0).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

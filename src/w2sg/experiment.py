@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Tuple
 
 from w2sg.errors import W2SGError
 from w2sg.metrics import pgr
 from w2sg.stages import Outcome, Runner, Stage, labels_stage, train_stage
+
+log = logging.getLogger("w2sg")
 
 
 def chain_models(cfg: Any) -> List[Any]:
@@ -31,6 +34,17 @@ def plan(cfg: Any) -> Dict[str, Stage]:
                 labels = labels_stage(cfg, link, f"link{i}_labels:{student.name}")
                 stages[f"link{i}_labels"] = labels
     return stages
+
+
+def size_warnings(cfg: Any) -> List[str]:
+    """A teacher larger than its student (by ``params``): legitimate as a reverse pair, but worth saying."""
+    pairs = [("weak", cfg.weak, "strong", cfg.strong)]
+    if cfg.chain is not None:
+        models = chain_models(cfg)
+        pairs += [(f"chain link {i}: teacher", t, "student", s) for i, (t, s) in enumerate(zip(models, models[1:]), 1)]
+    return [f"{a} model {t.name} ({int(t.params) / 1e6:.1f}M params) is larger than the {b} model {s.name} "
+            f"({int(s.params) / 1e6:.1f}M): a strong-to-weak run; check weak=/strong= if not meant"
+            for a, t, b, s in pairs if int(t.params) > int(s.params)]
 
 
 def _pgr_entry(weak: float, w2s: float, ceiling: float) -> Dict[str, Any]:
@@ -64,6 +78,9 @@ def select(cfg: Any, stages: Dict[str, Stage]) -> Dict[str, Stage]:
 
 
 def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
+    warnings = size_warnings(cfg)
+    for warning in warnings:
+        log.warning(warning)
     stages = plan(cfg)
     selected = select(cfg, stages)
     subset = len(selected) < len(stages)  # stages=[...]: part of the experiment, not a result with PGR
@@ -90,6 +107,7 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
             name: {"key": o.key, "reused": o.reused, "seconds": round(o.seconds, 3), "label": stages[name].label}
             for name, o in outcomes.items()
         },
+        **({"warnings": warnings} if warnings else {}),
     }
     if subset:
         metrics["subset"] = list(selected)  # the stages that ran; reports skip such results
@@ -153,5 +171,6 @@ def table(metrics: Dict[str, Any]) -> str:
         rows.append(("direct", f"acc {d['acc']:.4f}  PGR {fmt(d['pgr'])}"))
     reused = sum(s["reused"] for s in metrics["stages"].values())
     rows.append(("stages", f"{len(metrics['stages'])} ({reused} reused from the store)"))
+    rows += [("warning", w) for w in metrics.get("warnings", [])]  # repeated at the end, where it is read
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,13 +1,16 @@
 """Config schemas: dataclasses registered in Hydra's ConfigStore; the YAML files under conf/ hold values.
 
 Every group option starts its defaults list with the schema of its group (``- /schema/<group>@_here_``),
-so a misspelt key in a YAML file or on the command line fails at compose time with the valid keys.
+so a misspelt key in a YAML file or on the command line fails at compose time; ``register`` also makes Hydra's
+error for a misspelt ``key=value`` override name the valid keys (see ``_unknown_key_message``).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -161,3 +164,92 @@ def register() -> None:
     cs.store(group="schema", name="chain", node=ChainConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
     cs.store(group="schema", name="generative", node=GenerativeConfig)
+    _name_valid_keys_on_unknown_overrides()
+
+
+def _loss_hint(cfg: Any, key: str) -> str:
+    """For ``loss.<param>``: the parameters of the chosen loss (its function's signature) and the losses taking it."""
+    from w2sg.losses import LOSSES, loss_params
+
+    name = cfg.loss.get("name")
+    param = key.split(".", 1)[1]
+    if name not in LOSSES:
+        return f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}"
+    valid = list(loss_params(LOSSES[name]))
+    hint = f"loss {name!r} has no parameter {param!r}; valid: {', '.join(valid) or '(none)'}"
+    others = [f"loss={n}" for n in sorted(LOSSES) if param in loss_params(LOSSES[n])]
+    if others:
+        hint += f" ({' / '.join(others)} take{'s' if len(others) == 1 else ''} {param!r})"
+    return hint
+
+
+def _group_names() -> List[str]:
+    """The config groups of the app being composed (for a misspelt top-level key such as ``pari=tiny``)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    if not gh.is_initialized():
+        return []
+    return sorted(g for g in gh.config_loader().list_groups("") if g not in ("hydra", "schema", "model"))
+
+
+def _unknown_key_message(cfg: Any, key: str, input_line: str) -> str:
+    """``Could not override 'train.epoch'``, with what the parent node does have and the closest key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth > 0 and not isinstance(OmegaConf.select(cfg, ".".join(parts[:depth]), default=None), DictConfig):
+        depth -= 1  # the deepest existing config node on the key's path
+    parent = ".".join(parts[:depth])
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    bad = parts[depth]
+    if parts[0] == "loss" and len(parts) == 2:
+        return f"Could not override {key!r}: {_loss_hint(cfg, key)}"
+    valid = [str(k) for k in node.keys() if str(k) != "hydra"]
+    where = f"in {parent!r}" if parent else "at the top level"
+    msg = f"Could not override {key!r}: no key {bad!r} {where}; valid keys: {', '.join(valid)}"
+    groups = _group_names() if not parent else []
+    if groups:
+        msg += f"\nConfig groups (group=option, listed with their options by w2sg --help): {', '.join(groups)}"
+    close = difflib.get_close_matches(bad, valid + groups, n=1)
+    if close:
+        msg += f"\nDid you mean {'.'.join(parts[:depth] + close)}?"
+    if OmegaConf.get_type(node) is dict:  # a free-form mapping (task.splits, task.load_kwargs), not a schema
+        msg += f"\nTo add a new key use +{input_line}"
+    return msg
+
+
+def _name_valid_keys_on_unknown_overrides() -> None:
+    """Wrap Hydra's override step so that an unknown key names the valid ones (idempotent).
+
+    Hydra 1.3's message for ``train.epoch=1`` is "Could not override 'train.epoch'" plus OmegaConf's
+    "Key 'epoch' not in 'TrainConfig'", without the keys that do exist.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    original: Callable[..., None] = ConfigLoaderImpl._apply_overrides_to_config
+    if getattr(original, "_w2sg", False):
+        return
+
+    @functools.wraps(original)
+    def apply(overrides: List[Any], cfg: Any) -> None:
+        try:
+            original(overrides, cfg)
+        except ConfigCompositionException as e:
+            cause = e.__cause__
+            if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
+                raise
+            key = str(cause.full_key)
+            override = next((o for o in overrides if o.key_or_group == key or o.key_or_group.startswith(key + ".")),
+                            None)
+            if override is None or override.is_add() or override.is_force_add() or override.is_delete():
+                raise
+            # from None: OmegaConf's own message (full_key, object_type) adds nothing to ours
+            raise ConfigCompositionException(_unknown_key_message(cfg, override.key_or_group,
+                                                                         override.input_line)) from None
+
+    apply._w2sg = True  # type: ignore[attr-defined]
+    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[assignment]

@@ -37,7 +37,7 @@ def expand_sweep(overrides: List[str]) -> List[List[str]]:
     from omegaconf import OmegaConf
 
     cfg = compose([o for o in overrides if _is_group_choice(o)], with_hydra=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     combined = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
     from hydra.core.override_parser.overrides_parser import OverridesParser
