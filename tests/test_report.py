@@ -113,3 +113,46 @@ def test_runs_of_one_experiment_are_one_row_the_newest_when_recomputed(tmp_path,
 def test_a_folder_named_stages_above_the_runs_is_no_reason_to_skip_them(tmp_path):
     _write(tmp_path / "stages" / "sweep" / "0", run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65)))
     assert len(write_report(tmp_path / "stages" / "sweep")["rows"]) == 1
+
+
+def test_the_store_and_a_sweep_report_every_experiment_apart(tmp_path, store):
+    from conftest import TINY, run_w2sg
+
+    # the sweep: two learning rates of one probe experiment, and a run validating on a held-out share
+    run_w2sg(["-m", *TINY, "train=probe", "train.lr=1e-3,1e-2"], tmp_path)
+    run_w2sg(TINY + ["train.val_frac=0.25"], tmp_path)
+    [sweep_dir] = [p.parent for p in (tmp_path / "multirun").glob("*/*/multirun.yaml")]
+    runs = {json.loads(p.read_text())["settings"]["train.lr"]: json.loads(p.read_text())
+            for p in sweep_dir.glob("*/metrics.json")}
+    sweep = write_report(sweep_dir)["rows"]
+    assert sorted((r["train.lr"], r["pgr"]) for r in sweep) == sorted((lr, m["pgr"]) for lr, m in runs.items())
+    rows = write_report(store, tmp_path / "report")["rows"]
+    got = {(r["train.mode"], r["train.lr"], r["train.val_frac"]): r for r in rows}
+    assert set(got) == {("probe", 1e-3, 0.0), ("probe", 1e-2, 0.0), ("full", 1e-3, 0.25)}, "val_frac > 0 included"
+    assert got["probe", 1e-2, 0.0]["acc_w2s"] == runs[1e-2]["acc"]["w2s"]
+    summary = list(csv.DictReader(open(tmp_path / "report" / "summary.csv")))
+    assert len(summary) == 3 and {s["n_seeds"] for s in summary} == {"1"}
+
+
+def test_run_folders_are_unique_per_process(tmp_path, store):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    procs = [start("--cfg", "hydra", "--resolve") for _ in range(2)]
+    dirs = [re.findall(r"^    dir: (\S+)$", p.communicate()[0], re.M) for p in procs]
+    for run_dir, sweep_dir in dirs:
+        assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", run_dir), run_dir
+        assert sweep_dir == "multi" + run_dir.replace("outputs", "run", 1)
+    assert dirs[0] != dirs[1]
+    # two runs started together (once they shared a folder when started in the same second)
+    procs = [start(*TINY, f"seed={seed}", "stages=[weak]") for seed in (0, 1)]
+    assert [p.wait() for p in procs] == [0, 0], [p.stdout.read() for p in procs]
+    found = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "outputs").glob("*/*/metrics.json"))
+    assert found == [0, 1]

@@ -111,7 +111,7 @@ def test_sweep_report_table_plots_and_wandb_summary(tmp_path, store):
         assert logged[f"{chart}_table/nrows"] == 4  # each line plot's data
     assert logged["png/pgr_vs_strong_size/_type"] == "image-file"
     stage_runs = [r for r in read_runs(tmp_path / "wandb") if r["job_type"] in ("w2s", "experiment")]
-    assert {r["group"] for r in stage_runs} == {"tiny_grid"} and len(stage_runs) == 4 + 8
+    assert {r["group"] for r in stage_runs} == {"tiny_grid"} and len(stage_runs) == 8 + 8
     # a second invocation of the same sweep: its own summary run in the same group, and no other run folder
     before = _folders(tmp_path)
     run_w2sg(["-m", "sweep=tiny_grid", "seed=0"], tmp_path)

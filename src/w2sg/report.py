@@ -478,8 +478,9 @@ def log_sweep_to_wandb(logger_cfg: Any, group: str, report: Dict[str, Any], swee
     tracker = Tracker(logger_cfg, group)
     if not tracker.enabled or not report["rows"]:
         return
-    run_id = "sweep-" + hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:16]
-    config = {"sweep": group, "sweep_dir": str(sweep_dir)}
+    where = str(Path(sweep_dir).resolve())
+    run_id = "sweep-" + hashlib.sha256(where.encode()).hexdigest()[:16]
+    config = {"sweep": group, "sweep_dir": where}
     with tracker.stage_run(run_id, f"sweep {group} ({Path(sweep_dir).name})", "sweep_summary", config) as run:
         def log_all() -> None:
             columns = result_columns(report["rows"])
