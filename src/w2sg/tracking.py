@@ -85,13 +85,11 @@ class Tracker:
             if run is not None:
                 self._call(run.finish)
 
-    def wandb_dir(self) -> Path:
-        """Where W&B writes its run folders: ``<logger.dir or $WANDB_DIR or .>/wandb``."""
-        return Path(self.cfg.get("dir") or os.environ.get("WANDB_DIR") or ".") / "wandb"
-
     def has_local_run(self, run_id: str) -> bool:
-        """Whether the W&B folder holds a run folder (offline or online) with this id."""
-        return any(p.is_dir() for p in self.wandb_dir().glob(f"*run-*-{run_id}"))
+        """Whether W&B's folder (``<logger.dir or $WANDB_DIR or .>/wandb``, or ``.wandb``) holds a run folder
+        (offline or online) with this id."""
+        root = Path(self.cfg.get("dir") or os.environ.get("WANDB_DIR") or ".").expanduser()
+        return any(p.is_dir() for sub in ("wandb", ".wandb") for p in (root / sub).glob(f"*run-*-{run_id}"))
 
     def experiment_run(self, run_id: str, name: str, config: Dict[str, Any], summary: Dict[str, Any],
                        computed: bool) -> bool:
