@@ -156,3 +156,14 @@ def test_run_folders_are_unique_per_process(tmp_path, store):
     assert [p.wait() for p in procs] == [0, 0], [p.stdout.read() for p in procs]
     found = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "outputs").glob("*/*/metrics.json"))
     assert found == [0, 1]
+
+
+def test_runs_that_predate_recorded_settings_are_not_merged(tmp_path, caplog):
+    for i, lr in enumerate((1e-3, 1e-2)):  # an older metrics.json: no settings, so these cannot be told apart
+        m = run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65 + 0.01 * i), **{"train.lr": lr})
+        del m["settings"]
+        _write(tmp_path / str(i), m)
+    with caplog.at_level(logging.WARNING, logger="w2sg.report"):
+        report = write_report(tmp_path)
+    assert len(report["rows"]) == 2 and [s["n_seeds"] for s in report["summary"]] == [1, 1]
+    assert "predate recorded settings" in caplog.text

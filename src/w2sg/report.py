@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -187,7 +186,7 @@ def settings_columns(rows: List[Dict[str, Any]], owners: Optional[Dict[str, List
 def _spread(rows: List[Dict[str, Any]], cols: List[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for col in cols:
-        vals = [r[col] for r in rows if r.get(col) is not None and not (isinstance(r[col], float) and math.isnan(r[col]))]
+        vals = [r[col] for r in rows if r.get(col) is not None]
         out[f"{col}_median"] = statistics.median(vals) if vals else None
         out[f"{col}_min"] = min(vals) if vals else None
         out[f"{col}_max"] = max(vals) if vals else None
