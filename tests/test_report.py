@@ -1,7 +1,10 @@
 """The study summaries of `w2sg report`: median PGR per loss, the largest gap, bootstrap chain vs direct."""
 
 import csv
+import hashlib
 import json
+import logging
+import os
 
 import pytest
 
@@ -10,12 +13,18 @@ from w2sg.report import main, write_report
 SIZES = {"m1": 10, "m2": 20, "m3": 30}
 
 
-def run_metrics(weak, strong, loss, seed, acc, chain=None):
+def run_metrics(weak, strong, loss, seed, acc, chain=None, **settings):
+    """A run's metrics.json as w2sg.experiment writes it; stage keys follow from everything that differs."""
+    settings = {"train.mode": "full", "train.lr": 1e-3, "task.n_train": 600, **settings}
+    ident = json.dumps([weak, strong, loss, seed, settings, chain is not None])
+    roles = ["weak", "weak_labels", "ceiling", "w2s"] + (["link1", "ceiling1", "link2"] if chain else [])
+    stages = {r: {"key": hashlib.sha256((r + ident).encode()).hexdigest()[:24], "reused": False} for r in roles}
     w, c, s = acc
     m = {"task": "t", "loss": loss, "seed": seed,
          "weak": {"model": weak, "params": SIZES[weak], "size": ""},
          "strong": {"model": strong, "params": SIZES[strong], "size": ""},
-         "acc": {"weak": w, "ceiling": c, "w2s": s}, "pgr": (s - w) / (c - w)}
+         "acc": {"weak": w, "ceiling": c, "w2s": s}, "pgr": (s - w) / (c - w), "stages": stages,
+         "settings": settings}
     if chain:
         m["chain"] = {"name": "m1_m2_m3", "end_to_end": {"acc": chain, "pgr": (chain - w) / (c - w)},
                       "direct": {"acc": s, "pgr": (s - w) / (c - w)}, "bootstrap_minus_direct": chain - s}
@@ -63,3 +72,98 @@ def test_chain_vs_direct_table_plot_and_printout(sweep, capsys):
     assert len(rows) == 6 and float(rows[0]["chain_minus_direct"]) == pytest.approx(-0.02)
     png = (sweep / "chain" / "chain_vs_direct.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
+
+
+def _write(folder, metrics, mtime=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if mtime is not None:
+        os.utime(folder / "metrics.json", (mtime, mtime))
+
+
+def test_experiments_that_differ_in_a_setting_are_separate_rows_and_medians(tmp_path):
+    # w2sg -m train=probe train.lr=1e-3,1e-2: two jobs, two experiments (they once became one row)
+    for i, (lr, acc) in enumerate(((1e-3, (0.6, 0.7, 0.663)), (1e-2, (0.6, 0.7, 0.62)))):
+        for seed in (0, 1):
+            _write(tmp_path / f"{i}{seed}", run_metrics("m1", "m2", "xent", seed, acc, **{"train.lr": lr}))
+    _write(tmp_path / "probe", run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.7), **{"train.mode": "probe"}))
+    report = write_report(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 5 and {"train.lr", "train.mode"} <= set(rows[0]) and "task.n_train" not in rows[0]
+    summary = {(s["train.mode"], s["train.lr"]): s for s in report["summary"]}
+    assert set(summary) == {("full", 1e-3), ("full", 1e-2), ("probe", 1e-3)}
+    assert summary["full", 1e-3]["n_seeds"] == 2 and summary["full", 1e-3]["pgr_median"] == pytest.approx(0.63)
+    assert summary["full", 1e-2]["n_seeds"] == 2 and summary["full", 1e-2]["pgr_median"] == pytest.approx(0.2)
+    assert summary["probe", 1e-3]["n_seeds"] == 1
+    assert len({r["loss"] for r in report["losses"]}) == 1 and len(report["losses"]) == 3  # per setting too
+    assert len(report["curves"]["pgr_vs_strong_size.png"]) == 3
+
+
+def test_runs_of_one_experiment_are_one_row_the_newest_when_recomputed(tmp_path, caplog):
+    m = run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65))
+    _write(tmp_path / "a", m, mtime=1000)
+    _write(tmp_path / "b", m, mtime=2000)  # a rerun: every stage reused, the same numbers
+    assert [r["pgr"] for r in write_report(tmp_path)["rows"]] == [pytest.approx(0.5)]
+    _write(tmp_path / "c", {**m, "acc": {**m["acc"], "w2s": 0.68}, "pgr": 0.8}, mtime=3000)  # recompute=[w2s]
+    with caplog.at_level(logging.WARNING, logger="w2sg.report"):
+        assert [r["pgr"] for r in write_report(tmp_path)["rows"]] == [0.8]
+    assert "same experiment" in caplog.text and "reporting the newer" in caplog.text
+
+
+def test_a_folder_named_stages_above_the_runs_is_no_reason_to_skip_them(tmp_path):
+    _write(tmp_path / "stages" / "sweep" / "0", run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65)))
+    assert len(write_report(tmp_path / "stages" / "sweep")["rows"]) == 1
+
+
+def test_the_store_and_a_sweep_report_every_experiment_apart(tmp_path, store):
+    from conftest import TINY, run_w2sg
+
+    # the issue's sweep: two learning rates of one probe experiment, and a run validating on a held-out share
+    run_w2sg(["-m", *TINY, "train=probe", "train.lr=1e-3,1e-2"], tmp_path)
+    run_w2sg(TINY + ["train.val_frac=0.25"], tmp_path)
+    [sweep_dir] = [p.parent for p in (tmp_path / "multirun").glob("*/*/multirun.yaml")]
+    runs = {json.loads(p.read_text())["settings"]["train.lr"]: json.loads(p.read_text())
+            for p in sweep_dir.glob("*/metrics.json")}
+    sweep = write_report(sweep_dir)["rows"]
+    assert sorted((r["train.lr"], r["pgr"]) for r in sweep) == sorted((lr, m["pgr"]) for lr, m in runs.items())
+    rows = write_report(store, tmp_path / "report")["rows"]
+    got = {(r["train.mode"], r["train.lr"], r["train.val_frac"]): r for r in rows}
+    assert set(got) == {("probe", 1e-3, 0.0), ("probe", 1e-2, 0.0), ("full", 1e-3, 0.25)}, "val_frac > 0 included"
+    assert got["probe", 1e-2, 0.0]["acc_w2s"] == runs[1e-2]["acc"]["w2s"]
+    summary = list(csv.DictReader(open(tmp_path / "report" / "summary.csv")))
+    assert len(summary) == 3 and {s["n_seeds"] for s in summary} == {"1"}
+
+
+def test_run_folders_are_unique_per_process(tmp_path, store):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    procs = [start("--cfg", "hydra", "--resolve") for _ in range(2)]
+    dirs = [re.findall(r"^    dir: (\S+)$", p.communicate()[0], re.M) for p in procs]
+    for run_dir, sweep_dir in dirs:
+        assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", run_dir), run_dir
+        assert sweep_dir == "multi" + run_dir.replace("outputs", "run", 1)
+    assert dirs[0] != dirs[1]
+    # two runs started together (once they shared a folder when started in the same second)
+    procs = [start(*TINY, f"seed={seed}", "stages=[weak]") for seed in (0, 1)]
+    assert [p.wait() for p in procs] == [0, 0], [p.stdout.read() for p in procs]
+    found = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "outputs").glob("*/*/metrics.json"))
+    assert found == [0, 1]
+
+
+def test_runs_that_predate_recorded_settings_are_not_merged(tmp_path, caplog):
+    for i, lr in enumerate((1e-3, 1e-2)):  # an older metrics.json: no settings, so these cannot be told apart
+        m = run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65 + 0.01 * i), **{"train.lr": lr})
+        del m["settings"]
+        _write(tmp_path / str(i), m)
+    with caplog.at_level(logging.WARNING, logger="w2sg.report"):
+        report = write_report(tmp_path)
+    assert len(report["rows"]) == 2 and [s["n_seeds"] for s in report["summary"]] == [1, 1]
+    assert "predate recorded settings" in caplog.text

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import TINY, metrics_files, run_w2sg
-from wandb_offline import read_runs
+from wandb_offline import read_run, read_runs
 
 
 def _stage_metrics(store, key):
@@ -20,7 +20,9 @@ def test_every_stage_logs_an_offline_run_readable_from_disk(tmp_path, store):
     by_id = {}
     for r in runs:
         by_id.setdefault(r["id"], []).append(r)
-    assert set(by_id) == {s["key"] for s in m["stages"].values()}, "run ids are the stage keys"
+    [exp] = [r for r in runs if r["job_type"] == "experiment"]
+    assert set(by_id) - {exp["id"]} == {s["key"] for s in m["stages"].values()}, "run ids are the stage keys"
+    assert all(len(rs) == 1 for rs in by_id.values()), "one run folder per id"
     for name, s in m["stages"].items():
         first = by_id[s["key"]][0]
         assert first["job_type"] == {"weak_labels": "labels"}.get(name, name)
@@ -36,16 +38,32 @@ def test_every_stage_logs_an_offline_run_readable_from_disk(tmp_path, store):
     cfg = w2s[0]["config"]
     assert (cfg["weak_model"], cfg["weak_params"]) == ("tiny_random", m["weak"]["params"])
     assert (cfg["strong_model"], cfg["strong_params"]) == ("tiny_random_l2", m["strong"]["params"])
-    summary = {k: v for r in w2s for k, v in r["summary"].items()}
+    assert "pgr" not in w2s[0]["summary"], "experiment numbers live in the experiment's run"
+    # the experiment's own run: config and summary, no history
+    assert exp["history"] == [] and exp["project"] == "w2sg"
+    assert exp["config"]["stage_keys"] == {name: s["key"] for name, s in m["stages"].items()}
+    assert exp["config"]["settings"] == json.loads(json.dumps(m["settings"]))
+    assert (exp["config"]["weak_model"], exp["config"]["strong_model"]) == ("tiny_random", "tiny_random_l2")
+    summary = exp["summary"]
     assert summary["acc_w2s"] == pytest.approx(m["acc"]["w2s"]) and summary["acc_weak"] == pytest.approx(m["acc"]["weak"])
     assert summary["pgr"] == (pytest.approx(m["pgr"]) if m["pgr"] is not None else None)
 
 
-def test_rerun_continues_the_same_runs(tmp_path, store):
+def _folders(tmp_path):
+    return sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_rerun_that_computes_nothing_writes_no_run_folder(tmp_path, store):
+    run_w2sg(TINY + ["logger=none"], tmp_path)  # every stage computed, nothing tracked
+    run_w2sg(TINY, tmp_path)  # every stage reused: only the experiment's run, which did not exist yet
+    [exp] = read_runs(tmp_path / "wandb")
+    assert exp["job_type"] == "experiment" and exp["summary"]["acc_w2s"] is not None
+    first = _folders(tmp_path)
     run_w2sg(TINY, tmp_path)
-    ids_first = {r["id"] for r in read_runs(tmp_path / "wandb")}
-    run_w2sg(TINY, tmp_path)
-    assert {r["id"] for r in read_runs(tmp_path / "wandb")} == ids_first, "no new runs, no duplicates"
+    assert _folders(tmp_path) == first, "reruns that reuse every stage write no W&B run folder"
+    run_w2sg(TINY + ["recompute=[w2s]"], tmp_path)  # new numbers: the w2s stage's run and the experiment's
+    runs = read_runs(tmp_path / "wandb")
+    assert len(_folders(tmp_path)) == 3 and sorted(r["job_type"] for r in runs) == ["experiment", "experiment", "w2s"]
 
 
 def test_broken_wandb_leaves_the_run_successful(tmp_path, store):
@@ -85,14 +103,22 @@ def test_sweep_report_table_plots_and_wandb_summary(tmp_path, store):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     sweep_runs = [r for r in read_runs(tmp_path / "wandb") if r["job_type"] == "sweep_summary"]
     assert len(sweep_runs) == 1 and sweep_runs[0]["group"] == "tiny_grid"
+    assert sweep_runs[0]["config"]["sweep_dir"] == str(sweep_dir)
     logged = sweep_runs[0]["summary"]
     assert logged["results/_type"] == "table-file" and logged["results/nrows"] == 8
     assert logged["summary/nrows"] == 4
     for chart in ("pgr_vs_strong_size", "pgr_vs_strong_size_by_loss", "w2s_acc_vs_strong_size"):
         assert logged[f"{chart}_table/nrows"] == 4  # each line plot's data
     assert logged["png/pgr_vs_strong_size/_type"] == "image-file"
-    stage_runs = [r for r in read_runs(tmp_path / "wandb") if r["job_type"] == "w2s"]
-    assert {r["group"] for r in stage_runs} == {"tiny_grid"}
+    stage_runs = [r for r in read_runs(tmp_path / "wandb") if r["job_type"] in ("w2s", "experiment")]
+    assert {r["group"] for r in stage_runs} == {"tiny_grid"} and len(stage_runs) == 8 + 8
+    # a second invocation of the same sweep: its own summary run in the same group, and no other run folder
+    before = _folders(tmp_path)
+    run_w2sg(["-m", "sweep=tiny_grid", "seed=0"], tmp_path)
+    [added] = [read_run(next((tmp_path / "wandb" / f).glob("run-*.wandb")))
+               for f in set(_folders(tmp_path)) - set(before)]
+    assert (added["job_type"], added["group"]) == ("sweep_summary", "tiny_grid")
+    assert added["id"] != sweep_runs[0]["id"] and added["summary"]["results/nrows"] == 4
 
 
 def test_report_command_on_a_sweep_and_on_the_store(tmp_path, store):

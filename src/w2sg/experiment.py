@@ -114,12 +114,36 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
         return metrics
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
+    from w2sg.report import settings_of_stages
+
+    metrics["settings"] = settings_of_stages(stages)  # what tells this experiment apart in reports
     if runner.tracker.enabled:
-        w2s = stages["w2s"]
-        runner.tracker.update_summary(w2s.key, w2s.label, w2s.role, runner.tracker_config(w2s), {
-            "acc_weak": acc["weak"], "acc_ceiling": acc["ceiling"], "acc_w2s": acc["w2s"], "pgr": metrics["pgr"],
-            "auroc_weak": auroc["weak"], "auroc_ceiling": auroc["ceiling"], "auroc_w2s": auroc["w2s"]})
+        track_experiment(cfg, runner, metrics)
     return metrics
+
+
+def track_experiment(cfg: Any, runner: Runner, metrics: Dict[str, Any]) -> None:
+    """The experiment's own W&B run (grouped with its stages' runs): accuracies, PGR and settings."""
+    from w2sg.tracking import experiment_run_id
+
+    acc, auroc = metrics["acc"], metrics["auroc"]
+    summary = {"acc_weak": acc["weak"], "acc_ceiling": acc["ceiling"], "acc_w2s": acc["w2s"], "pgr": metrics["pgr"],
+               "auroc_weak": auroc["weak"], "auroc_ceiling": auroc["ceiling"], "auroc_w2s": auroc["w2s"],
+               "weak_label_acc": metrics["weak_label_acc"]}
+    if "chain" in metrics:
+        ch = metrics["chain"]
+        summary.update(acc_chain=ch["end_to_end"]["acc"], pgr_chain=ch["end_to_end"]["pgr"],
+                       chain_minus_direct=ch["bootstrap_minus_direct"])
+    config = {"task": metrics["task"], "loss": metrics["loss"], "seed": metrics["seed"],
+              "weak_model": metrics["weak"]["model"], "weak_params": metrics["weak"]["params"],
+              "strong_model": metrics["strong"]["model"], "strong_params": metrics["strong"]["params"],
+              "chain": cfg.chain.name if cfg.chain is not None else None, "settings": metrics["settings"],
+              "stage_keys": {name: s["key"] for name, s in metrics["stages"].items()}}
+    name = (f"{metrics['weak']['model']}->{metrics['strong']['model']} {metrics['loss']} seed {metrics['seed']}"
+            + (f" chain {cfg.chain.name}" if cfg.chain is not None else ""))
+    computed = any(not o.reused for o in runner.outcomes.values())
+    runner.tracker.experiment_run(experiment_run_id(s["key"] for s in metrics["stages"].values()), name, config,
+                                  summary, computed)
 
 
 def chain_report(cfg: Any, outcomes: Dict[str, Outcome], acc: Dict[str, float]) -> Dict[str, Any]:

@@ -1,30 +1,92 @@
-"""Sweep reports: one table row per (task, weak, strong, loss, seed), median PGR over seeds, PGR curves.
+"""Sweep reports: one table row per experiment, median PGR over seeds, PGR curves.
 
     w2sg report <sweep dir | run dir | store dir> [--out DIR]
 
-writes ``results.csv`` (one row per run), ``summary.csv`` (median and spread over seeds) and PNG plots:
-PGR vs strong-model size, one curve per weak model and loss, and accuracy (weak / w2s / ceiling) vs strong
+writes ``results.csv`` (one row per experiment: task, weak, strong, loss, every setting that differs between
+the experiments reported, seed), ``summary.csv`` (median and spread over seeds only) and PNG plots: PGR vs
+strong-model size, one curve per weak model, loss and setting, and accuracy (weak / w2s / ceiling) vs strong
 size. It runs at the end of every multirun too (a Hydra callback), which also logs the same table and curves
-to one W&B run for the sweep.
+to one W&B run for that sweep invocation.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import logging
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 
-COLUMNS = ["task", "weak", "weak_params", "strong", "strong_params", "loss", "seed",
-           "acc_weak", "acc_ceiling", "acc_w2s", "pgr"]
-GROUP = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
+log = logging.getLogger("w2sg.report")
 
+BASE = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
+METRICS = ["acc_weak", "acc_ceiling", "acc_w2s", "pgr"]
+# where a setting belongs: a column is kept when it varies among rows of the same owner (its model, task or
+# loss; the whole table for training and generative settings), so a model's own path or a task's template
+# do not show up merely because several models or tasks are reported
+OWNERS = {"task.": ["task"], "weak_model.": ["weak"], "weak_train.": ["weak"], "strong_model.": ["strong"],
+          "loss.": ["loss"]}
+GROUP = BASE  # the fixed part of a summary group; the varying settings (see settings_columns) join it
+
+
+# --- an experiment's settings -----------------------------------------------------------------------------
+
+def _flatten(prefix: str, value: Any, out: Dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = json.dumps(value)
+    else:
+        out[prefix] = value
+
+
+def _lm_spec(node: Any, spec_of: Callable[[Any], Dict], inputs_of: Callable[[Any], Dict]) -> Optional[Dict]:
+    """The generative finetuning a stage starts from (directly, or through its probe features); None if none."""
+    inputs = inputs_of(node)
+    if "init" in inputs:
+        return spec_of(inputs["init"])
+    if "features" in inputs:
+        return _lm_spec(inputs["features"], spec_of, inputs_of)
+    return None
+
+
+def experiment_settings(weak: Any, w2s: Any, spec_of: Callable[[Any], Dict],
+                        inputs_of: Callable[[Any], Dict]) -> Dict[str, Any]:
+    """Every setting that can change an experiment's result, flat (``train.lr``, ``task.n_train``, ...).
+
+    Read from the specs of its weak and w2s stages (the ceiling's follow from the w2s stage's), given as nodes
+    of a stage graph: Stage objects in a run, stage keys in a store. Names, sizes and the seed are columns of
+    their own."""
+    ws, ss = spec_of(weak), spec_of(w2s)
+    out: Dict[str, Any] = {}
+    _flatten("task", ss["task"], out)
+    _flatten("train", ss["train"], out)
+    out["weak_train.lr"] = ws["train"]["lr"]  # the weak model's (its own default when train.lr is null)
+    _flatten("loss", {k: v for k, v in ss["loss"].items() if k != "name"}, out)
+    _flatten("weak_model", ws["model"], out)
+    _flatten("strong_model", ss["model"], out)
+    for side, node in (("weak", weak), ("strong", w2s)):
+        lm = _lm_spec(node, spec_of, inputs_of)
+        if lm is None:
+            out[f"generative.{side}"] = "none"
+        else:
+            _flatten(f"generative.{side}", lm["generative"], out)
+    return out
+
+
+def settings_of_stages(stages: Dict[str, Any]) -> Dict[str, Any]:
+    """experiment_settings of a run's planned stages (w2sg.experiment.plan)."""
+    return experiment_settings(stages["weak"], stages["w2s"], lambda s: s.spec, lambda s: s.inputs)
+
+
+# --- rows -------------------------------------------------------------------------------------------------
 
 def _row(m: Dict[str, Any]) -> Dict[str, Any]:
     return {"task": m["task"], "weak": m["weak"]["model"], "weak_params": m["weak"]["params"],
@@ -33,34 +95,110 @@ def _row(m: Dict[str, Any]) -> Dict[str, Any]:
             "acc_w2s": m["acc"]["w2s"], "pgr": m["pgr"]}
 
 
-def rows_from_runs(root: Path) -> List[Dict[str, Any]]:
-    """Rows from the metrics.json of every run under a sweep (or run) folder; one per distinct experiment."""
-    rows: Dict[tuple, Dict[str, Any]] = {}
+def _run_metrics(root: Path) -> List[Tuple[Path, Dict[str, Any]]]:
+    """The metrics.json of every finished run under a folder (not a store's per-stage files, not stages= runs)."""
+    out = []
     for path in sorted(root.glob("**/metrics.json")):
-        if "stages" in path.parts:  # a store's own per-stage files
+        if (path.parent / "meta.json").exists():  # a stage of a store found under the folder
             continue
         metrics = json.loads(path.read_text())
+        if not isinstance(metrics, dict) or "stages" not in metrics or "task" not in metrics:
+            continue
         if metrics.get("subset"):  # a run of only some stages (stages=[...], e.g. a launcher's shared-stage job)
             continue
+        out.append((path, metrics))
+    return out
+
+
+def _one_per_experiment(found: List[Tuple[Path, Tuple, Dict[str, Any]]], what: str) -> List[Dict[str, Any]]:
+    """Runs of the same experiment (same stage keys) give one row: the newest, saying so if their numbers differ."""
+    latest: Dict[Tuple, Tuple[Path, Dict[str, Any]]] = {}
+    for path, ident, row in sorted(found, key=lambda f: f[0].stat().st_mtime):
+        if ident in latest:
+            old_path, old = latest[ident]
+            if any(old[c] != row[c] for c in row if c.startswith(("acc", "pgr"))):
+                log.warning("%s and %s are the same %s (same stage keys) with different results (recomputed?); "
+                            "reporting the newer, %s", old_path.parent, path.parent, what, path.parent)
+        latest[ident] = (path, row)
+    return [row for _, row in latest.values()]
+
+
+def rows_from_runs(root: Path) -> List[Dict[str, Any]]:
+    """Rows from the metrics.json of every run under a sweep (or run) folder; one per distinct experiment."""
+    found, legacy = [], 0
+    for path, metrics in _run_metrics(Path(root)):
         row = _row(metrics)
-        rows[tuple(row[c] for c in GROUP + ["seed"])] = row
-    return list(rows.values())
+        stages = metrics["stages"]
+        row["w2s_key"] = stages["w2s"]["key"][:12]
+        if "settings" in metrics:
+            row.update(metrics["settings"])
+        else:  # written before runs recorded their settings: cannot tell which runs differ only by seed
+            legacy += 1
+            row["settings"] = f"unrecorded ({row['w2s_key']})"
+        found.append((path, (stages["w2s"]["key"], stages["ceiling"]["key"]), row))
+    if legacy:
+        log.warning("%d run(s) under %s predate recorded settings: each is its own row, not grouped over seeds "
+                    "(rerun them with this w2sg to record their settings; every stage is reused)", legacy, root)
+    return _one_per_experiment(found, "experiment")
 
 
 def chain_rows(root: Path) -> List[Dict[str, Any]]:
-    """Bootstrap chain vs direct, one row per chain run (task, chain, loss, seed) under a sweep or run folder."""
-    rows: Dict[tuple, Dict[str, Any]] = {}
-    for path in sorted(root.glob("**/metrics.json")):
-        m = json.loads(path.read_text())
-        if "chain" not in m or m.get("subset"):
+    """Bootstrap chain vs direct, one row per chain experiment (task, chain, loss, settings, seed)."""
+    found = []
+    for path, m in _run_metrics(Path(root)):
+        if "chain" not in m:
             continue
         ch = m["chain"]
-        row = {"task": m["task"], "chain": ch["name"], "loss": m["loss"], "seed": m["seed"],
+        row = {"task": m["task"], "chain": ch["name"], "loss": m["loss"], **m.get("settings", {}), "seed": m["seed"],
                "acc_weak": m["acc"]["weak"], "acc_ceiling": m["acc"]["ceiling"], "acc_direct": ch["direct"]["acc"],
                "acc_chain": ch["end_to_end"]["acc"], "pgr_direct": ch["direct"]["pgr"],
                "pgr_chain": ch["end_to_end"]["pgr"], "chain_minus_direct": ch["bootstrap_minus_direct"]}
-        rows[tuple(row[c] for c in ("task", "chain", "loss", "seed"))] = row
-    return sorted(rows.values(), key=lambda r: (r["task"], r["chain"], r["loss"], r["seed"]))
+        ident = tuple(sorted(s["key"] for s in m["stages"].values())) or (str(path),)
+        found.append((path, ident, row))
+    rows = _one_per_experiment(found, "chain experiment")
+    keep = ["task", "chain", "loss"] + settings_columns(rows, owners={"task.": ["task"], "loss.": ["loss"]})
+    rows = [{k: v for k, v in r.items() if k in keep or not _is_setting(k)} for r in rows]
+    return sorted(rows, key=lambda r: tuple(str(r.get(c)) for c in keep + ["seed"]))
+
+
+def _is_setting(column: str) -> bool:
+    return "." in column or column == "settings"
+
+
+def settings_columns(rows: List[Dict[str, Any]], owners: Optional[Dict[str, List[str]]] = None) -> List[str]:
+    """The settings that tell experiments apart: those that vary among rows of the same owner (see OWNERS)."""
+    import pandas as pd
+
+    owners = OWNERS if owners is None else owners
+    cols = sorted({c for r in rows for c in r if _is_setting(c)})
+    if not rows or not cols:
+        return []
+    df = pd.DataFrame([{c: json.dumps(r.get(c)) for c in cols + BASE} for r in rows])
+    keep = []
+    for c in cols:
+        by = next((o for prefix, o in owners.items() if c.startswith(prefix)), [])
+        counts = df.groupby(by)[c].nunique() if by else pd.Series([df[c].nunique()])
+        if counts.max() > 1:
+            keep.append(c)
+    return keep
+
+
+def _spread(rows: List[Dict[str, Any]], cols: List[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for col in cols:
+        vals = [r[col] for r in rows if r.get(col) is not None]
+        out[f"{col}_median"] = statistics.median(vals) if vals else None
+        out[f"{col}_min"] = min(vals) if vals else None
+        out[f"{col}_max"] = max(vals) if vals else None
+    return out
+
+
+def _groups(rows: List[Dict[str, Any]], by: List[str]) -> Dict[Tuple, List[Dict[str, Any]]]:
+    """Rows grouped by the values of some columns (in first-seen order)."""
+    groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(json.dumps(r.get(c)) for c in by), []).append(r)
+    return groups
 
 
 def _median(vals: List[Any]) -> Optional[float]:
@@ -68,24 +206,37 @@ def _median(vals: List[Any]) -> Optional[float]:
     return statistics.median(vals) if vals else None
 
 
-def loss_summary(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per task and loss: median PGR over every pair and seed, and the median PGR at the largest gap.
+def loss_summary(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]],
+                 settings: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Per task, loss and setting: median PGR over every pair and seed, and the median PGR at the largest gap.
 
     The largest gap is the (weak, strong) pair whose median ceiling - weak accuracy is largest."""
+    settings = [c for c in (settings or []) if not c.startswith(("weak_model.", "weak_train.", "strong_model."))]
     out = []
-    for task in sorted({r["task"] for r in rows}):
-        ts = [s for s in summary if s["task"] == task and s["acc_ceiling_median"] is not None]
+    for _, rs_task in sorted(_groups(rows, ["task"] + settings).items()):
+        first = rs_task[0]
+        ts = [s for s in summary if all(s.get(c) == first.get(c) for c in ["task"] + settings)
+              and s["acc_ceiling_median"] is not None]
         gap = max(ts, key=lambda s: s["acc_ceiling_median"] - s["acc_weak_median"]) if ts else None
-        for loss in sorted({r["loss"] for r in rows if r["task"] == task}):
-            rs = [r for r in rows if r["task"] == task and r["loss"] == loss]
+        for loss in sorted({r["loss"] for r in rs_task}):
+            rs = [r for r in rs_task if r["loss"] == loss]
             at_gap = [r for r in rs if gap and (r["weak"], r["strong"]) == (gap["weak"], gap["strong"])]
-            out.append({"task": task, "loss": loss, "n_runs": len(rs), "pgr_median": _median([r["pgr"] for r in rs]),
+            out.append({"task": first["task"], "loss": loss, **{c: first.get(c) for c in settings},
+                        "n_runs": len(rs), "pgr_median": _median([r["pgr"] for r in rs]),
                         "pgr_positive_share": (sum(r["pgr"] > 0 for r in rs if r["pgr"] is not None)
                                                / max(1, sum(r["pgr"] is not None for r in rs))),
                         "largest_gap_pair": f"{gap['weak']}->{gap['strong']}" if gap else None,
                         "largest_gap": (gap["acc_ceiling_median"] - gap["acc_weak_median"]) if gap else None,
                         "pgr_median_at_largest_gap": _median([r["pgr"] for r in at_gap])})
     return out
+
+
+def _ceiling_match(spec: Dict[str, Any], inputs: Dict[str, str]) -> str:
+    """What a w2s stage and its ceiling share: the strong model, task, seed, training settings (but which labels
+    validate, which only w2s stages have) and the inputs other than labels (probe features, generative init)."""
+    train = {k: v for k, v in spec["train"].items() if k != "val_labels"}
+    return json.dumps({"model": spec["model"], "task": spec["task"], "train": train, "seed": spec["seed"],
+                       "inputs": {k: v for k, v in inputs.items() if k != "labels"}}, sort_keys=True)
 
 
 def rows_from_store(root: Path) -> List[Dict[str, Any]]:
@@ -101,18 +252,16 @@ def rows_from_store(root: Path) -> List[Dict[str, Any]]:
             meta["metrics"] = json.loads((path / "metrics.json").read_text())
             stages[path.name] = meta
 
-    def gt_key(spec: Dict[str, Any]) -> str:
-        return json.dumps({k: spec[k] for k in ("model", "task", "train", "seed")}, sort_keys=True)
-
-    ceilings = {gt_key(m["spec"]): m for m in stages.values()
+    ceilings = {_ceiling_match(m["spec"], m["inputs"]): m for m in stages.values()
                 if m["kind"] == "train" and m["spec"]["labels"] == "ground_truth"}
     rows = []
-    for m in stages.values():
+    for key, m in stages.items():
         if m["kind"] != "train" or m["spec"]["labels"] != "weak":
             continue
         labels = stages.get(m["inputs"]["labels"])
-        weak = stages.get(labels["inputs"]["model"]) if labels else None
-        ceiling = ceilings.get(gt_key(m["spec"]))
+        weak_key = labels["inputs"]["model"] if labels else None
+        weak = stages.get(weak_key) if weak_key else None
+        ceiling = ceilings.get(_ceiling_match(m["spec"], m["inputs"]))
         if weak is None or ceiling is None or weak["spec"]["labels"] != "ground_truth":
             continue  # a chain link (its teacher is not a ground-truth model) or an incomplete experiment
         acc = {"weak": weak["metrics"]["acc"], "ceiling": ceiling["metrics"]["acc"], "w2s": m["metrics"]["acc"]}
@@ -120,32 +269,37 @@ def rows_from_store(root: Path) -> List[Dict[str, Any]]:
                      "weak_params": weak["metrics"]["params"], "strong": m["model_name"],
                      "strong_params": m["metrics"]["params"], "loss": m["spec"]["loss"]["name"],
                      "seed": m["spec"]["seed"], "acc_weak": acc["weak"], "acc_ceiling": acc["ceiling"],
-                     "acc_w2s": acc["w2s"], "pgr": pgr(acc["weak"], acc["w2s"], acc["ceiling"])[0]})
+                     "acc_w2s": acc["w2s"], "pgr": pgr(acc["weak"], acc["w2s"], acc["ceiling"])[0],
+                     "w2s_key": key[:12],
+                     **experiment_settings(weak_key, key, lambda k: stages[k]["spec"], lambda k: stages[k]["inputs"])})
     return rows
 
 
 def collect(path: Path) -> List[Dict[str, Any]]:
+    """One row per experiment, with the settings that tell the experiments found apart (and no others)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     rows = rows_from_store(path) if (path / "stages").is_dir() else rows_from_runs(path)
-    return sorted(rows, key=lambda r: tuple(str(r[c]) for c in ("task", "weak_params", "strong_params", "loss", "seed")))
+    keep = settings_columns(rows)
+    rows = [{k: v for k, v in r.items() if k in keep or not _is_setting(k)} for r in rows]
+    return sorted(rows, key=lambda r: tuple(str(r.get(c)) for c in
+                                            ["task", "weak_params", "strong_params", "loss"] + keep + ["seed"]))
 
 
 def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Median over seeds (as the paper reports median PGR), with min and max as the spread."""
-    groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[tuple(r[c] for c in GROUP)].append(r)
+    """Median over seeds only (as the paper reports median PGR), with min and max as the spread."""
+    by = GROUP + sorted({c for r in rows for c in r if _is_setting(c)})
     out = []
-    for key, rs in groups.items():
-        s = dict(zip(GROUP, key))
+    for rs in _groups(rows, by).values():
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) < len(seeds):  # two experiments that no recorded setting tells apart
+            raise ValueError(f"{len(seeds) - len(set(seeds))} experiment(s) of {rs[0]['weak']} -> "
+                             f"{rs[0]['strong']} share a seed and every recorded setting "
+                             f"(w2s stages {', '.join(r['w2s_key'] for r in rs)}); report their folders separately")
+        s = {c: rs[0].get(c) for c in by}
         s["n_seeds"] = len(rs)
-        for col in ("acc_weak", "acc_ceiling", "acc_w2s", "pgr"):
-            vals = [r[col] for r in rs if r[col] is not None]
-            s[f"{col}_median"] = statistics.median(vals) if vals else None
-            s[f"{col}_min"] = min(vals) if vals else None
-            s[f"{col}_max"] = max(vals) if vals else None
+        s.update(_spread(rs, METRICS))
         out.append(s)
     return out
 
@@ -192,34 +346,54 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
         plt.close(fig)
         written.append(path)
 
+    settings = sorted({c for s in summary for c in s if _is_setting(c)})
+
+    def curve_of(s: Dict[str, Any]) -> Tuple:
+        return (s["weak"], s["loss"], *(json.dumps(s.get(c)) for c in settings))
+
+    def setting_label(s: Dict[str, Any]) -> str:
+        return "".join(f", {c}={s.get(c)}" for c in settings)
+
     for task in sorted({s["task"] for s in summary}):
         ts = [s for s in summary if s["task"] == task]
         suffix = "" if len({s["task"] for s in summary}) == 1 else f"_{task}"
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        for (weak, loss) in sorted({(s["weak"], s["loss"]) for s in ts}, key=str):
-            pts = sorted((s for s in ts if (s["weak"], s["loss"]) == (weak, loss) and s["pgr_median"] is not None),
+        for curve in sorted({curve_of(s) for s in ts}, key=str):
+            pts = sorted((s for s in ts if curve_of(s) == curve and s["pgr_median"] is not None),
                          key=lambda s: s["strong_params"])
             if not pts:
                 continue
             x = [p["strong_params"] / 1e6 for p in pts]
             y = [p["pgr_median"] for p in pts]
             err = [[p["pgr_median"] - p["pgr_min"] for p in pts], [p["pgr_max"] - p["pgr_median"] for p in pts]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"weak={weak}, loss={loss}")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3,
+                        label=f"weak={pts[0]['weak']}, loss={pts[0]['loss']}{setting_label(pts[0])}")
         ax.axhline(0, color="grey", lw=0.8)
         finish(fig, ax, [s["strong_params"] for s in ts], "PGR (median over seeds; bars: min-max)",
                f"Performance gap recovered: {task}", f"pgr_vs_strong_size{suffix}.png")
 
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        ceil = sorted({(s["strong_params"], s["acc_ceiling_median"]) for s in ts})
-        ax.plot([c[0] / 1e6 for c in ceil], [c[1] for c in ceil], "k-s", label="ceiling (strong on ground truth)")
-        for (weak, loss) in sorted({(s["weak"], s["loss"]) for s in ts}, key=str):
-            pts = sorted((s for s in ts if (s["weak"], s["loss"]) == (weak, loss)), key=lambda s: s["strong_params"])
+        ceiling_settings = [c for c in settings if not c.startswith(("weak_", "loss.", "generative.weak"))]
+        for setting in sorted({tuple(json.dumps(s.get(c)) for c in ceiling_settings) for s in ts}):
+            cs = [s for s in ts if tuple(json.dumps(s.get(c)) for c in ceiling_settings) == setting]
+            ceil = sorted({(s["strong_params"], s["acc_ceiling_median"]) for s in cs})
+            label = "".join(f", {c}={cs[0].get(c)}" for c in ceiling_settings)
+            ax.plot([c[0] / 1e6 for c in ceil], [c[1] for c in ceil], "k-s", alpha=1 if not label else 0.6,
+                    label=f"ceiling (strong on ground truth){label}")
+        for curve in sorted({curve_of(s) for s in ts}, key=str):
+            pts = sorted((s for s in ts if curve_of(s) == curve), key=lambda s: s["strong_params"])
             line, = ax.plot([p["strong_params"] / 1e6 for p in pts], [p["acc_w2s_median"] for p in pts], "-o",
-                            label=f"w2s from {weak} ({loss})")
+                            label=f"w2s from {pts[0]['weak']} ({pts[0]['loss']}{setting_label(pts[0])})")
             ax.axhline(pts[0]["acc_weak_median"], color=line.get_color(), ls=":", lw=1)
         finish(fig, ax, [s["strong_params"] for s in ts], "test accuracy (median over seeds)",
                f"Accuracy: {task} (dotted: weak model)", f"accuracy_vs_strong_size{suffix}.png")
     return written
+
+
+def result_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    """results.csv: who, the settings that differ, seed, numbers, and the w2s stage key (to find it in a store)."""
+    settings = sorted({c for r in rows for c in r if _is_setting(c)})
+    return BASE + settings + ["seed"] + METRICS + ["w2s_key"]
 
 
 def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
@@ -227,11 +401,13 @@ def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     out = Path(out or source)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    write_csv(out / "results.csv", rows, COLUMNS)
-    stats = [f"{c}_{s}" for c in ("acc_weak", "acc_ceiling", "acc_w2s", "pgr") for s in ("median", "min", "max")]
-    write_csv(out / "summary.csv", summary, GROUP + ["n_seeds"] + stats)
+    columns = result_columns(rows)
+    write_csv(out / "results.csv", rows, columns)
+    stats = [f"{c}_{s}" for c in METRICS for s in ("median", "min", "max")]
+    settings = [c for c in columns if _is_setting(c)]
+    write_csv(out / "summary.csv", summary, GROUP + settings + ["n_seeds"] + stats)
     files = [out / "results.csv", out / "summary.csv"]
-    losses = loss_summary(rows, summary)
+    losses = loss_summary(rows, summary, settings)
     if losses:
         write_csv(out / "loss_summary.csv", losses, list(losses[0]))
         files.append(out / "loss_summary.csv")
@@ -254,13 +430,18 @@ def plot_chains(chains: List[Dict[str, Any]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["task"], r["chain"], r["loss"]) for r in chains})
+    settings = sorted({c for r in chains for c in r if _is_setting(c)})
+
+    def group_of(r: Dict[str, Any]) -> Tuple:
+        return (r["task"], r["chain"], r["loss"], *(json.dumps(r.get(c)) for c in settings))
+
+    groups = sorted({group_of(r) for r in chains})
     fig, ax = plt.subplots(figsize=(6, 4.2))
     width = 0.38
     for j, (kind, col) in enumerate((("direct", "acc_direct"), ("bootstrap chain", "acc_chain"))):
         meds, lo, hi = [], [], []
         for g in groups:
-            vals = [r[col] for r in chains if (r["task"], r["chain"], r["loss"]) == g]
+            vals = [r[col] for r in chains if group_of(r) == g]
             med = statistics.median(vals)
             meds.append(med)
             lo.append(med - min(vals))
@@ -268,11 +449,12 @@ def plot_chains(chains: List[Dict[str, Any]], out: Path) -> Path:
         xs = [i + (j - 0.5) * width for i in range(len(groups))]
         ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=kind)
     for i, g in enumerate(groups):
-        rs = [r for r in chains if (r["task"], r["chain"], r["loss"]) == g]
+        rs = [r for r in chains if group_of(r) == g]
         for col, style in (("acc_weak", ":"), ("acc_ceiling", "--")):
             ax.hlines(statistics.median(r[col] for r in rs), i - 0.45, i + 0.45, colors="k", linestyles=style, lw=1)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{c}\n{loss}" for _, c, loss in groups], fontsize=8)
+    ax.set_xticklabels([f"{g[1]}\n{g[2]}" + "".join(f"\n{c}={v}" for c, v in zip(settings, g[3:])) for g in groups],
+                       fontsize=8)
     accs = [r[c] for r in chains for c in ("acc_weak", "acc_ceiling", "acc_direct", "acc_chain")]
     ax.set_ylim(min(accs) - 0.03, max(accs) + 0.03)
     ax.set_ylabel("test accuracy (median over seeds)")
@@ -285,10 +467,9 @@ def plot_chains(chains: List[Dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def log_sweep_to_wandb(logger_cfg: Any, group: str, report: Dict[str, Any]) -> None:
-    """One W&B run for the sweep: the results table and the PGR / accuracy curves (as line plots and PNGs)."""
-    import hashlib
-
+def log_sweep_to_wandb(logger_cfg: Any, group: str, report: Dict[str, Any], sweep_dir: Path) -> None:
+    """One W&B run per sweep invocation (its id from the sweep folder; grouped by the sweep's name): the results
+    table and the PGR / accuracy curves (as line plots and PNGs)."""
     import wandb
 
     from w2sg.tracking import Tracker
@@ -296,10 +477,13 @@ def log_sweep_to_wandb(logger_cfg: Any, group: str, report: Dict[str, Any]) -> N
     tracker = Tracker(logger_cfg, group)
     if not tracker.enabled or not report["rows"]:
         return
-    run_id = "sweep-" + hashlib.sha256(group.encode()).hexdigest()[:16]
-    with tracker.stage_run(run_id, f"sweep {group}", "sweep_summary", {"sweep": group}) as run:
+    where = str(Path(sweep_dir).resolve())
+    run_id = "sweep-" + hashlib.sha256(where.encode()).hexdigest()[:16]
+    config = {"sweep": group, "sweep_dir": where}
+    with tracker.stage_run(run_id, f"sweep {group} ({Path(sweep_dir).name})", "sweep_summary", config) as run:
         def log_all() -> None:
-            table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in report["rows"]])
+            columns = result_columns(report["rows"])
+            table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in report["rows"]])
             summary_cols = list(report["summary"][0].keys())
             summ = wandb.Table(columns=summary_cols, data=[[s[c] for c in summary_cols] for s in report["summary"]])
             run._run.log({
@@ -321,9 +505,6 @@ class ReportCallback(Callback):
     """Hydra callback: when a multirun ends, write the local report into the sweep folder and log it to W&B."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        import logging
-
-        log = logging.getLogger("w2sg.report")
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             report = write_report(sweep_dir)
@@ -334,7 +515,7 @@ class ReportCallback(Callback):
         choices = config.hydra.runtime.choices
         group = str(choices.get("sweep") or "/".join(sweep_dir.parts[-2:]))
         try:
-            log_sweep_to_wandb(config.logger, group, report)
+            log_sweep_to_wandb(config.logger, group, report, sweep_dir)
         except Exception as e:
             log.warning("W&B sweep summary failed (%s); the local report is complete", e)
 
@@ -345,9 +526,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("source", help="a sweep folder (multirun/...), a run folder, or a store folder")
     ap.add_argument("--out", help="where to write the CSVs and PNGs (default: the source folder)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="w2sg report: %(message)s")
     try:
         report = write_report(Path(args.source), Path(args.out) if args.out else None)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"w2sg report: {e}", file=sys.stderr)
         return 2
     if not report["rows"] and not report["chains"]:
@@ -355,18 +537,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     for s in report["summary"]:
         p = s["pgr_median"]
-        print(f"{s['task']:<16} {s['weak']:>14} -> {s['strong']:<14} {s['loss']:<8} seeds={s['n_seeds']}  "
+        settings = "".join(f" {c}={v}" for c, v in s.items() if _is_setting(c))
+        print(f"{s['task']:<16} {s['weak']:>14} -> {s['strong']:<14} {s['loss']:<8}{settings} seeds={s['n_seeds']}  "
               f"acc weak {s['acc_weak_median']:.3f} w2s {s['acc_w2s_median']:.3f} ceiling {s['acc_ceiling_median']:.3f}"
               f"  PGR {'n/a' if p is None else f'{p:.3f}'}")
     for ls in report["losses"]:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"{ls['task']:<16} loss {ls['loss']:<8} median PGR {fmt(ls['pgr_median'])} over {ls['n_runs']} runs "
-              f"({ls['pgr_positive_share']:.0%} > 0); at the largest gap ({ls['largest_gap_pair']}, "
-              f"{fmt(ls['largest_gap'])}): {fmt(ls['pgr_median_at_largest_gap'])}")
-    for task, chain, loss in sorted({(r["task"], r["chain"], r["loss"]) for r in report["chains"]}):
-        rs = [r for r in report["chains"] if (r["task"], r["chain"], r["loss"]) == (task, chain, loss)]
-        print(f"{task:<16} chain {chain} ({loss}, {len(rs)} seeds): median acc chain "
-              f"{statistics.median(r['acc_chain'] for r in rs):.3f} vs direct "
+        settings = "".join(f" {c}={v}" for c, v in ls.items() if _is_setting(c))
+        print(f"{ls['task']:<16} loss {ls['loss']:<8}{settings} median PGR {fmt(ls['pgr_median'])} over "
+              f"{ls['n_runs']} runs ({ls['pgr_positive_share']:.0%} > 0); at the largest gap "
+              f"({ls['largest_gap_pair']}, {fmt(ls['largest_gap'])}): {fmt(ls['pgr_median_at_largest_gap'])}")
+    for rs in _groups(report["chains"], ["task", "chain", "loss"]
+                      + sorted({c for r in report["chains"] for c in r if _is_setting(c)})).values():
+        settings = "".join(f" {c}={v}" for c, v in rs[0].items() if _is_setting(c))
+        print(f"{rs[0]['task']:<16} chain {rs[0]['chain']} ({rs[0]['loss']}{settings}, {len(rs)} seeds): median acc "
+              f"chain {statistics.median(r['acc_chain'] for r in rs):.3f} vs direct "
               f"{statistics.median(r['acc_direct'] for r in rs):.3f}; chain - direct per seed "
               + " ".join(f"{r['chain_minus_direct']:+.3f}" for r in rs))
     print("wrote " + ", ".join(str(p) for p in report["files"]))

@@ -1,18 +1,25 @@
-"""Weights & Biases tracking: one W&B run per stage, its id derived from the stage key.
+"""Weights & Biases tracking: one W&B run per stage, its id derived from the stage key, and one small run per
+experiment (job_type ``experiment``: the weak / ceiling / w2s accuracies and PGR, no history).
 
 ``resume="allow"`` with that id makes reruns and Slurm requeues continue the same run instead of creating
-duplicates. Mode: ``logger.mode`` if set, else ``WANDB_MODE``, else ``online`` when credentials exist and
-``offline`` otherwise. Any W&B failure is reported once and tracking switches off: science goes on, and the
+duplicates. A stage's run is opened only while that stage computes, and an experiment's run only when this
+process computed one of its stages or the W&B folder holds no run for it yet: a rerun that reuses every stage
+writes no run folder. The PGR never goes into a stage's run, so syncing an experiment's run (which replaces a
+run with the same id, see README) cannot touch any training history.
+
+Mode: ``logger.mode`` if set, else ``WANDB_MODE``, else ``online`` when credentials exist and ``offline``
+otherwise. Any W&B failure is reported once and tracking switches off: science goes on, and the
 local metrics.json files are written whatever happens here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,23 @@ class Tracker:
             if run is not None:
                 self._call(run.finish)
 
-    def update_summary(self, key: str, name: str, job_type: str, config: Dict[str, Any],
-                       summary: Dict[str, Any]) -> None:
-        """Reopen a stage's run (same id) to add experiment-level numbers such as PGR."""
-        with self.stage_run(key, name, job_type, config) as run:
+    def has_local_run(self, run_id: str) -> bool:
+        """Whether W&B's folder (``<logger.dir or $WANDB_DIR or .>/wandb``, or ``.wandb``) holds a run folder
+        (offline or online) with this id."""
+        root = Path(self.cfg.get("dir") or os.environ.get("WANDB_DIR") or ".").expanduser()
+        return any(p.is_dir() for sub in ("wandb", ".wandb") for p in (root / sub).glob(f"*run-*-{run_id}"))
+
+    def experiment_run(self, run_id: str, name: str, config: Dict[str, Any], summary: Dict[str, Any],
+                       computed: bool) -> bool:
+        """The experiment's own run (config and summary only), written when ``computed`` (this process computed
+        one of its stages: the numbers may be new) or when none exists yet; True when written."""
+        if not self.enabled or (not computed and self.has_local_run(run_id)):
+            return False
+        with self.stage_run(run_id, name, "experiment", config) as run:
             run.summary(summary)
+        return run._run is not None
+
+
+def experiment_run_id(stage_keys: Iterable[str]) -> str:
+    """An experiment's W&B run id: a hash of its stages' keys (which hold every setting and the seed)."""
+    return "exp-" + hashlib.sha256(",".join(sorted(stage_keys)).encode()).hexdigest()[:20]
