@@ -12,9 +12,12 @@ Here every function outputs class probabilities, so against one-hot truth d(f, f
 
 * ``misfit_sq``   = mean over the transfer set of sum_c (p_s(x)_c - p_w(x)_c)^2   (the paper's misfit)
 * ``gain_sq``     = Brier(q_w, y) - Brier(q_s, y) on test                        (the gain it predicts)
-* ``misfit_kl``   = mean over the transfer set of KL(p_w(x) || p_s(x))  (the cross-entropy version, Mulgund
-  and Pabbaraju 2025: for losses that are Bregman divergences, such as cross-entropy, gain >= misfit)
-* ``gain_xent``   = cross-entropy(q_w, y) - cross-entropy(q_s, y) on test      (the gain it predicts)
+* ``misfit_kl``   = mean over the transfer set of KL(p_w(x) || p_s(x)): the cross-entropy the student was
+  trained on (loss=xent) less the weak labels' entropy, i.e. the KL analogue of the squared misfit. Mulgund and
+  Pabbaraju 2025 and Yao et al. 2025 extend misfit ~ gain to cross-entropy / KL (Bregman divergences), under
+  conditions that include which argument of the KL the student fills; this number is the training objective's
+  direction, beside
+* ``gain_xent``   = cross-entropy(q_w, y) - cross-entropy(q_s, y) on test.
 * ``misfit_disagreement`` = share of transfer examples where argmax p_s != argmax p_w (hard misfit), beside
 * ``gain_acc``    = acc(q_s) - acc(q_w) on test.
 

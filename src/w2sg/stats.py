@@ -343,3 +343,36 @@ def plot_ci(summary: Table, out: Union[str, Path], metric: str = "pgr", stat: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_stats(rows: Table, out: Union[str, Path], seed: int = 0) -> List[Path]:
+    """Everything above for a report folder: ``summary_ci.csv`` (per group, median over seeds with CIs and
+    warnings), ``loss_comparisons.csv`` (every two losses, paired on PGR, when the results have two or more),
+    ``pgr_ci[_<task>].png`` (error bars), and ``misfit_vs_gain.png`` when the rows carry diagnostics columns."""
+    from itertools import combinations
+
+    from w2sg import diagnostics
+
+    df, out = _frame(rows), Path(out)
+    written: List[Path] = []
+    if df.empty:
+        return written
+    summary = summarize_ci(df, seed=seed)
+    summary.to_csv(out / "summary_ci.csv", index=False)
+    written.append(out / "summary_ci.csv")
+    losses = sorted(df["loss"].dropna().unique().tolist(), key=str) if "loss" in df.columns else []
+    if len(losses) >= 2:
+        import pandas as pd
+
+        comps = [comparison_row(paired_comparison(df, a, b, seed=seed)) for a, b in combinations(losses, 2)]
+        pd.DataFrame(comps).to_csv(out / "loss_comparisons.csv", index=False)
+        written.append(out / "loss_comparisons.csv")
+    tasks = sorted(summary["task"].unique().tolist(), key=str) if "task" in summary.columns else [None]
+    for task in tasks:
+        part = summary if task is None else summary[summary["task"] == task]
+        suffix = "" if len(tasks) == 1 else f"_{task}"
+        written.append(plot_ci(part, out / f"pgr_ci{suffix}.png",
+                               title=f"PGR: {task}, {LEVEL:.0%} CIs over seeds" if task else None))
+    if {"misfit_sq", "gain_sq"} <= set(df.columns) and df["misfit_sq"].notna().any():
+        written.append(diagnostics.plot(df, out / "misfit_vs_gain.png"))
+    return written
