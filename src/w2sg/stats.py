@@ -188,7 +188,10 @@ def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequen
     ``<metric>_ci_high``; ``ci_note`` (too few seeds for a CI) and ``warning`` (PGR's CI wider than
     ``WIDE_PGR``: these seeds cannot tell the result from noise). If the rows carry per-seed test-set CIs
     (the columns of :func:`ci_columns`), ``noisy_seeds`` counts the seeds whose own PGR CI over test examples
-    is unbounded or wider than ``WIDE_PGR``."""
+    is unbounded or wider than ``WIDE_PGR``, and ``warning`` says so.
+
+    With few seeds the bootstrap over seeds understates the uncertainty (with 3 seeds the median's interval
+    cannot reach beyond their min and max); the per-seed CIs over test examples show the other source of noise."""
     import pandas as pd
 
     df = _frame(rows)
@@ -215,6 +218,10 @@ def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequen
                             "tell the result from noise")
         if "pgr_ci_warning" in g.columns:
             s["noisy_seeds"] = int(g["pgr_ci_warning"].notna().sum())
+            if s["noisy_seeds"]:
+                s["warning"] = "; ".join(filter(None, [s["warning"], (
+                    f"{s['noisy_seeds']} of {len(g)} seeds have a PGR CI over test examples wider than {WIDE_PGR:g} "
+                    "or unbounded: the test set is too small to tell their results from noise")]))
         out.append(s)
     return pd.DataFrame(out)
 
@@ -314,11 +321,13 @@ def plot_ci(summary: Table, out: Union[str, Path], metric: str = "pgr", stat: st
     scale = 1e6 if x.endswith("params") else 1.0
     fig, ax = plt.subplots(figsize=(6, 4.2))
     curve = list(curve)
-    for key, g in df.dropna(subset=[col]).groupby(curve, sort=True) if curve else [((), df.dropna(subset=[col]))]:
+    groups = list(df.dropna(subset=[col]).groupby(curve, sort=True)) if curve else [((), df.dropna(subset=[col]))]
+    for i, (key, g) in enumerate(groups):
         key = key if isinstance(key, tuple) else (key,)
         g = g.sort_values(x)
         label = ", ".join(f"{c}={v}" for c, v in zip(curve, key)) or metric
-        xs, ys = g[x].to_numpy(dtype=float) / scale, g[col].to_numpy(dtype=float)
+        dodge = 1 + 0.04 * (i - (len(groups) - 1) / 2)  # curves side by side, so their bars do not overlap
+        xs, ys = g[x].to_numpy(dtype=float) / scale * dodge, g[col].to_numpy(dtype=float)
         line, = ax.plot(xs, ys, "-", label=label)
         has = g[f"{metric}_ci_low"].notna().to_numpy()
         lo = ys - g[f"{metric}_ci_low"].to_numpy(dtype=float)
