@@ -240,7 +240,6 @@ def paired_comparison(rows: Table, a: Any, b: Any, by: str = "loss", metric: str
     bootstrap CI), the share of pairs where b beats a, and the matched-pairs rank-biserial correlation
     r = (W+ - W-) / (W+ + W-) in [-1, 1] (1: b better in every pair). Returns a dict; ``pairs`` is the
     paired DataFrame (keys, ``<metric>_a``, ``<metric>_b``, ``diff``)."""
-    import pandas as pd
     from scipy.stats import binomtest, rankdata, wilcoxon
 
     df = _frame(rows)
