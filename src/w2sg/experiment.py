@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Tuple
 
+from w2sg import diagnostics
 from w2sg.errors import W2SGError
 from w2sg.metrics import pgr
 from w2sg.stages import Outcome, Runner, Stage, labels_stage, train_stage
@@ -112,6 +113,9 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     if subset:
         metrics["subset"] = list(selected)  # the stages that ran; reports skip such results
         return metrics
+    # student vs teacher (misfit) and PGR's CI over test examples, from the stored predictions
+    metrics["diagnostics"], metrics["pgr_ci"] = diagnostics.for_run(
+        runner, {k: outcomes[k].key for k in ("weak", "weak_labels", "ceiling", "w2s")})
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
     from w2sg.report import settings_of_stages
@@ -183,6 +187,7 @@ def table(metrics: Dict[str, Any]) -> str:
             continue
         rows.append((f"acc {k}", f"{metrics['acc'][k]:.4f}" + (f"   auroc {au:.4f}" if au is not None else "")))
     rows.append(("PGR", f"{metrics['pgr']:.3f}" if metrics["pgr"] is not None else f"n/a: {metrics['pgr_reason']}"))
+    rows.extend(_ci_rows(metrics))
     if "chain" in metrics:
         ch = metrics["chain"]
         for link in ch["links"]:
@@ -198,3 +203,25 @@ def table(metrics: Dict[str, Any]) -> str:
     rows += [("warning", w) for w in metrics.get("warnings", [])]  # repeated at the end, where it is read
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _ci_rows(metrics: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """PGR's CI over test examples, its noise warning, and the student-vs-teacher diagnostics."""
+    rows: List[Tuple[str, str]] = []
+    ci = metrics.get("pgr_ci")
+    if ci:
+        span = (f"{ci['low']:+.3f} .. {ci['high']:+.3f}" if ci["low"] is not None
+                else f"unbounded ({ci.get('pgr_ci_reason', '')})")
+        rows.append((f"PGR {ci['level']:.0%} CI", f"{span}  (bootstrap over {ci['n_test']} test examples)"))
+        if ci.get("warning"):
+            rows.append(("  warning", ci["warning"]))
+    d = metrics.get("diagnostics")
+    if d:
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        rows.append(("misfit (transfer)", f"sq {fmt(d['misfit_sq'])}  kl {fmt(d['misfit_kl'])}  "
+                                          f"disagreement {fmt(d['misfit_disagreement'])}"))
+        rows.append(("gain (test)", f"brier {fmt(d['gain_sq'])}  xent {fmt(d['gain_xent'])}  acc {fmt(d['gain_acc'])}"))
+        rows.append(("student vs teacher", f"agreement on test {fmt(d['teacher_agreement_test'])}  "
+                                           f"weak-label fit {fmt(d['weak_label_fit'])}  "
+                                           f"weak-label acc {fmt(d['weak_label_acc'])}"))
+    return rows

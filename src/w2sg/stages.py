@@ -303,6 +303,11 @@ class Runner:
             probs = predict(model, self.inputs_of(stage, "test"),
                             batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
                             desc=f"{stage.label} test")
+            transfer_probs = None
+            if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.diagnostics)
+                transfer_probs = predict(model, self.inputs_of(stage, "weak"),
+                                         batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id,
+                                         progress=bool(cfg.progress), desc=f"{stage.label} transfer")
             metrics = {
                 "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
                 "n_test": len(test_y), "history": result.history, "trained_params": trained_params,
@@ -316,6 +321,8 @@ class Runner:
             wb.log({"eval/acc": metrics["acc"], "eval/auroc": metrics["auroc"], "epoch": len(result.history)})
             wb.summary({k: v for k, v in metrics.items() if k not in ("history", "evals")})
         out.write_array("test_probs", probs)
+        if transfer_probs is not None:
+            out.write_array("transfer_probs", transfer_probs)
         out.write_json("metrics.json", metrics)
         save_model(model, str(out.file("model.safetensors")))
         self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once

@@ -1,0 +1,207 @@
+"""Bootstrap CIs over test examples and over seeds, the paired comparison, the noise warning, error-bar plots."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from w2sg import stats
+from w2sg.errors import W2SGError
+
+
+def rows_for(pgrs_by_loss, task="t", seeds=None):
+    """Results rows (the report's columns) for one pair, one row per loss and seed."""
+    rows = []
+    for loss, pgrs in pgrs_by_loss.items():
+        for seed, p in zip(seeds or range(len(pgrs)), pgrs):
+            rows.append({"task": task, "weak": "w", "weak_params": 1, "strong": "s", "strong_params": 2,
+                         "loss": loss, "seed": seed, "acc_weak": 0.6, "acc_ceiling": 0.8,
+                         "acc_w2s": 0.6 + 0.2 * p, "pgr": p})
+    return rows
+
+
+# --- paired comparison: p-values against hand computation ---------------------------------------------------
+
+def test_sign_test_p_value_matches_the_binomial_by_hand():
+    a = [0.0] * 10
+    b = [0.1, 0.2, 0.3, 0.05, 0.15, 0.25, 0.12, 0.22, 0.32, -0.1]  # 9 of 10 pairs favour b
+    res = stats.paired_comparison(rows_for({"xent": a, "aux": b}), a="xent", b="aux")
+    # two-sided: 2 * P(X >= 9), X ~ Bin(10, 1/2) = 2 * (10 + 1) / 1024
+    assert res["sign_p"] == pytest.approx(22 / 1024)
+    assert (res["n_pairs"], res["n_b_better"], res["n_a_better"]) == (10, 9, 1)
+    assert res["b_better_share"] == pytest.approx(0.9)
+    assert res["mean_diff"] == pytest.approx(np.mean(b))
+
+
+def test_wilcoxon_exact_p_value_and_rank_biserial_by_hand():
+    # differences 1, 2, 3, 4, 5, -6: W- = 6; of the 64 sign patterns, 14 have W- <= 6
+    # ({}, six singletons, {1,2} {1,3} {1,4} {1,5} {2,3} {2,4}, {1,2,3}), so p = 2 * 14 / 64
+    res = stats.paired_comparison(rows_for({"a": [0] * 6, "b": [1, 2, 3, 4, 5, -6]}), a="a", b="b")
+    assert res["wilcoxon_p"] == pytest.approx(2 * 14 / 64)
+    assert res["rank_biserial"] == pytest.approx((15 - 6) / 21)
+    unanimous = stats.paired_comparison(rows_for({"a": [0] * 6, "b": [1, 2, 3, 4, 5, 6]}), a="a", b="b")
+    assert unanimous["wilcoxon_p"] == pytest.approx(2 / 64) and unanimous["rank_biserial"] == 1.0
+    assert unanimous["note"] is None
+
+
+def test_pairs_match_on_task_and_seed_and_unpaired_rows_are_counted():
+    rows = (rows_for({"xent": [0.1, 0.2, 0.3], "aux": [0.3, 0.4]}, task="t1")
+            + rows_for({"xent": [0.0, 0.5], "aux": [0.2, 0.4]}, task="t2"))
+    res = stats.paired_comparison(pd.DataFrame(rows), a="xent", b="aux")
+    assert res["n_pairs"] == 4 and res["n_unpaired"] == 1  # t1 seed 2 has no aux run
+    pairs = res["pairs"].sort_values(["task", "seed"])
+    assert pairs["diff"].round(6).tolist() == [0.2, 0.2, 0.2, -0.1]
+    assert "cannot reach p < 0.05" in res["note"], "fewer than 6 non-zero differences"
+    assert stats.comparison_row(res)["mean_diff_ci_low"] <= res["mean_diff"]
+
+
+def test_paired_comparison_names_bad_input():
+    rows = rows_for({"xent": [0.1, 0.2], "aux": [0.3, 0.4]})
+    with pytest.raises(W2SGError, match="loss='logconf' is not in the results; valid: aux, xent"):
+        stats.paired_comparison(rows, a="xent", b="logconf")
+    with pytest.raises(W2SGError, match="share"):
+        stats.paired_comparison(rows + rows_for({"xent": [0.5]}), a="xent", b="aux")
+    res = stats.paired_comparison(rows_for({"xent": [0.1]}) + rows_for({"aux": [0.1]}, seeds=[5]), "xent", "aux")
+    assert res["n_pairs"] == 0 and res["wilcoxon_p"] is None and "too few" in res["note"]
+
+
+# --- over test examples ---------------------------------------------------------------------------------------
+
+def draw(rng, n, accs=(0.6, 0.8, 0.7)):
+    return [rng.random(n) < a for a in accs]
+
+
+def test_pgr_ci_over_test_examples_covers_the_true_value():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for rep in range(100):
+        res = stats.bootstrap_over_test(*draw(rng, 1000), n_boot=500, seed=rep)
+        lo, hi = res["pgr_ci"]
+        covered += lo <= 0.5 <= hi  # true PGR: (0.7 - 0.6) / (0.8 - 0.6)
+    assert 88 <= covered <= 100
+
+
+def test_accuracy_ci_matches_the_normal_approximation_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    weak, ceiling, w2s = draw(rng, 1000)
+    res = stats.bootstrap_over_test(weak, ceiling, w2s, n_boot=4000, seed=3)
+    p = weak.mean()
+    lo, hi = res["acc_weak_ci"]
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / 1000), rel=0.1)
+    assert lo < res["acc_weak"] == p < hi
+    again = stats.bootstrap_over_test(weak, ceiling, w2s, n_boot=4000, seed=3)
+    assert again == res, "same inputs and seed: the same interval"
+
+
+def test_resampling_is_paired_across_the_three_models():
+    rng = np.random.default_rng(0)
+    weak, ceiling, _ = draw(rng, 300)
+    w2s = weak.copy()
+    w2s[np.flatnonzero(~weak)[:15]] = True  # the student fixes 15 of the weak model's errors, nothing else
+    res = stats.bootstrap_over_test(weak, ceiling, w2s, n_boot=2000, seed=0)
+    gap = ceiling.mean() - weak.mean()
+    # paired: every resample's w2s - weak is >= 0, so PGR's CI stays above 0 (unpaired it would cross it)
+    assert res["pgr_ci"][0] > 0 and res["pgr"] == pytest.approx(15 / 300 / gap)
+
+
+def test_small_test_set_warns_and_a_large_one_does_not():
+    rng = np.random.default_rng(0)
+    small = stats.bootstrap_over_test(*draw(rng, 40), seed=0)
+    assert small["warning"] and "too small to tell this result from noise" in small["warning"]
+    assert "n_test=40" in small["warning"]
+    large = stats.bootstrap_over_test(*draw(rng, 20000, (0.6, 0.9, 0.75)), n_boot=500, seed=0)
+    assert large["warning"] is None and large["pgr_ci"][1] - large["pgr_ci"][0] < 0.1
+    entry = stats.pgr_ci_entry(small)
+    assert (entry["low"], entry["high"]) == tuple(small["pgr_ci"]) and entry["warning"] == small["warning"]
+    assert stats.ci_columns({"pgr_ci": entry}) == {"pgr_ci_low": entry["low"], "pgr_ci_high": entry["high"],
+                                                   "pgr_ci_warning": entry["warning"]}
+    assert stats.ci_columns({"pgr": 0.3}) == {"pgr_ci_low": None, "pgr_ci_high": None, "pgr_ci_warning": None}
+
+
+def test_no_gap_in_many_resamples_gives_an_unbounded_interval():
+    rng = np.random.default_rng(0)
+    weak, _, w2s = draw(rng, 200)
+    res = stats.bootstrap_over_test(weak, weak.copy(), w2s, seed=0)  # ceiling = weak: no gap anywhere
+    assert res["pgr"] is None and res["pgr_ci"] is None and res["pgr_undefined_share"] == 1.0
+    assert "unbounded" in res["pgr_ci_reason"] and "unbounded" in res["warning"]
+    assert stats.pgr_ci_entry(res)["low"] is None
+
+
+def test_bootstrap_over_test_names_bad_input():
+    with pytest.raises(W2SGError, match="same non-empty test set"):
+        stats.bootstrap_over_test([True, False], [True], [False, False])
+    with pytest.raises(W2SGError, match="too few resamples"):
+        stats.bootstrap_over_test([True], [True], [True], n_boot=10)
+    with pytest.raises(W2SGError, match="do not match 3 labels"):
+        stats.correct(np.ones((2, 2)) / 2, [0, 1, 1])
+
+
+# --- over seeds ---------------------------------------------------------------------------------------------
+
+def test_ci_over_seeds_covers_the_true_mean():
+    rng = np.random.default_rng(0)
+    covered = sum(
+        (lambda ci: ci["ci_low"] <= 0.3 <= ci["ci_high"])(
+            stats.bootstrap_ci(rng.normal(0.3, 0.2, size=30), "mean", n_boot=2000, seed=i))
+        for i in range(200))
+    assert 180 <= covered <= 198  # a percentile bootstrap of 30 values: near 95%
+
+
+def test_fewer_than_three_seeds_give_no_ci_and_say_so():
+    ci = stats.bootstrap_ci([0.1, None, 0.5])
+    assert ci["value"] == pytest.approx(0.3) and ci["ci_low"] is None and "needs at least 3 seeds" in ci["ci_note"]
+    with pytest.raises(W2SGError, match="'median' or 'mean'"):
+        stats.bootstrap_ci([1, 2, 3], stat="mode")
+
+
+def test_summary_per_group_with_cis_notes_and_warnings():
+    wide = [-0.3, 0.9, 0.2, -0.5, 1.1]  # seeds all over the place
+    rows = rows_for({"xent": wide, "aux": [0.30, 0.31, 0.29, 0.30, 0.32]}) + rows_for({"xent": [0.1, 0.2]}, task="u")
+    for r, w in zip(rows, ["PGR's CI is wider", None] * 6):
+        r["pgr_ci_warning"] = w
+    summary = stats.summarize_ci(rows).set_index(["task", "loss"])
+    assert list(summary.index) == [("t", "aux"), ("t", "xent"), ("u", "xent")]
+    xent = summary.loc[("t", "xent")]
+    assert xent["n_seeds"] == 5 and xent["pgr_median"] == pytest.approx(0.2)
+    assert min(wide) <= xent["pgr_ci_low"] < 0.2 < xent["pgr_ci_high"] <= max(wide)
+    assert "cannot tell the result from noise" in xent["warning"] and xent["noisy_seeds"] == 3
+    aux = summary.loc[("t", "aux")]
+    assert aux["warning"].startswith("2 of 5 seeds have a PGR CI over test examples wider than 1")
+    rows_clean = [dict(r, pgr_ci_warning=None) for r in rows]
+    aux = stats.summarize_ci(rows_clean).set_index(["task", "loss"]).loc[("t", "aux")]
+    assert pd.isna(aux["warning"]) and aux["noisy_seeds"] == 0 and aux["pgr_ci_high"] - aux["pgr_ci_low"] < 0.05
+    few = summary.loc[("u", "xent")]
+    assert pd.isna(few["pgr_ci_low"]) and pd.isna(few["pgr_ci_high"])
+    assert "pgr: 2 value(s): no CI" in few["ci_note"] and few["pgr_median"] == pytest.approx(0.15)
+    again = stats.summarize_ci(pd.DataFrame(rows)).set_index(["task", "loss"])
+    assert again.loc[("t", "xent"), "pgr_ci_low"] == xent["pgr_ci_low"], "seeded: reproducible"
+
+
+def test_summary_names_missing_columns():
+    with pytest.raises(W2SGError, match=r"lacks column\(s\) \['pgr'\]"):
+        stats.summarize_ci([{"task": "t", "seed": 0, "acc_weak": 1, "acc_ceiling": 1, "acc_w2s": 1}])
+
+
+def test_error_bar_plot(tmp_path):
+    rows = rows_for({"xent": [0.1, 0.2, 0.3], "aux": [0.3, 0.4]})
+    rows += [dict(r, strong="s2", strong_params=5, seed=r["seed"]) for r in rows]
+    summary = stats.summarize_ci(rows)
+    path = stats.plot_ci(summary, tmp_path / "pgr_ci.png")
+    assert path.exists() and path.stat().st_size > 5000
+    acc = stats.plot_ci(summary, tmp_path / "acc.png", metric="acc_w2s")
+    assert acc.exists()
+    with pytest.raises(W2SGError, match="no column 'auroc_median'"):
+        stats.plot_ci(summary, tmp_path / "x.png", metric="auroc")
+
+
+def test_write_stats_writes_csvs_and_plots(tmp_path):
+    rows = rows_for({"xent": [0.1, 0.2, 0.3, 0.0, 0.1, 0.2], "aux": [0.3, 0.4, 0.5, 0.2, 0.3, 0.2]})
+    for i, r in enumerate(rows):
+        r.update(misfit_sq=0.01 * i, gain_sq=0.012 * i, misfit_disagreement=0.02 * i, gain_acc=0.01 * i)
+    files = stats.write_stats(rows, tmp_path)
+    assert [p.name for p in files] == ["summary_ci.csv", "loss_comparisons.csv", "pgr_ci.png", "misfit_vs_gain.png"]
+    comp = pd.read_csv(tmp_path / "loss_comparisons.csv")
+    assert (comp.loc[0, "a"], comp.loc[0, "b"], comp.loc[0, "n_pairs"], comp.loc[0, "n_b_better"]) == ("aux", "xent", 6, 0)
+    assert comp.loc[0, "sign_p"] == pytest.approx(2 / 32), "5 non-zero differences, all one way (one tie)"
+    summary = pd.read_csv(tmp_path / "summary_ci.csv")
+    assert list(summary["n_seeds"]) == [6, 6] and summary["pgr_ci_low"].notna().all()
+    assert stats.write_stats([], tmp_path / "none") == []
