@@ -167,3 +167,32 @@ def test_runs_that_predate_recorded_settings_are_not_merged(tmp_path, caplog):
         report = write_report(tmp_path)
     assert len(report["rows"]) == 2 and [s["n_seeds"] for s in report["summary"]] == [1, 1]
     assert "predate recorded settings" in caplog.text
+
+
+def test_report_writes_cis_and_paired_loss_comparisons_apart_by_setting(tmp_path):
+    """summary_ci.csv: one row per experiment (models, task, loss and every varying setting), its median over
+    seeds with a CI; loss_comparisons.csv pairs xent and logconf runs only within the same settings."""
+    rows = []
+    for lr, lift in ((1e-3, 0.0), (1e-2, 0.05)):
+        for seed in range(4):
+            rows += [run_metrics("m1", "m3", "xent", seed, (0.6, 0.8, 0.62 + 0.01 * seed + lift), **{"train.lr": lr}),
+                     run_metrics("m1", "m3", "logconf", seed, (0.6, 0.8, 0.66 + 0.01 * seed + lift),
+                                 **{"train.lr": lr})]
+    for i, m in enumerate(rows):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(m))
+    report = write_report(tmp_path)
+    assert tmp_path / "summary_ci.csv" in report["files"] and tmp_path / "pgr_ci.png" in report["files"]
+    with open(tmp_path / "summary_ci.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 4  # 2 losses x 2 learning rates, never mixed
+    row = next(s for s in summary if s["loss"] == "xent" and float(s["train.lr"]) == 1e-2)
+    assert int(row["n_seeds"]) == 4
+    assert float(row["pgr_median"]) == pytest.approx(0.425)  # PGRs .35 .40 .45 .50 (w2s .67 .. .70)
+    assert float(row["pgr_ci_low"]) >= 0.35 - 1e-9 and float(row["pgr_ci_high"]) <= 0.5 + 1e-9
+    with open(tmp_path / "loss_comparisons.csv") as f:
+        (comp,) = list(csv.DictReader(f))
+    assert int(comp["n_pairs"]) == 8 and int(comp["n_unpaired"]) == 0  # paired within each lr and seed
+    assert (comp["a"], comp["b"]) == ("logconf", "xent")  # b - a: logconf beats xent by 0.04 / 0.2 everywhere
+    assert float(comp["median_diff"]) == pytest.approx(-0.2)
+    assert int(comp["n_a_better"]) == 8 and float(comp["sign_p"]) == pytest.approx(2 / 2 ** 8)

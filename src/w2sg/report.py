@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 
+from w2sg import diagnostics, stats
+
 log = logging.getLogger("w2sg.report")
 
 BASE = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
@@ -127,7 +129,7 @@ def rows_from_runs(root: Path) -> List[Dict[str, Any]]:
     """Rows from the metrics.json of every run under a sweep (or run) folder; one per distinct experiment."""
     found, legacy = [], 0
     for path, metrics in _run_metrics(Path(root)):
-        row = _row(metrics)
+        row = {**_row(metrics), **stats.ci_columns(metrics), **diagnostics.row(metrics)}
         stages = metrics["stages"]
         row["w2s_key"] = stages["w2s"]["key"][:12]
         if "settings" in metrics:
@@ -393,7 +395,8 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
 def result_columns(rows: List[Dict[str, Any]]) -> List[str]:
     """results.csv: who, the settings that differ, seed, numbers, and the w2s stage key (to find it in a store)."""
     settings = sorted({c for r in rows for c in r if _is_setting(c)})
-    return BASE + settings + ["seed"] + METRICS + ["w2s_key"]
+    extra = [c for c in [*stats.ci_columns({}), *diagnostics.KEYS] if any(r.get(c) is not None for r in rows)]
+    return BASE + settings + ["seed"] + METRICS + extra + ["w2s_key"]
 
 
 def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
@@ -403,9 +406,9 @@ def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     summary = summarize(rows)
     columns = result_columns(rows)
     write_csv(out / "results.csv", rows, columns)
-    stats = [f"{c}_{s}" for c in METRICS for s in ("median", "min", "max")]
+    spread = [f"{c}_{s}" for c in METRICS for s in ("median", "min", "max")]
     settings = [c for c in columns if _is_setting(c)]
-    write_csv(out / "summary.csv", summary, GROUP + settings + ["n_seeds"] + stats)
+    write_csv(out / "summary.csv", summary, GROUP + settings + ["n_seeds"] + spread)
     files = [out / "results.csv", out / "summary.csv"]
     losses = loss_summary(rows, summary, settings)
     if losses:
@@ -415,6 +418,7 @@ def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     if chains:
         write_csv(out / "chains.csv", chains, list(chains[0]))
         files.append(out / "chains.csv")
+    files += stats.write_stats(rows, out, settings=settings)  # CIs, paired loss comparisons, diagnostics
     curves: Dict[str, List[str]] = {}
     pngs = plot(summary, out, curves) if rows else []
     if chains:

@@ -353,10 +353,12 @@ def plot_ci(summary: Table, out: Union[str, Path], metric: str = "pgr", stat: st
     return path
 
 
-def write_stats(rows: Table, out: Union[str, Path], seed: int = 0) -> List[Path]:
+def write_stats(rows: Table, out: Union[str, Path], seed: int = 0, settings: Sequence[str] = ()) -> List[Path]:
     """Everything above for a report folder: ``summary_ci.csv`` (per group, median over seeds with CIs and
     warnings), ``loss_comparisons.csv`` (every two losses, paired on PGR, when the results have two or more),
-    ``pgr_ci[_<task>].png`` (error bars), and ``misfit_vs_gain.png`` when the rows carry diagnostics columns."""
+    ``pgr_ci[_<task>].png`` (error bars), and ``misfit_vs_gain.png`` when the rows carry diagnostics columns.
+    ``settings``: the columns that tell experiments apart besides models, task and loss (the report's setting
+    columns): groups and pairs are never formed across different settings."""
     from itertools import combinations
 
     from w2sg import diagnostics
@@ -365,14 +367,19 @@ def write_stats(rows: Table, out: Union[str, Path], seed: int = 0) -> List[Path]
     written: List[Path] = []
     if df.empty:
         return written
-    summary = summarize_ci(df, seed=seed)
+    settings = [c for c in settings if c in df.columns]
+    for c in settings:  # settings may hold lists or dicts: group on their text
+        df[c] = df[c].map(lambda v: v if v is None or isinstance(v, (str, int, float, bool)) else repr(v))
+    summary = summarize_ci(df, group=GROUP + settings, seed=seed)
     summary.to_csv(out / "summary_ci.csv", index=False)
     written.append(out / "summary_ci.csv")
     losses = sorted(df["loss"].dropna().unique().tolist(), key=str) if "loss" in df.columns else []
     if len(losses) >= 2:
         import pandas as pd
 
-        comps = [comparison_row(paired_comparison(df, a, b, seed=seed)) for a, b in combinations(losses, 2)]
+        # pairs: equal in everything but the loss and its own parameters
+        keys = [c for c in GROUP + settings + ["seed"] if c != "loss" and not c.startswith("loss.")]
+        comps = [comparison_row(paired_comparison(df, a, b, keys=keys, seed=seed)) for a, b in combinations(losses, 2)]
         pd.DataFrame(comps).to_csv(out / "loss_comparisons.csv", index=False)
         written.append(out / "loss_comparisons.csv")
     tasks = sorted(summary["task"].unique().tolist(), key=str) if "task" in summary.columns else [None]
