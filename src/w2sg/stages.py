@@ -43,7 +43,7 @@ def fingerprint_cache(cfg: Any) -> Optional[str]:
 def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """What of a model config changes results (not its name, size label or parameter count).
 
-    ``path`` becomes the content hash of a local model directory (w2sg.models.model_source), so new weights at
+    ``path`` becomes the content hash of a local model directory (w2sg.fingerprint.model_source), so new weights at
     the same path get new keys and the same weights elsewhere reuse stages."""
     from w2sg.fingerprint import model_source
 
@@ -454,7 +454,8 @@ def task_sizes(cfg: Any, outcomes: Dict[str, Outcome]) -> Optional[Dict[str, Any
     if used is None:
         return None
     asked = {"n_train": int(cfg.task.n_train), "n_test": int(cfg.task.n_test)}
-    if used["n_train"] < asked["n_train"] or used["n_test"] < asked["n_test"]:
+    all_reused = all(o.reused for o in outcomes.values())  # else load_task has warned already, with details
+    if all_reused and (used["n_train"] < asked["n_train"] or used["n_test"] < asked["n_test"]):
         log.warning("task %r: used %d train and %d test examples, fewer than task.n_train=%d / task.n_test=%d "
                     "asked for: the data has no more usable rows", cfg.task.name, used["n_train"], used["n_test"],
                     asked["n_train"], asked["n_test"])
