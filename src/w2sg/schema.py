@@ -168,8 +168,8 @@ RANGES: Dict[str, tuple] = {
 }
 MODEL_RANGES = {"lr": (0, None, False, True), "num_layers": (1, None, True, True)}
 # loss parameters by name, whichever loss has them (w2sg.losses)
-LOSS_RANGES = {"aux_coef": (0, 1, True, True), "warmup_frac": (0, 1, True, True), "alpha": (0, None, True, True),
-               "beta": (0, None, True, True), "radius": (0, None, False, True)}
+# (product's alpha/beta: any real exponent is defined)
+LOSS_RANGES = {"aux_coef": (0, 1, True, True), "warmup_frac": (0, 1, True, True), "radius": (0, None, False, True)}
 
 
 def _check_range(key: str, value: Any, bounds: tuple) -> None:

@@ -134,7 +134,7 @@ def _load_local(cfg: Any, split: str, path: str):
                         ) from None
     except Exception as e:  # parse errors of every builder (pyarrow, pandas, json)
         raise W2SGError(f"{where} with the {cfg.dataset!r} builder: {_root_cause(e)}; check that the file is "
-                        f"{cfg.dataset} and that every row has the same columns") from None
+                        f"{cfg.dataset} and that every row has the same columns, of the same types") from None
     if len(ds) == 0:
         raise W2SGError(f"{where}: the file has no rows (columns: {', '.join(ds.column_names) or 'none'})")
     return ds
