@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Tuple
 from w2sg import diagnostics
 from w2sg.errors import W2SGError
 from w2sg.metrics import pgr
-from w2sg.stages import Outcome, Runner, Stage, labels_stage, train_stage
+from w2sg.stages import Outcome, Runner, Stage, labels_stage, task_sizes, train_stage
 
 log = logging.getLogger("w2sg")
 
@@ -102,6 +102,7 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
         "acc": acc,
         "auroc": auroc,
         "weak_label_acc": ran("weak_labels", "acc"),
+        "task_sizes": task_sizes(cfg, outcomes),  # examples used (and asked for: task.n_train / n_test)
         **({"pgr": None, "pgr_reason": f"only stages {', '.join(selected)} ran (stages=)"} if subset
            else _pgr_entry(acc["weak"], acc["w2s"], acc["ceiling"])),
         "stages": {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -10,26 +9,7 @@ import torch
 from torch import nn
 
 from w2sg.errors import W2SGError
-
-PKG_SCHEME = "pkg://"
-
-
-def resolve_path(spec: str) -> str:
-    """Turn ``pkg://<package>[/<sub path>]`` into a directory inside that installed package.
-
-    The package is located without importing it, so packages whose code is broken still serve their files.
-    Any other value (hub id, local directory) is returned unchanged.
-    """
-    if not spec.startswith(PKG_SCHEME):
-        return spec
-    package, _, sub = spec[len(PKG_SCHEME) :].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or found.origin is None:
-        raise W2SGError(f"{spec!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    path = Path(found.origin).parent / sub
-    if not path.exists():
-        raise W2SGError(f"{spec!r}: {path} does not exist in the installed package {package!r}")
-    return str(path)
+from w2sg.paths import PKG_SCHEME, resolve_path  # noqa: F401  (resolve_path: part of this module's API)
 
 
 def check_model_path(cfg: Any) -> None:

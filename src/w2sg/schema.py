@@ -154,6 +154,63 @@ class Config:
     stages: Optional[List[str]] = None
 
 
+# Allowed ranges of numeric settings: key -> (low, high, low inclusive, high inclusive); None: unbounded.
+# The schema types catch "abc" for an int; these catch values of the right type that cannot give a valid result.
+RANGES: Dict[str, tuple] = {
+    "task.n_train": (2, None, True, True), "task.n_test": (1, None, True, True),
+    "task.num_classes": (2, None, True, True),
+    "train.epochs": (1, None, True, True), "train.batch_size": (1, None, True, True),
+    "train.minibatch_size": (1, None, True, True), "train.lr": (0, None, False, True),
+    "train.max_length": (1, None, True, True), "train.weight_decay": (0, None, True, True),
+    "train.warmup_frac": (0, 1, True, True), "train.val_frac": (0, 1, True, False),
+    "train.eval_every": (0, None, True, True), "train.eval_batch_size": (1, None, True, True),
+    "train.checkpoint_every": (0, None, True, True), "train.lora.rank": (1, None, True, True),
+    "train.lora.alpha": (0, None, False, True), "train.lora.dropout": (0, 1, True, False),
+    "generative.epochs": (1, None, True, True), "generative.batch_size": (1, None, True, True),
+    "generative.lr": (0, None, False, True), "generative.mlm_probability": (0, 1, False, False),
+}
+MODEL_RANGES = {"lr": (0, None, False, True), "num_layers": (1, None, True, True)}
+# loss parameters by name, whichever loss has them (w2sg.losses)
+# (product's alpha/beta: any real exponent is defined)
+LOSS_RANGES = {"aux_coef": (0, 1, True, True), "warmup_frac": (0, 1, True, True), "radius": (0, None, False, True)}
+
+
+def _check_range(key: str, value: Any, bounds: tuple) -> None:
+    from w2sg.errors import W2SGError
+
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, low_in, high_in = bounds
+    ok = value == value  # NaN is never in range
+    if ok and low is not None:
+        ok = value >= low if low_in else value > low
+    if ok and high is not None:
+        ok = value <= high if high_in else value < high
+    if not ok:
+        lo = "" if low is None else f"{low} {'<=' if low_in else '<'} "
+        hi = "" if high is None else f" {'<=' if high_in else '<'} {high}"
+        raise W2SGError(f"{key}={value} is out of range: need {lo}{key}{hi}")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every numeric setting within its range (RANGES, MODEL_RANGES, LOSS_RANGES), before anything runs."""
+    from omegaconf import OmegaConf
+
+    for key, bounds in RANGES.items():
+        _check_range(key, OmegaConf.select(cfg, key, default=None), bounds)
+    models = {"weak": cfg.get("weak"), "strong": cfg.get("strong")}
+    if cfg.get("chain") is not None:
+        models.update({f"chain.models.{k}": m for k, m in cfg.chain.models.items()})
+    for where, model in models.items():
+        for key, bounds in MODEL_RANGES.items():
+            if model is not None:
+                _check_range(f"{where}.{key}", model.get(key), bounds)
+    loss = cfg.get("loss")
+    for key, bounds in LOSS_RANGES.items():
+        if loss is not None and key in loss:
+            _check_range(f"loss.{key}", loss.get(key), bounds)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="w2sg_schema", node=Config)

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
@@ -31,15 +32,37 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def model_spec(model: Any) -> Dict[str, Any]:
-    """What of a model config changes results (not its name, size label or parameter count)."""
+def fingerprint_cache(cfg: Any) -> Optional[str]:
+    """Where content fingerprints are cached: <store>/fingerprints, when the store exists (see w2sg.fingerprint)."""
+    store_dir = cfg.get("store_dir") if OmegaConf.is_config(cfg) else None
+    if store_dir and Path(str(store_dir)).expanduser().is_dir():
+        return str(Path(str(store_dir)).expanduser() / "fingerprints")
+    return None
+
+
+def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """What of a model config changes results (not its name, size label or parameter count).
+
+    ``path`` becomes the content hash of a local model directory (w2sg.fingerprint.model_source), so new weights at
+    the same path get new keys and the same weights elsewhere reuse stages."""
+    from w2sg.fingerprint import model_source
+
     m = _plain(model)
-    return {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
+    spec = {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
+    spec["path"] = model_source(model, cache_dir)
+    return spec
 
 
-def task_spec(task: Any) -> Dict[str, Any]:
+def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The task's values, with local data files (and pkg:// files) replaced by the hash of their bytes.
+
+    Edited data under the same path gets new keys; the same data at another path reuses stages. A hub data set
+    is keyed by its name, subset and ``load_kwargs`` (which hold its ``revision`` when one is pinned)."""
+    from w2sg.tasks import data_fingerprints
+
     t = dict(_plain(task))
     t.pop("name", None)
+    t["data_files"] = data_fingerprints(task, cache_dir)
     return t
 
 
@@ -82,7 +105,8 @@ class Stage:
 def lm_stage(cfg: Any, model: Any) -> Stage:
     """Generative finetuning of a model on the task's unlabelled training text (w2sg.generative)."""
     g = _plain(cfg.generative)
-    spec = {"model": model_spec(model), "task": task_spec(cfg.task), "seed": int(cfg.seed),
+    cache = fingerprint_cache(cfg)
+    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
             "max_length": int(cfg.train.max_length),
             "generative": {k: g[k] for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")}}
     return Stage("lm", spec, {}, model, f"lm:{model.name}")
@@ -97,7 +121,8 @@ def init_inputs(cfg: Any, model: Any, side: str) -> Dict[str, Stage]:
 
 def features_stage(cfg: Any, model: Any, side: str) -> Stage:
     """Probe mode: the frozen model's pooled features of every part of the task, computed once and reused."""
-    spec = {"model": model_spec(model), "task": task_spec(cfg.task), "seed": int(cfg.seed),
+    cache = fingerprint_cache(cfg)
+    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
             "max_length": int(cfg.train.max_length)}
     return Stage("features", spec, init_inputs(cfg, model, side), model, f"features:{model.name}")
 
@@ -112,9 +137,10 @@ def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label:
     tspec = train_spec(cfg.train, model)
     if labels is None:
         tspec.pop("val_labels", None)  # ground-truth stages validate against ground truth whatever it says
+    cache = fingerprint_cache(cfg)
     spec = {
-        "model": model_spec(model),
-        "task": task_spec(cfg.task),
+        "model": model_spec(model, cache),
+        "task": task_spec(cfg.task, cache),
         "train": tspec,
         "seed": int(cfg.seed),
         "loss": _plain(loss) if labels is not None else GT_LOSS,
@@ -124,7 +150,8 @@ def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label:
 
 
 def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
-    spec = {"task": task_spec(cfg.task), "seed": int(cfg.seed), "max_length": int(cfg.train.max_length)}
+    spec = {"task": task_spec(cfg.task, fingerprint_cache(cfg)), "seed": int(cfg.seed),
+            "max_length": int(cfg.train.max_length)}
     return Stage("labels", spec, {"model": trained}, trained.model, label)
 
 
@@ -140,6 +167,10 @@ class Runner:
     """Executes stages against the store, loading the task once and keeping fresh models in memory."""
 
     def __init__(self, cfg: Any, store: Store, tracker: Optional[Tracker] = None):
+        from w2sg.schema import check_ranges
+
+        check_ranges(cfg)  # before anything is loaded or trained
+        store.check_writable()
         self.cfg = cfg
         self.store = store
         self.tracker = tracker or Tracker(None, None)
@@ -156,6 +187,11 @@ class Runner:
 
             self._data = load_task(self.cfg.task, int(self.cfg.seed))
         return self._data
+
+    def task_sizes(self) -> Dict[str, int]:
+        """Examples per part of the task actually used (fewer than asked when the data is short)."""
+        d = self.data
+        return {"n_train": len(d.gt) + len(d.weak), "n_test": len(d.test), "gt": len(d.gt), "weak": len(d.weak)}
 
     def tokenizer(self, model: Any):
         from w2sg.models import load_tokenizer, resolve_path
@@ -313,7 +349,7 @@ class Runner:
                 "n_test": len(test_y), "history": result.history, "trained_params": trained_params,
                 # the predicting model's size (a probe's backbone ran in the features stage)
                 "params": int(stage.model.params) if tspec["mode"] == "probe" else count_params(model),
-                "resumed_from_step": result.resumed_from,
+                "resumed_from_step": result.resumed_from, "task_sizes": self.task_sizes(),
             }
             if validation is not None:
                 metrics.update(n_val=len(validation.labels), val_labels=tspec.get("val_labels", "ground_truth"),
@@ -417,3 +453,17 @@ def _tensor(arr: Any):
     import torch
 
     return torch.as_tensor(arr, dtype=torch.float32)
+
+
+def task_sizes(cfg: Any, outcomes: Dict[str, Outcome]) -> Optional[Dict[str, Any]]:
+    """The task sizes used (from any train stage's metrics), next to those asked for; a warning when smaller."""
+    used = next((o.metrics["task_sizes"] for o in outcomes.values() if "task_sizes" in o.metrics), None)
+    if used is None:
+        return None
+    asked = {"n_train": int(cfg.task.n_train), "n_test": int(cfg.task.n_test)}
+    all_reused = all(o.reused for o in outcomes.values())  # else load_task has warned already, with details
+    if all_reused and (used["n_train"] < asked["n_train"] or used["n_test"] < asked["n_test"]):
+        log.warning("task %r: used %d train and %d test examples, fewer than task.n_train=%d / task.n_test=%d "
+                    "asked for: the data has no more usable rows", cfg.task.name, used["n_train"], used["n_test"],
+                    asked["n_train"], asked["n_test"])
+    return {**used, "requested": asked}

@@ -35,7 +35,9 @@ class StageDir:
     path: Path
 
     def write_json(self, name: str, obj: Any) -> None:
-        (self.path / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+        """Strict JSON: NaN and infinities (e.g. an AUROC of one class) are written as null."""
+        text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+        (self.path / name).write_text(text)
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
@@ -50,6 +52,17 @@ class StageDir:
         return self.path / name
 
 
+def _finite(o: Any) -> Any:
+    """``o`` with every non-finite float (Python or numpy) replaced by None, in nested dicts, lists and tuples."""
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -59,8 +72,28 @@ def _json_default(o: Any) -> Any:
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
-        for sub in ("stages", "tmp", "locks", "partial"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("stages", "tmp", "locks", "partial"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._unwritable(e) from None
+
+    def _unwritable(self, e: OSError) -> Exception:
+        from w2sg.errors import W2SGError
+
+        return W2SGError(
+            f"store {str(self.root)!r} cannot be created or written ({e.strerror or type(e).__name__}: "
+            f"{e.filename or self.root}); point W2SG_STORE (or store_dir=) at a writable directory, "
+            "e.g. W2SG_STORE=$HOME/.cache/w2sg/store")
+
+    def check_writable(self) -> None:
+        """Fail before any stage runs, naming the store and the way out, when stages cannot be written into it."""
+        probe = self.root / "tmp" / f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise self._unwritable(e) from None
 
     def stage_path(self, key: str) -> Path:
         return self.root / "stages" / key

@@ -10,13 +10,20 @@ the weak-label train half (the weak model labels it, w2s models train on those l
 
 from __future__ import annotations
 
+import glob
+import logging
 import random
+import re
+import string
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
 
 from w2sg.errors import W2SGError
-from w2sg.models import resolve_path
+from w2sg.paths import resolve_path
 from w2sg.task_formats import FORMATTERS, Example
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,37 +42,174 @@ def validate_task(cfg: Any) -> None:
         raise W2SGError(f"task {cfg.name!r}: need n_train >= 2 and n_test >= 1, got {cfg.n_train}, {cfg.n_test}")
 
 
+def data_fingerprints(cfg: Any, cache_dir: Optional[str] = None) -> Dict[str, str]:
+    """{split: content hash} of the task's local data files (a file, a directory or a glob pattern; pkg:// too).
+
+    Stage keys use these instead of the paths (see w2sg.stages.task_spec); URLs are kept as they are."""
+    from w2sg.fingerprint import file_fingerprint, files_fingerprint
+
+    out: Dict[str, str] = {}
+    for split, spec in cfg.data_files.items():
+        if spec is None:
+            continue
+        path = resolve_path(str(spec))
+        if "://" in path:
+            out[split] = path
+            continue
+        p = Path(path).expanduser()
+        if p.is_file():
+            out[split] = "sha256:" + file_fingerprint(p, cache_dir)
+            continue
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
+            sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise W2SGError(f"task {cfg.name!r}: data file {path!r} (task.data_files.{split}) does not exist")
+        out[split] = "sha256:" + files_fingerprint([(f"{i}:{f.name}", f) for i, f in enumerate(files)], cache_dir)
+    return out
+
+
+def _local_files(cfg: Any) -> Dict[str, str]:
+    return {k: resolve_path(str(v)) for k, v in cfg.data_files.items() if v is not None}
+
+
 def _load_split(cfg: Any, split: str):
+    """One split of the task's data set: from its local file when task.data_files has one, else from the hub."""
     import datasets
 
     datasets.disable_progress_bars()
-    kwargs: Dict[str, Any] = dict(cfg.load_kwargs or {})
-    files = {k: resolve_path(str(v)) for k, v in cfg.data_files.items() if v is not None}
-    if files:
-        kwargs["data_files"] = files
-    where = f"{cfg.dataset!r}" + (f" (data_files={kwargs['data_files']})" if "data_files" in kwargs else "")
+    files = _local_files(cfg)
+    if not files:
+        return _load_hub(cfg, split)
+    if split not in files:
+        raise W2SGError(f"task {cfg.name!r}: split {split!r} has no local file; task.data_files has "
+                        f"{', '.join(sorted(files))}. Set task.data_files.{split}=<file>, or point task.splits "
+                        f"(now {dict(cfg.splits)}) at the splits you have")
+    return _load_local(cfg, split, files[split])
+
+
+def _load_hub(cfg: Any, split: str):
+    import datasets
+
     try:
-        return datasets.load_dataset(cfg.dataset, cfg.subset, split=split, **kwargs)
+        return datasets.load_dataset(cfg.dataset, cfg.subset, split=split, **dict(cfg.load_kwargs or {}))
     except Exception as e:  # datasets raises many types here (offline, missing file, bad split, parse error)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise W2SGError(
-            f"task {cfg.name!r}: cannot load split {split!r} of data set {where}: {first}\n"
+            f"task {cfg.name!r}: cannot load split {split!r} of data set {cfg.dataset!r}: {_root_cause(e)}\n"
             "Hub data sets need the network or a local cache; to use local files of the same format, override "
             "e.g. task.dataset=json 'task.data_files={train: path/train.jsonl, test: path/test.jsonl}'"
         ) from None
 
 
-def _examples(ds, cfg: Any, seed: int) -> Iterator[Example]:
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost cause (datasets wraps parse errors in 'An error occurred while ...')."""
+    while (e.__cause__ or e.__context__) is not None and not isinstance(e, W2SGError):
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _load_local(cfg: Any, split: str, path: str):
+    """Load one local file (only that one: other splits' files cannot break it) with the task's builder.
+
+    CSV files are decoded here, with ``load_kwargs`` ``encoding`` (default utf-8) and ``encoding_errors``
+    (default strict; ``replace`` turns bytes that do not decode into U+FFFD), then parsed by pandas, so the
+    result does not depend on how a datasets/pandas version passes those options on."""
+    import datasets
+
+    where = f"task {cfg.name!r}: cannot load split {split!r} from {path}"
+    p = Path(path).expanduser()
+    if "://" not in path and not any(c in path for c in "*?[") and not p.exists():
+        raise W2SGError(f"{where}: the file does not exist (task.data_files.{split})")
+    if p.is_file() and p.stat().st_size == 0:
+        raise W2SGError(f"{where}: the file is empty; point task.data_files.{split} at a file with rows")
+    kwargs: Dict[str, Any] = dict(cfg.load_kwargs or {})
+    try:
+        if cfg.dataset == "csv" and p.is_file():
+            ds = _read_csv(p, kwargs)
+        else:
+            ds = datasets.load_dataset(cfg.dataset, cfg.subset, data_files={split: path}, split=split, **kwargs)
+    except UnicodeDecodeError as e:
+        raise W2SGError(f"{where}: {e}; if the file holds some bytes that are not valid text, set "
+                        "'task.load_kwargs={encoding_errors: replace}' (or the file's task.load_kwargs.encoding)"
+                        ) from None
+    except Exception as e:  # parse errors of every builder (pyarrow, pandas, json)
+        raise W2SGError(f"{where} with the {cfg.dataset!r} builder: {_root_cause(e)}; check that the file is "
+                        f"{cfg.dataset} and that every row has the same columns, of the same types") from None
+    if len(ds) == 0:
+        raise W2SGError(f"{where}: the file has no rows (columns: {', '.join(ds.column_names) or 'none'})")
+    return ds
+
+
+def _read_csv(path: Path, kwargs: Dict[str, Any]):
+    import io
+
+    import datasets
+    import pandas as pd
+
+    encoding = kwargs.pop("encoding", None) or "utf-8"
+    errors = kwargs.pop("encoding_errors", None) or "strict"
+    text = path.read_bytes().decode(encoding, errors=errors)
+    if not text.strip():
+        raise ValueError("the file holds no text")
+    return datasets.Dataset.from_pandas(pd.read_csv(io.StringIO(text), **kwargs), preserve_index=False)
+
+
+def _template_columns(template: str) -> List[str]:
+    """Column names a str.format template reads ({a}, {a[0]}, {a.b} read column a)."""
+    names = [field for _, field, _, _ in string.Formatter().parse(template) if field]
+    return [re.split(r"[.\[]", n, maxsplit=1)[0] for n in names]
+
+
+def check_columns(ds: Any, cfg: Any, source: str) -> None:
+    """A template task's label column and template fields must be columns of the data."""
+    if cfg.kind != "template":
+        return
+    wanted = {cfg.label_column: "task.label_column"}
+    wanted.update({c: "task.template" for c in _template_columns(cfg.template) if c not in wanted})
+    missing = [c for c in wanted if c not in ds.column_names]
+    if missing:
+        raise W2SGError(
+            f"task {cfg.name!r}: {source} has no column {', '.join(map(repr, missing))} (read by "
+            f"{', '.join(sorted({wanted[c] for c in missing}))}); its columns are: {', '.join(ds.column_names)}. "
+            "Set task.label_column / task.template to columns the file has")
+
+
+def _examples(ds, cfg: Any, seed: int, source: str = "the data") -> Iterator[Example]:
     """Format rows in an order fixed by the seed, skipping rows the formatter drops."""
+    check_columns(ds, cfg, source)
     rng = random.Random(seed)
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
     for i in order:
-        ex = FORMATTERS[cfg.kind](ds[i], rng, cfg)
+        row = ds[i]
+        try:
+            ex = FORMATTERS[cfg.kind](row, rng, cfg)
+        except KeyError as e:
+            raise W2SGError(
+                f"task {cfg.name!r}: the {cfg.kind!r} format reads column {e.args[0]!r}, which {source} does not "
+                f"have; its columns are: {', '.join(ds.column_names)}. Use a file of that format, or "
+                "task.kind=template with task.template and task.label_column naming your columns") from None
+        except (ValueError, TypeError) as e:
+            raise _label_error(ds, cfg, source, i, e) from None
         if ex is not None:
             if not 0 <= ex[1] < cfg.num_classes:
-                raise W2SGError(f"task {cfg.name!r}: label {ex[1]} outside 0..{cfg.num_classes - 1}")
+                raise W2SGError(f"task {cfg.name!r}: label {ex[1]} (row {i} of {source}) outside "
+                                f"0..{cfg.num_classes - 1}; set task.num_classes or task.label_map")
             yield ex
+
+
+def _label_error(ds: Any, cfg: Any, source: str, i: int, e: Exception) -> W2SGError:
+    column = cfg.label_column if cfg.kind == "template" else "label"
+    if column in ds.column_names:
+        values = sorted({str(v) for v in ds[column][:1000]})
+        seen = ", ".join(values[:10]) + (", ..." if len(values) > 10 else "")
+        example = ", ".join(f"{v}: {c}" for c, v in enumerate(values[: cfg.num_classes]))
+        return W2SGError(
+            f"task {cfg.name!r}: row {i} of {source}: label {ds[i].get(column)!r} of column {column!r} is not a class "
+            f"index 0..{cfg.num_classes - 1} ({type(e).__name__}: {e}); values seen: {seen}. Map them to classes "
+            f"with label_map in the task's YAML file, e.g. 'label_map: {{{example}}}' (unmapped values are dropped)")
+    return W2SGError(f"task {cfg.name!r}: row {i} of {source} cannot be formatted as {cfg.kind!r}: "
+                     f"{type(e).__name__}: {e}; its columns are: {', '.join(ds.column_names)}")
 
 
 def _take(examples: Iterator[Example], n: int, cfg: Any) -> List[Example]:
@@ -87,22 +231,37 @@ def _take(examples: Iterator[Example], n: int, cfg: Any) -> List[Example]:
     return out
 
 
+def _source(cfg: Any, split: str) -> str:
+    files = _local_files(cfg)
+    return files[split] if split in files else f"split {split!r} of {cfg.dataset!r}"
+
+
 def load_task(cfg: Any, seed: int) -> TaskData:
-    """Load, format and split a task; the same config and seed always give the same three sets."""
+    """Load, format and split a task; the same config and seed always give the same three sets.
+
+    When the data holds fewer usable rows than task.n_train / task.n_test ask for, the sets are smaller and a
+    warning says so; the sizes used are in every train stage's metrics.json (``task_sizes``) and the run's."""
     validate_task(cfg)
     carve_test = cfg.splits.get("test") is None
-    train_src = _load_split(cfg, cfg.splits["train"])
+    train_split = cfg.splits["train"]
+    train_src = _load_split(cfg, train_split)
     n_pool = cfg.n_train + (cfg.n_test if carve_test else 0)
-    pool = _take(_examples(train_src, cfg, seed), n_pool, cfg)
+    pool = _take(_examples(train_src, cfg, seed, _source(cfg, train_split)), n_pool, cfg)
     if carve_test:
         rng = random.Random(seed + 1)
         rng.shuffle(pool)
         test, train = pool[: cfg.n_test], pool[cfg.n_test :]
     else:
         train = pool
-        test = _take(_examples(_load_split(cfg, cfg.splits["test"]), cfg, seed), cfg.n_test, cfg)
+        test_split = cfg.splits["test"]
+        test = _take(_examples(_load_split(cfg, test_split), cfg, seed, _source(cfg, test_split)), cfg.n_test, cfg)
     random.Random(seed + 2).shuffle(train)  # mix classes after balanced sampling
     if len(train) < 2 or not test:
         raise W2SGError(f"task {cfg.name!r}: only {len(train)} train and {len(test)} test examples after formatting")
+    if len(train) < cfg.n_train or len(test) < cfg.n_test:
+        log.warning("task %r: task.n_train=%d and task.n_test=%d asked for, but the data gave only %d and %d "
+                    "usable examples%s; the smaller sets are used (recorded as task_sizes in metrics.json)",
+                    cfg.name, cfg.n_train, cfg.n_test, len(train), len(test),
+                    " (balanced: as many of each class as the rarest allows)" if cfg.balance else "")
     half = len(train) // 2
     return TaskData(gt=train[:half], weak=train[half:], test=test)

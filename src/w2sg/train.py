@@ -363,8 +363,17 @@ def train_model(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    check_finite_weights(model, desc, lr)
     model.eval()
     return result
+
+
+def check_finite_weights(model: torch.nn.Module, desc: str, lr: float) -> None:
+    """The last optimizer step can turn weights NaN after the last finite loss: catch that before predicting."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise W2SGError(f"{desc}: weights became NaN or infinite during training ({len(bad)} tensors, e.g. "
+                        f"{bad[0]}); try a lower learning rate (now {lr:g})")
 
 
 def _map_batches(fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: Any, batch_size: int, pad_id: int,
@@ -389,7 +398,12 @@ def predict(
     """Class probabilities [N, C] in input order, under inference_mode, batches sorted by length."""
     model.eval()
     out = _map_batches(lambda b: torch.softmax(model(**b).float(), dim=-1), data, batch_size, pad_id, progress, desc)
-    return np.stack(out) if out else np.zeros((0, 2), dtype=np.float32)
+    probs = np.stack(out) if out else np.zeros((0, 2), dtype=np.float32)
+    bad = int((~np.isfinite(probs).all(-1)).sum())
+    if bad:
+        raise W2SGError(f"{desc}: the model predicts NaN or infinite probabilities for {bad} of {len(probs)} "
+                        "examples; its weights diverged: try a lower learning rate (train.lr)")
+    return probs
 
 
 def extract_features(
