@@ -47,6 +47,10 @@ def test_every_stage_logs_an_offline_run_readable_from_disk(tmp_path, store):
     summary = exp["summary"]
     assert summary["acc_w2s"] == pytest.approx(m["acc"]["w2s"]) and summary["acc_weak"] == pytest.approx(m["acc"]["weak"])
     assert summary["pgr"] == (pytest.approx(m["pgr"]) if m["pgr"] is not None else None)
+    # PGR's CI over test examples (or its warning) and the diagnostics reach W&B too
+    assert summary.get("pgr_ci_low") == m["pgr_ci"].get("low") and summary.get("pgr_ci_warning") == m["pgr_ci"].get("warning")
+    assert summary["diag_teacher_agreement_test"] == pytest.approx(m["diagnostics"]["teacher_agreement_test"])
+    assert summary["diag_misfit_sq"] == pytest.approx(m["diagnostics"]["misfit_sq"])
 
 
 def _folders(tmp_path):

@@ -135,6 +135,10 @@ def track_experiment(cfg: Any, runner: Runner, metrics: Dict[str, Any]) -> None:
     summary = {"acc_weak": acc["weak"], "acc_ceiling": acc["ceiling"], "acc_w2s": acc["w2s"], "pgr": metrics["pgr"],
                "auroc_weak": auroc["weak"], "auroc_ceiling": auroc["ceiling"], "auroc_w2s": auroc["w2s"],
                "weak_label_acc": metrics["weak_label_acc"]}
+    from w2sg import stats
+
+    summary.update({k: v for k, v in stats.ci_columns(metrics).items() if v is not None})  # PGR's CI, noise warning
+    summary.update({f"diag_{k}": v for k, v in diagnostics.row(metrics).items() if v is not None})
     if "chain" in metrics:
         ch = metrics["chain"]
         summary.update(acc_chain=ch["end_to_end"]["acc"], pgr_chain=ch["end_to_end"]["pgr"],
