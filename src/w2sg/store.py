@@ -74,7 +74,8 @@ def summary(meta: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {"format": FORMAT, "key": meta.get("key"), "kind": meta.get("kind"), "label": meta.get("label"),
             "model": meta.get("model_name"), "task": meta.get("task_name"), "seed": spec.get("seed"),
             "loss": loss.get("name") if isinstance(loss, dict) else None,
-            "acc": acc if isinstance(acc, (int, float)) and math.isfinite(acc) else None, "created": meta.get("created")}
+            "acc": acc if isinstance(acc, (int, float)) and math.isfinite(acc) else None,
+            "created": meta.get("created")}
 
 
 class Store:
