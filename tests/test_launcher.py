@@ -1,16 +1,26 @@
 """The Slurm launcher's options and the stage-subset runs it builds on, without Slurm."""
 
 import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
 
 from conftest import ROOT, compose
 from hydra_plugins.w2sg_launcher.w2sg_launcher import (W2sgSlurmConf, W2sgSlurmLauncher, _error_line,
                                                      shared_stage_groups)
 from w2sg import cli, experiment, report
 from w2sg.errors import W2SGError
+from w2sg.store import Store
+from w2sg.train import Preempted
 
 GRID = ["sweep=tiny_grid", "logger=none"]
 PAIRS = [(w, s) for w in ("tiny_random", "tiny_random_l2") for s in ("tiny_random_l3", "tiny_random_l4")]
@@ -85,3 +95,102 @@ def test_a_subset_run_writes_metrics_without_pgr_that_reports_skip(tmp_path, sto
     # what the subset stored is not planned again; the rest of the grid still is
     groups = shared_stage_groups(grid_configs())
     assert [g.labels[0] for g in groups] == ["ceiling:tiny_random_l3", "ceiling:tiny_random_l4", "weak:tiny_random_l2"]
+
+
+def _store_all(cfg):
+    """Every stage of the run's plan as stored (stand-ins: the launcher only asks whether they are done)."""
+    store = Store(cfg.store_dir)
+    for stage in experiment.plan(cfg).values():
+        store.compute(stage.key, {"kind": stage.kind}, lambda out: out.write_json("metrics.json", {}))
+
+
+def test_a_job_with_stages_to_recompute_is_submitted_not_collected_here(store):
+    [cfg] = grid_configs(PAIRS[:1])
+    _store_all(cfg)
+    launcher = W2sgSlurmLauncher()
+    assert launcher._all_done(cfg)
+    [cfg] = grid_configs(PAIRS[:1], ["recompute=[w2s]"])
+    assert not launcher._all_done(cfg), "recompute=[w2s] trains: it runs on Slurm, not on the submitting node"
+    [cfg] = grid_configs(PAIRS[:1], ["stages=[weak_labels]", "recompute=[w2s]"])
+    assert launcher._all_done(cfg), "w2s is not among the stages this job runs"
+
+
+def test_preempted_survives_pickling_as_a_job_result():
+    import cloudpickle
+
+    e = Preempted(signal.SIGTERM, 7, "w2s:tiny_random->tiny_random_l3", "/store/partial/abc/checkpoint.pt")
+    for dumps in (pickle.dumps, cloudpickle.dumps):  # submitit writes job results with cloudpickle
+        back = pickle.loads(dumps(e))
+        assert (type(back), back.signum, back.step, back.stage, back.checkpoint, str(back)) == (
+            Preempted, signal.SIGTERM, 7, e.stage, e.checkpoint, str(e))
+    assert str(e) == "w2s:tiny_random->tiny_random_l3 stopped by SIGTERM at step 7; checkpoint saved"
+
+
+class FakeJob:
+    """What the launcher reads of a submitit job."""
+
+    def __init__(self, job_id, ret=None, error=None):
+        self.job_id, self._ret, self._error = job_id, ret, error
+        self.paths = SimpleNamespace(stderr=f"/logs/{job_id}_0_log.err")
+
+    def results(self):
+        if self._error is not None:
+            raise self._error
+        return [pickle.loads(pickle.dumps(self._ret))]  # as submitit reads it back from the job's result file
+
+
+def _job_return(status, value):
+    ret = JobReturn()
+    ret.status, ret._return_value = status, value
+    return ret
+
+
+def test_a_cancelled_job_is_reported_with_its_stage_step_checkpoint_and_how_to_resume():
+    ckpt = "/store/partial/abc/checkpoint.pt"
+    jobs = [FakeJob("11", _job_return(JobStatus.COMPLETED, 0.5)),
+            FakeJob("12", _job_return(JobStatus.FAILED, Preempted(15, 7, "w2s:tiny_random->tiny_random_l3", ckpt))),
+            FakeJob("13", _job_return(JobStatus.FAILED, W2SGError("task 'x': need n_train >= 2")))]
+    todo = [(i, [f"weak=w{i}"], None) for i in range(3)]
+    with pytest.raises(W2SGError) as info:
+        W2sgSlurmLauncher()._collect(todo, jobs, [[], [], []], [], [], 3)
+    lines = str(info.value).splitlines()
+    assert lines[0] == ("1 of 3 jobs failed and 1 of 3 jobs were cancelled or preempted; the others finished and "
+                        "their stages are stored (rerun the same command to resume or retry only what is missing):")
+    assert lines[1:] == [
+        "  job #1 (weak=w1), Slurm id 12: cancelled or preempted (SIGTERM) at step 7 of "
+        f"w2s:tiny_random->tiny_random_l3; its checkpoint is saved ({ckpt}): rerun the sweep to resume it from there",
+        "    log: /logs/12_0_log.err",
+        "  job #2 (weak=w2), Slurm id 13: task 'x': need n_train >= 2",
+        "    log: /logs/13_0_log.err"]
+    results = W2sgSlurmLauncher()._collect(todo[:1], jobs[:1], [[]], [], [], 1)
+    assert results[0].return_value == 0.5
+
+
+def test_a_wandb_service_stopped_with_the_job_leaves_no_traceback(tmp_path):
+    """scancel sends SIGTERM to every process of a job, W&B's service process too: the stage's run cannot finish,
+    which is reported once as a warning, not as a traceback at exit ending the job's log."""
+    script = textwrap.dedent(f"""
+        import os, signal, subprocess, time
+        from omegaconf import OmegaConf
+        from w2sg.tracking import Tracker
+
+        tracker = Tracker(OmegaConf.create({{"project": "t", "mode": "offline", "dir": {str(tmp_path)!r}}}), None)
+        with tracker.stage_run("k" * 24, "weak:x", "weak", {{}}) as run:
+            run.log({{"train/loss": 1.0}})
+            services = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout
+            assert services.split(), "a W&B service process"
+            for pid in services.split():
+                os.kill(int(pid), signal.SIGTERM)
+            def alive(pid):  # neither gone nor a zombie
+                ps = subprocess.run(["ps", "-o", "stat=", "-p", pid], capture_output=True, text=True)
+                return ps.stdout.strip()[:1] not in ("", "Z")
+            deadline = time.time() + 60
+            while any(alive(pid) for pid in services.split()) and time.time() < deadline:
+                time.sleep(0.05)
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, WANDB_MODE="offline"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert proc.stderr.count("W&B tracking failed") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,46 @@ def test_dependency_variant_reports_a_failed_shared_stage_and_cancels_its_depend
     states = sacct_states([match.group(1), cancelled.group(1)])
     assert states[match.group(1)] == "FAILED" and states[cancelled.group(1)].startswith("CANCELLED"), states
     assert len(sweep_runs(tmp_path)) == 1, "the other job finished and wrote its metrics"
+
+
+def _slurm_id(pid: int) -> str:
+    """The Slurm id (array job_task, as the launcher names jobs) of the job a process runs in."""
+    env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
+def test_cancelled_job_is_reported_with_its_checkpoint_and_the_rerun_resumes_only_it(tmp_path, store):
+    args = GRID + SLURM + ["task.n_train=400", "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=10"]
+    proc = subprocess.Popen(["python3", "-m", "w2sg", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, marker = time.time() + 600, None
+    while marker is None:  # a w2s stage (needed by its job alone) training, with a checkpoint
+        assert time.time() < deadline and proc.poll() is None, "no w2s checkpoint appeared"
+        for ckpt in (store / "partial").glob("*/checkpoint.pt") if (store / "partial").exists() else []:
+            info = json.loads((ckpt.parent / "stage.json").read_text())
+            if info["label"].startswith("w2s:"):
+                marker = info
+        time.sleep(0.05)
+    job = _slurm_id(marker["pid"])
+    subprocess.run(["scancel", job], check=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out
+    assert "0 of 4 jobs failed" not in out and "1 of 4 jobs were cancelled or preempted" in out, out[-3000:]
+    match = re.search(rf"Slurm id {job}: cancelled or preempted \(SIGTERM\) at step (\d+) of (\S+); its checkpoint "
+                      r"is saved \((\S+)\): rerun the sweep to resume it from there\n\s+log: (\S+)", out)
+    assert match, out[-3000:]
+    step, label, checkpoint, log = match.groups()
+    assert label == marker["label"] and int(step) > 0
+    assert checkpoint == str(store / "partial" / marker["key"] / "checkpoint.pt") and Path(checkpoint).exists()
+    job_log = open(log).read()
+    assert "Traceback" not in job_log, job_log[-3000:]
+    assert f"{label} stopped by SIGTERM at step {step}; checkpoint saved; rerun the same command" in job_log
+    assert len(sweep_runs(tmp_path)) == 3, "the other jobs finished"
+
+    proc = run_w2sg(args, tmp_path)  # submits only the cancelled job, which resumes its stage
+    out = proc.stdout + proc.stderr
+    assert "Submitting 1 of 4 jobs" in out and out.count("collected here, not submitted") == 3, out[-3000:]
+    stage = json.loads((store / "stages" / marker["key"] / "metrics.json").read_text())
+    assert stage["resumed_from_step"] == int(step)

@@ -171,8 +171,8 @@ def test_status_lists_the_store_and_the_stages_of_a_run_or_sweep(tmp_path, store
     proc = run_w2sg(["status"], tmp_path)
     assert "4 stages: 4 done" in proc.stdout and "w2s:tiny_random->tiny_random_l2" in proc.stdout
     proc = run_w2sg(["status", *TINY, "loss=logconf"], tmp_path)
-    lines = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines()[1:5]}
-    assert lines == {"weak": "done", "weak_labels": "done", "ceiling": "done", "w2s": "missing"}
+    lines = {line.split()[2]: line.split()[-1] for line in proc.stdout.splitlines()[1:5]}  # ROLE: STATE
+    assert lines == {"weak": "done", "labels": "done", "ceiling": "done", "w2s": "missing"}
     proc = run_w2sg(["status", "--state", "missing", *TINY, "loss=logconf"], tmp_path)
     assert "1 stages: 1 missing" in proc.stdout
     proc = run_w2sg(["status", "task=nope"], tmp_path, check=False)

@@ -1,14 +1,20 @@
 """``w2sg status``: what the store holds, or which stages of a run or sweep are done and which are missing.
 
-    w2sg status [--kind K] [--model M] [--task T] [--state S]      every stage in the store, filtered
-    w2sg status [--plan] <overrides>                               the stages of that run
+    w2sg status [--kind K] [--role R] [--model M] [--task T] [--seed N] [--loss L] [--state S]
+                                                                   every stage in the store, filtered
+    w2sg status [--plan] <overrides>                               the stages of that run (same filters)
     w2sg status -m <overrides incl. sweep=<name>>                   the stages of every run of that sweep
+
+Kind: what a stage computes (train, labels, features, lm). Role: its part in the experiment (weak, ceiling,
+w2s, link, labels, features, lm). State: done, missing (plans only), running (a process holds its lock),
+interrupted (a checkpoint and no process: a rerun resumes it), invalid (stored by an older format or broken).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,43 +64,93 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _lock_held(store, key: str) -> bool:
-    from filelock import Timeout
+KINDS = ("train", "labels", "features", "lm")  # what a stage computes
+ROLES = ("weak", "ceiling", "w2s", "link", "labels", "features", "lm")  # its part in the experiment
+STATES = ("done", "missing", "running", "interrupted", "invalid")
 
-    lock = store.lock(key)
+
+def role_of(kind: str, label: str) -> str:
+    """A stage's role from its kind and label, as ``w2sg.stages.Stage.role`` gives it (without importing it)."""
+    if kind in ("features", "lm"):
+        return kind
+    prefix = label.split(":")[0]
+    return "labels" if prefix.endswith("labels") else prefix.rstrip("0123456789")
+
+
+def _one_of(name: str, valid: Iterable[str]):
+    """An argparse type: the value if valid, else an error listing the valid values (and the option a value of
+    the other filter belongs to: ``--kind w2s`` -> use ``--role w2s``)."""
+    def check(value: str) -> str:
+        if value in valid:
+            return value
+        other = {"kind": ("role", ROLES), "role": ("kind", KINDS)}[name]
+        hint = f"; {value!r} is a {other[0]}: use --{other[0]} {value}" if value in other[1] else ""
+        raise argparse.ArgumentTypeError(f"unknown {name} {value!r}; valid: {', '.join(valid)}{hint}")
+
+    return check
+
+
+def _row(key: str, state: str, info: Dict[str, Any], metric: str = "", age: str = "") -> Dict[str, Any]:
+    kind, label = info.get("kind") or "?", info.get("label") or "?"
+    seed, loss = info.get("seed"), info.get("loss")
+    return {"key": key, "state": state, "kind": kind, "role": role_of(kind, label) if label != "?" else "?",
+            "label": label, "model": info.get("model") or "?", "task": info.get("task") or "?",
+            "seed": "" if seed is None else str(seed), "loss": loss or "", "metric": metric, "age": age}
+
+
+def _metric(acc: Any) -> str:
+    return f"acc={acc:.4f}" if isinstance(acc, (int, float)) and not isinstance(acc, bool) else ""
+
+
+def _read_json(path: str) -> Any:
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _done_row(store, key: str, now: float) -> Dict[str, Any]:
+    """A stored stage's row from its DONE marker alone; stages stored before the marker held a summary (or
+    broken ones) are read in full."""
+    from w2sg.store import FORMAT, summary
+
+    path = f"{store.root}/stages/{key}"
+    marker = _read_json(f"{path}/DONE")
+    if not (isinstance(marker, dict) and marker.get("format") == FORMAT):
+        state = store.status(key)
+        meta = _read_json(f"{path}/meta.json")
+        metrics = _read_json(f"{path}/metrics.json") if state == "done" else None
+        marker = summary(meta, metrics or {}) if isinstance(meta, dict) else {}
+        if state != "done":
+            return _row(key, "invalid", marker)
+    created = marker.get("created")
+    return _row(key, "done", marker, _metric(marker.get("acc")),
+                _age(now - created) if isinstance(created, (int, float)) else "")
 
 
 def stage_rows(store) -> Iterable[Dict[str, Any]]:
-    """One row per stage the store knows: finished, invalid, or unfinished with a checkpoint."""
+    """One row per stage the store knows: stored (done or invalid), being computed (running: its lock is held),
+    or stopped with a checkpoint to resume from (interrupted). Reads one small file per stored stage."""
     now = time.time()
-    for path in sorted((store.root / "stages").iterdir()):
-        key = path.name
-        state = store.status(key)
-        row = {"key": key, "state": "done" if state == "done" else "invalid", "kind": "?", "label": "?",
-               "model": "?", "task": "?", "metric": "", "age": ""}
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            row.update(kind=meta.get("kind", "?"), label=meta.get("label", "?"), model=meta.get("model_name", "?"),
-                       task=meta.get("task_name", "?"), age=_age(now - meta.get("created", now)))
-        except (OSError, ValueError):
-            pass
-        if state == "done":
-            acc = json.loads((path / "metrics.json").read_text()).get("acc")
-            row["metric"] = f"acc={acc:.4f}" if isinstance(acc, (int, float)) else ""
-        yield row
-    for path in sorted((store.root / "partial").iterdir()):
-        key = path.name
-        if (store.root / "stages" / key).exists() or not (path / "checkpoint.pt").exists():
+    stored = sorted(os.listdir(store.root / "stages"))
+    for key in stored:
+        yield _done_row(store, key, now)
+    done = set(stored)
+    for key in sorted(os.listdir(store.root / "partial")):
+        if key in done:
             continue
-        held = _lock_held(store, key)
-        yield {"key": key, "state": "running" if held else "interrupted", "kind": "train", "label": "", "model": "",
-               "task": "", "metric": "checkpoint", "age": _age(now - (path / "checkpoint.pt").stat().st_mtime)}
+        path = store.root / "partial" / key
+        checkpoint = path / "checkpoint.pt"
+        running = store.is_running(key)
+        if not running and not checkpoint.exists():
+            continue  # a computation that failed before its first checkpoint: nothing to resume, simply missing
+        info = _read_json(str(path / "stage.json")) or {"kind": "train"}  # a checkpoint from before stage.json
+        started = info.get("created") if isinstance(info.get("created"), (int, float)) else None
+        if started is None and checkpoint.exists():
+            started = checkpoint.stat().st_mtime
+        yield _row(key, "running" if running else "interrupted", info, "checkpoint" if checkpoint.exists() else "",
+                   _age(now - started) if started is not None else "")
 
 
 def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
@@ -102,26 +158,38 @@ def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
 
     cfg = compose(overrides)
     rows = []
-    named = list(plan(cfg).items())
-    seen = {stage.key for _, stage in named}
-    for _, stage in list(named):  # stored features (probe) and generatively finetuned weights are stages too
+    named = list(plan(cfg).values())
+    seen = {stage.key for stage in named}
+    for stage in named:  # stored features (probe) and generatively finetuned weights are stages too (at any depth)
         for dep in stage.inputs.values():
             if dep.kind in ("features", "lm") and dep.key not in seen:
                 seen.add(dep.key)
-                named.append((dep.kind, dep))
-    for name, stage in named:
-        state = store.status(stage.key)
-        if state == "missing" and store.has_partial(stage.key):
-            state = "running" if _lock_held(store, stage.key) else "interrupted"
-        rows.append({"key": stage.key, "state": state.split(":")[0], "kind": name, "label": stage.label,
-                     "model": stage.model.name, "task": cfg.task.name, "metric": "", "age": ""})
+                named.append(dep)
+    for stage in named:
+        state = store.status(stage.key).split(":")[0]
+        if state != "done" and store.is_running(stage.key):
+            state = "running"
+        elif state == "missing" and store.has_partial(stage.key):
+            state = "interrupted"
+        loss = stage.spec.get("loss")
+        rows.append({"key": stage.key, "state": state, "kind": stage.kind, "role": stage.role, "label": stage.label,
+                     "model": stage.model.name, "task": cfg.task.name, "seed": str(stage.spec.get("seed", "")),
+                     "loss": loss["name"] if isinstance(loss, dict) else "", "metric": "", "age": ""})
     return rows
+
+
+def default_store_dir() -> str:
+    """The store a run without overrides uses (``store_dir`` of the primary config: env W2SG_STORE or the
+    default), read from config.yaml alone: composing the whole config would take longer than listing the store."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(CONF_DIR / "config.yaml").store_dir)
 
 
 def render(rows: List[Dict[str, Any]], columns: List[str]) -> str:
     cells = [[c.upper() for c in columns]] + [[str(r[c])[:12] if c == "key" else str(r[c]) for c in columns]
                                                for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    widths = [max(map(len, col)) for col in zip(*cells)]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
@@ -130,10 +198,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--multirun", action="store_true", help="expand the overrides as a sweep")
     parser.add_argument("--plan", action="store_true", help="show the stages of the run the overrides describe")
-    parser.add_argument("--kind", help="filter: train, labels, features or lm (store listing), or a stage name (plans)")
+    parser.add_argument("--kind", type=_one_of("kind", KINDS), metavar="{" + ",".join(KINDS) + "}",
+                        help="filter by what a stage computes")
+    parser.add_argument("--role", type=_one_of("role", ROLES), metavar="{" + ",".join(ROLES) + "}",
+                        help="filter by a stage's part in the experiment")
     parser.add_argument("--model", help="filter by model name")
     parser.add_argument("--task", help="filter by task")
-    parser.add_argument("--state", help="filter: done, missing, running, interrupted, invalid")
+    parser.add_argument("--seed", help="filter by seed")
+    parser.add_argument("--loss", help="filter by loss (training stages)")
+    parser.add_argument("--state", choices=STATES, help="filter by state")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a run or sweep")
     args = parser.parse_args(argv)
 
@@ -149,18 +222,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                     if row["key"] not in seen:  # stages shared by several jobs are listed once
                         seen.add(row["key"])
                         rows.append(row)
-            columns = ["key", "kind", "label", "task", "state"]
+            columns = ["key", "kind", "role", "label", "task", "seed", "loss", "state"]
         else:
-            store = Store(compose([]).store_dir)
+            store = Store(default_store_dir())
             rows = list(stage_rows(store))
-            columns = ["key", "kind", "label", "task", "state", "metric", "age"]
+            columns = ["key", "kind", "role", "label", "task", "seed", "loss", "state", "metric", "age"]
     except W2SGError as e:
         print(f"w2sg: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # Hydra's compose errors: bad override or option, already worded for users
         print(f"w2sg status: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    for attr in ("kind", "model", "task", "state"):
+    for attr in ("kind", "role", "model", "task", "seed", "loss", "state"):
         value = getattr(args, attr)
         if value:
             rows = [r for r in rows if r[attr] == value]

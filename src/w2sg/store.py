@@ -4,26 +4,29 @@ Layout under ``store_dir``::
 
     stages/<key>/      a finished stage: meta.json, metrics.json, arrays (.npy), model.safetensors, DONE
     tmp/               stages being written (renamed into stages/ when complete)
-    partial/<key>/     training checkpoints of unfinished stages (a rerun resumes from them)
+    partial/<key>/     stage.json (what is being computed, since when, by whom) and training checkpoints of
+                       unfinished stages (a rerun resumes from them)
     locks/<key>.lock   held while a process computes that stage
 
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
-half-written stage is never taken as finished. The lock is an OS file lock (released by the kernel when
-its holder dies), so a second process needing the same stage waits, then finds it done and reuses it.
+half-written stage is never taken as finished. The DONE marker holds a one-line summary of the stage (kind,
+label, model, task, seed, loss, accuracy, time), so ``w2sg status`` lists a large store by reading it alone.
+The lock is an OS file lock (released by the kernel when its holder dies), so a second process needing the
+same stage waits, then finds it done and reuses it; ``w2sg status`` shows a stage whose lock is held as running.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
-
-import numpy as np
 
 FORMAT = 1  # bump when the stored layout changes; older stages are then reported and recomputed
 
@@ -42,10 +45,14 @@ class StageDir:
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
 
-    def write_array(self, name: str, arr: np.ndarray) -> None:
+    def write_array(self, name: str, arr: Any) -> None:
+        import numpy as np
+
         np.save(self.path / f"{name}.npy", np.asarray(arr))
 
-    def read_array(self, name: str) -> np.ndarray:
+    def read_array(self, name: str) -> Any:
+        import numpy as np
+
         return np.load(self.path / f"{name}.npy")
 
     def file(self, name: str) -> Path:
@@ -64,9 +71,24 @@ def _finite(o: Any) -> Any:
 
 
 def _json_default(o: Any) -> Any:
+    import numpy as np  # here, not at the top: ``w2sg status`` reads the store without numpy
+
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def summary(meta: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """What listings show of a stage (the DONE marker's content): its kind, label, model, task, seed, loss
+    (training stages), headline accuracy and creation time."""
+    spec = meta.get("spec") or {}
+    loss = spec.get("loss")
+    acc = metrics.get("acc")
+    return {"format": FORMAT, "key": meta.get("key"), "kind": meta.get("kind"), "label": meta.get("label"),
+            "model": meta.get("model_name"), "task": meta.get("task_name"), "seed": spec.get("seed"),
+            "loss": loss.get("name") if isinstance(loss, dict) else None,
+            "acc": acc if isinstance(acc, (int, float)) and math.isfinite(acc) else None,
+            "created": meta.get("created")}
 
 
 class Store:
@@ -133,6 +155,29 @@ class Store:
 
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
 
+    def is_running(self, key: str) -> bool:
+        """Whether a process holds the stage's lock, i.e. is computing it now (any host sharing the store)."""
+        from filelock import Timeout
+
+        if not (self.root / "locks" / f"{key}.lock").exists():
+            return False
+        lock = self.lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
+    def _mark_running(self, key: str, meta: Dict[str, Any]) -> None:
+        """partial/<key>/stage.json: what the lock holder computes, so listings can name a running stage."""
+        marker = {**summary({**meta, "key": key, "created": time.time()}, {}), "host": socket.gethostname(),
+                  "pid": os.getpid()}
+        path = self.partial_dir(key) / "stage.json"
+        tmp = path.with_name(f"stage.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(marker, default=str))
+        os.replace(tmp, path)
+
     def compute(
         self,
         key: str,
@@ -157,15 +202,17 @@ class Store:
                 on_invalid(state)
             if state != "missing":
                 shutil.rmtree(self.stage_path(key), ignore_errors=True)
+            self._mark_running(key, meta)
             tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             try:
                 stage = StageDir(tmp)
                 start = time.time()
                 fn(stage)
-                stage.write_json("meta.json", {**meta, "format": FORMAT, "key": key, "created": time.time(),
-                                               "seconds": time.time() - start})
-                (tmp / "DONE").write_text("")
+                full = {**meta, "format": FORMAT, "key": key, "created": time.time(), "seconds": time.time() - start}
+                stage.write_json("meta.json", full)
+                metrics = stage.read_json("metrics.json") if stage.file("metrics.json").exists() else {}
+                (tmp / "DONE").write_text(json.dumps(summary(full, metrics), default=_json_default))
                 os.replace(tmp, self.stage_path(key))
                 shutil.rmtree(self.root / "partial" / key, ignore_errors=True)
             finally:

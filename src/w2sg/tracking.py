@@ -34,6 +34,17 @@ def resolve_mode(configured: Optional[str]) -> str:
     return "online" if has_key else "offline"
 
 
+def _teardown_quietly() -> None:
+    """Close the connection to W&B's service process after a failure (e.g. a cancelled Slurm job: the service got
+    the same SIGTERM and is gone), so that W&B's exit hook does not print a traceback of the same failure."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:
+        pass
+
+
 class StageRun:
     """What a stage writes to its W&B run; every call is a no-op once tracking has failed."""
 
@@ -66,6 +77,7 @@ class Tracker:
             self._failed = True
             log.warning("W&B tracking failed (%s: %s); the experiment goes on without it, metrics.json is kept",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _teardown_quietly()
             return None
 
     def _init(self, key: str, name: str, job_type: str, config: Dict[str, Any]):

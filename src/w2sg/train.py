@@ -110,12 +110,25 @@ class TrainResult:
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was saved because SIGTERM/SIGUSR1 asked the process to stop."""
+    """Raised after a checkpoint was saved because SIGTERM/SIGUSR1 asked the process to stop (``scancel``, a
+    preemption, a time limit). It survives pickling, so a Slurm job's result carries it back to the launcher."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved")
-        self.signum = signum
-        self.step = step
+    def __init__(self, signum: int, step: int, stage: str = "", checkpoint: Optional[str] = None):
+        self.signum, self.step, self.stage, self.checkpoint = signum, step, stage, checkpoint
+        where = f"{stage} " if stage else ""
+        super().__init__(f"{where}stopped by {self.signal_name} at step {step}; checkpoint saved")
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.step, self.stage, self.checkpoint)
 
 
 class Checkpointer:
@@ -155,7 +168,7 @@ class Checkpointer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signum
 
-    def stop(self, state: Dict[str, Any], step: int) -> None:
+    def stop(self, state: Dict[str, Any], step: int, stage: str = "") -> None:
         """Save, let the previous handler of the signal act (e.g. requeue), then stop training."""
         self.save(state)
         signum = self.stop_signal
@@ -163,7 +176,7 @@ class Checkpointer:
         if callable(previous):
             self.__exit__()
             previous(signum, None)
-        raise Preempted(signum, step)
+        raise Preempted(signum, step, stage, self.path)
 
     def load(self) -> Optional[Dict[str, Any]]:
         import os
@@ -357,7 +370,7 @@ def train_model(
             validate()
         if ckpt.stop_signal is not None:
             bar.close()
-            ckpt.stop(snapshot(), result.steps)
+            ckpt.stop(snapshot(), result.steps, desc)
         if ckpt.every and result.steps % ckpt.every == 0 and result.steps < total:
             ckpt.save(snapshot())
     bar.close()

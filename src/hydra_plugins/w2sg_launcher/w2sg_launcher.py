@@ -109,6 +109,25 @@ def _error_line(error: str) -> str:
     return lines[0] if lines else "failed"
 
 
+def _stopped_line(e: Any) -> str:
+    """What a job's Preempted says: where it stopped, where its checkpoint is, how to resume."""
+    saved = f"its checkpoint is saved ({e.checkpoint})" if e.checkpoint else "its checkpoint is saved"
+    return (f"cancelled or preempted ({e.signal_name}) at step {e.step} of {e.stage or 'a training stage'}; "
+            f"{saved}: rerun the sweep to resume it from there")
+
+
+def _summary(failed: int, stopped: int, total: int, shared_failed: int, shared_total: int) -> str:
+    """The first line of a sweep's failure report."""
+    parts = [f"{failed} of {total} jobs failed"] if failed or not stopped else []
+    if stopped:
+        parts.append(f"{stopped} of {total} jobs were cancelled or preempted")
+    head = " and ".join(parts)
+    if shared_failed:
+        head += f" ({shared_failed} of {shared_total} shared-stage jobs failed)"
+    return (f"{head}; the others finished and their stages are stored (rerun the same command to resume or retry "
+            "only what is missing):")
+
+
 # Hydra imports this module when it scans hydra_plugins, which registers the launcher's config.
 ConfigStore.instance().store(group="hydra/launcher", name="w2sg_slurm", node=W2sgSlurmConf, provider="w2sg")
 
@@ -140,12 +159,18 @@ class W2sgSlurmLauncher(SlurmLauncher):
             cfg.hydra.job.num = idx
         return cfg
 
-    def _all_done(self, cfg) -> bool:
-        from w2sg.experiment import plan
+    @staticmethod
+    def _all_done(cfg) -> bool:
+        """Whether the job would only read the store: every stage it runs (``stages=``) is stored and none is to
+        be recomputed (``recompute=``); such a job runs here instead of on Slurm."""
+        from w2sg.experiment import plan, select
         from w2sg.store import Store
 
+        stages = select(cfg, plan(cfg))
+        if set(cfg.recompute) & set(stages):
+            return False
         store = Store(cfg.store_dir)
-        return all(store.status(s.key) == "done" for s in plan(cfg).values())
+        return all(store.status(s.key) == "done" for s in stages.values())
 
     def _executor(self, after: Sequence[Any] = (), shared: bool = False):
         """A Slurm executor with the profile's parameters; ``after``: jobs that must succeed first (afterok)."""
@@ -203,15 +228,53 @@ class W2sgSlurmLauncher(SlurmLauncher):
         return jobs
 
     @staticmethod
-    def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str]]:
-        """Wait for a job: (its JobReturn or None, None if it succeeded else the line saying what went wrong)."""
+    def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str], bool]:
+        """Wait for a job: (its JobReturn or None, None if it succeeded else the line saying what went wrong,
+        whether it was stopped by a signal after saving a checkpoint: cancelled or preempted, not failed)."""
+        from w2sg.train import Preempted
+
         try:
             ret = job.results()[0]
         except Exception as e:  # submitit raises for a job that crashed, was killed or cancelled
-            return None, _error_line(str(e))
+            return None, _error_line(str(e)), False
         if ret.status == JobStatus.FAILED:
-            return ret, _error_line(str(ret._return_value))  # the job's own exception, caught by Hydra in the job
-        return ret, None
+            if isinstance(ret._return_value, Preempted):
+                return ret, _stopped_line(ret._return_value), True
+            return ret, _error_line(str(ret._return_value)), False  # the job's own exception, caught by Hydra
+        return ret, None, False
+
+    def _collect(self, todo: List[Tuple[int, List[str], Any]], jobs: List[Any], after: List[List[Any]],
+                 groups: List[SharedGroup], shared_jobs: List[Any], total: int) -> Dict[int, JobReturn]:
+        """Wait for every job; the JobReturn of each job that returned one. Raises one W2SGError naming every job
+        that failed or was cancelled/preempted (Slurm id, stage, step, checkpoint, log, how to resume)."""
+        results: Dict[int, JobReturn] = {}
+        failures, failed = [], {}  # failed: Slurm id of a failed shared-stage job -> (its labels, its log)
+        stopped = 0  # jobs cancelled or preempted after saving a checkpoint
+        for group, job in zip(groups, shared_jobs):
+            _, error, _ = self._failure(job)
+            if error is not None:
+                failed[job.job_id] = (" + ".join(group.labels), job.paths.stderr)
+                failures.append(f"  shared stages {failed[job.job_id][0]}, Slurm id {job.job_id}: {error}"
+                                f"\n    log: {job.paths.stderr}")
+        n_shared = len(failures)
+        for (idx, overrides, _), job, deps in zip(todo, jobs, after):
+            what = f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id {job.job_id}"
+            lost = [d.job_id for d in deps if d.job_id in failed]
+            if lost:  # Slurm cancels it (kill-on-invalid-dep); cancel it here too, whatever the cluster
+                job.cancel(check=False)
+                failures.append(f"{what}: not run: its shared-stage job {lost[0]} "
+                                f"({failed[lost[0]][0]}) failed\n    log: {failed[lost[0]][1]}")
+                continue
+            ret, error, was_stopped = self._failure(job)
+            stopped += was_stopped
+            if ret is not None:
+                results[idx] = ret
+            if error is not None:
+                failures.append(f"{what}: {error}\n    log: {job.paths.stderr}")
+        if failures:
+            raise W2SGError(_summary(len(failures) - n_shared - stopped, stopped, total, n_shared, len(shared_jobs))
+                            + "\n" + "\n".join(failures))
+        return results
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
@@ -251,31 +314,5 @@ class W2sgSlurmLauncher(SlurmLauncher):
                     ret._return_value = None
                     results[idx] = ret
             else:
-                failures, failed = [], {}  # failed: Slurm id of a failed shared-stage job -> (its labels, its log)
-                for group, job in zip(groups, shared_jobs):
-                    _, error = self._failure(job)
-                    if error is not None:
-                        failed[job.job_id] = (" + ".join(group.labels), job.paths.stderr)
-                        failures.append(f"  shared stages {failed[job.job_id][0]}, Slurm id {job.job_id}: {error}"
-                                        f"\n    log: {job.paths.stderr}")
-                n_shared = len(failures)
-                for (idx, overrides, _), job, deps in zip(todo, jobs, after):
-                    what = f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id {job.job_id}"
-                    lost = [d.job_id for d in deps if d.job_id in failed]
-                    if lost:  # Slurm cancels it (kill-on-invalid-dep); cancel it here too, whatever the cluster
-                        job.cancel(check=False)
-                        failures.append(f"{what}: not run: its shared-stage job {lost[0]} "
-                                        f"({failed[lost[0]][0]}) failed\n    log: {failed[lost[0]][1]}")
-                        continue
-                    ret, error = self._failure(job)
-                    if ret is not None:
-                        results[idx] = ret
-                    if error is not None:
-                        failures.append(f"{what}: {error}\n    log: {job.paths.stderr}")
-                if failures:
-                    head = f"{len(failures) - n_shared} of {len(job_overrides)} jobs failed"
-                    if n_shared:
-                        head += f" ({n_shared} of {len(shared_jobs)} shared-stage jobs failed)"
-                    raise W2SGError(f"{head}; the others finished and their stages are stored (rerun to retry "
-                                    "only what is missing):\n" + "\n".join(failures))
+                results.update(self._collect(todo, jobs, after, groups, shared_jobs, len(job_overrides)))
         return [results[initial_job_idx + pos] for pos in range(len(job_overrides))]

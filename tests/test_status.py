@@ -1,0 +1,149 @@
+"""`w2sg status`: running stages from their lock, seed and loss columns, one meaning of --kind, fast store view."""
+
+import json
+
+import pytest
+
+from conftest import TINY, compose
+from w2sg import status
+from w2sg.experiment import plan
+from w2sg.store import Store
+
+PROBE_LM = TINY + ["train.mode=probe", "generative=lm"]  # a plan with every stage kind: train, labels, features, lm
+
+
+def _stages(overrides):
+    """Every stage of a run's plan with the features and LM stages it needs, by key."""
+    todo, found = list(plan(compose(overrides)).values()), {}
+    while todo:
+        stage = todo.pop()
+        found[stage.key] = stage
+        todo += stage.inputs.values()
+    return found
+
+
+def _meta(stage):
+    return {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "model_name": stage.model.name,
+            "task_name": "tweet_sentiment"}
+
+
+def _rows(store, overrides=None):
+    rows = status.stage_rows(store) if overrides is None else status.plan_rows(store, overrides)
+    return {r["key"]: r for r in rows}
+
+
+def test_a_stage_being_computed_is_running_in_both_views_for_every_kind(store):
+    stages = _stages(PROBE_LM)
+    assert {s.kind for s in stages.values()} == {"train", "labels", "features", "lm"}
+    s = Store(store)
+    seen = {}
+
+    def compute(stage):
+        def fn(out):  # runs while Store.compute holds the stage's lock, before any checkpoint
+            listed, planned = _rows(s)[stage.key], _rows(s, PROBE_LM)[stage.key]
+            seen[stage.kind] = (listed["state"], planned["state"])
+            assert (listed["kind"], listed["role"], listed["label"]) == (stage.kind, stage.role, stage.label)
+            assert listed["seed"] == "0" and listed["metric"] == ""
+            out.write_json("metrics.json", {"acc": 0.75})
+        return fn
+
+    for stage in stages.values():
+        s.compute(stage.key, _meta(stage), compute(stage))
+    assert seen == {kind: ("running", "running") for kind in ("train", "labels", "features", "lm")}
+    assert {r["state"] for r in _rows(s).values()} == {"done"}
+    assert {r["state"] for r in _rows(s, PROBE_LM).values()} == {"done"}
+
+
+def test_a_stopped_stage_is_interrupted_with_a_checkpoint_and_missing_without(store):
+    stages = list(plan(compose(TINY)).values())
+    s = Store(store)
+
+    def stop(stage, checkpoint):
+        def fn(out):
+            if checkpoint:
+                (s.partial_dir(stage.key) / "checkpoint.pt").write_bytes(b"0")
+            raise KeyboardInterrupt
+        return fn
+
+    for i in (0, 2):  # the weak model stops after a checkpoint; the ceiling before its first one
+        with pytest.raises(KeyboardInterrupt):
+            s.compute(stages[i].key, _meta(stages[i]), stop(stages[i], checkpoint=i == 0))
+    listed = _rows(s)
+    assert list(listed) == [stages[0].key]
+    assert (listed[stages[0].key]["state"], listed[stages[0].key]["label"]) == ("interrupted", stages[0].label)
+    planned = _rows(s, TINY)
+    assert planned[stages[0].key]["state"] == "interrupted" and planned[stages[2].key]["state"] == "missing"
+
+
+def _store_fake(s, seed, loss, acc, kind="train", label="w2s:tiny_random->tiny_random_l2"):
+    meta = {"kind": kind, "label": label, "spec": {"seed": seed, "loss": {"name": loss}}, "model_name": "m",
+            "task_name": "tweet_sentiment"}
+    key = f"{kind}{seed}{loss}".ljust(24, "0")
+    s.compute(key, meta, lambda out: out.write_json("metrics.json", {"acc": acc, "history": []}))
+    return key
+
+
+def test_seed_and_loss_columns_tell_the_runs_of_a_sweep_apart(store, capsys):
+    s = Store(store)
+    for seed in (0, 1, 2):
+        _store_fake(s, seed, "xent", 0.5 + seed / 10)
+    _store_fake(s, 0, "logconf", 0.7)
+    assert status.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["KEY", "KIND", "ROLE", "LABEL", "TASK", "SEED", "LOSS", "STATE", "METRIC", "AGE"]
+    rows = sorted(tuple(line.split()[5:9]) for line in lines[1:5])
+    assert rows == [("0", "logconf", "done", "acc=0.7000"), ("0", "xent", "done", "acc=0.5000"),
+                    ("1", "xent", "done", "acc=0.6000"), ("2", "xent", "done", "acc=0.7000")]
+    assert status.main(["--seed", "1", "--loss", "xent"]) == 0
+    assert "1 stages: 1 done" in capsys.readouterr().out
+    planned = {r["role"]: r for r in status.plan_rows(s, TINY + ["seed=2", "loss=logconf"])}
+    assert {role: (r["seed"], r["loss"]) for role, r in planned.items()} == {
+        "weak": ("2", "xent"), "labels": ("2", ""), "ceiling": ("2", "xent"), "w2s": ("2", "logconf")}
+
+
+def test_kind_is_the_stage_kind_in_both_views_and_role_the_part(store, capsys):
+    s = Store(store)
+    _store_fake(s, 0, "xent", 0.5)
+    _store_fake(s, 0, "xent", 0.6, kind="labels", label="weak_labels:tiny_random")
+    for view in ([], TINY):
+        assert status.main(["--kind", "train", *view]) == 0
+        out = capsys.readouterr().out
+        assert "labels" not in out.split("\n\n")[0] and ("1 stages" if not view else "3 stages") in out
+        assert status.main(["--role", "w2s", *view]) == 0
+        assert "1 stages" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        status.main(["--kind", "w2s"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "unknown kind 'w2s'; valid: train, labels, features, lm; 'w2s' is a role: use --role w2s" in err
+    with pytest.raises(SystemExit):
+        status.main(["--role", "wek"])
+    assert "unknown role 'wek'; valid: weak, ceiling, w2s, link, labels, features, lm" in capsys.readouterr().err
+
+
+def test_roles_in_the_store_view_match_the_plan():
+    for overrides in (TINY + ["chain=tiny"], PROBE_LM):
+        for stage in _stages(overrides).values():
+            assert status.role_of(stage.kind, stage.label) == stage.role, stage.label
+
+
+def test_the_store_view_reads_the_done_marker_alone_and_older_stages_in_full(store, monkeypatch):
+    s = Store(store)
+    new = _store_fake(s, 0, "xent", 0.5)
+    old = _store_fake(s, 1, "xent", 0.6)
+    (store / "stages" / old / "DONE").write_text("")  # as stages were stored before the marker held a summary
+    broken = _store_fake(s, 2, "xent", 0.7)
+    (store / "stages" / broken / "DONE").unlink()
+    full_reads, real_status = [], Store.status
+    monkeypatch.setattr(Store, "status", lambda self, key: full_reads.append(key) or real_status(self, key))
+    rows = _rows(s)
+    assert sorted(full_reads) == sorted([old, broken]), "a stored stage with a summary marker is read from it alone"
+    assert [rows[k]["state"] for k in (new, old, broken)] == ["done", "done", "invalid"]
+    assert (rows[old]["seed"], rows[old]["loss"], rows[old]["metric"]) == ("1", "xent", "acc=0.6000")
+    assert json.loads((store / "stages" / new / "DONE").read_text())["acc"] == 0.5
+
+
+def test_the_store_view_resolves_the_store_as_a_run_does(store, monkeypatch):
+    assert status.default_store_dir() == compose([]).store_dir == str(store)
+    monkeypatch.delenv("W2SG_STORE")
+    assert status.default_store_dir() == compose([]).store_dir
