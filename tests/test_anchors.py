@@ -274,3 +274,12 @@ def test_paper_nlp_models_carry_openais_learning_rates():
     _need_catalogue()
     expected = {"gpt2": 5e-5, "gpt2_medium": 5e-5, "gpt2_large": 1e-5, "gpt2_xl": 1e-5}  # their MODELS_DICT
     assert {m: compose([f"weak={m}"]).weak.lr for m in expected} == expected
+
+
+def test_cross_task_pairs_the_baseline_with_each_setting_of_the_losss_own_parameters():
+    rows = [dict(r, **({"loss.aux_coef": None} if r["loss"] == "xent" else {"loss.aux_coef": 0.5}))
+            for r in eleuther_rows(21, 16)]
+    rows += [dict(r, **{"loss.aux_coef": 0.25}) for r in eleuther_rows(21, 5) if r["loss"] == "logconf"]
+    got = {c["settings"]: (c["verdict"], c["n_runs"])
+           for c in anchors.compare(rows, settings=["loss.aux_coef"]) if c["kind"] == "wins"}
+    assert got == {"loss.aux_coef=0.5": ("reproduced", 126), "loss.aux_coef=0.25": ("differs", 126)}

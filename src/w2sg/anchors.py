@@ -195,8 +195,14 @@ def _compare_wins(anchor: Dict[str, Any], rows: List[Dict[str, Any]], settings: 
     from w2sg.stats import paired_comparison
 
     a, b = anchor["baseline"], anchor["loss"]
+    shared = [c for c in settings if not c.startswith("loss.")]  # a loss's own parameters differ between the two
+    own = [c for c in settings if c.startswith("loss.")]
+    groups = []
+    for group in _by_settings(_matching(rows, anchor, [a, b]), shared).values():
+        base = [r for r in group if r["loss"] == a]
+        groups += [base + variant for variant in _by_settings([r for r in group if r["loss"] == b], own).values()]
     out = []
-    for group in _by_settings(_matching(rows, anchor, [a, b]), settings).values():
+    for group in groups:
         units: Dict[tuple, List[float]] = {}
         for r in group:
             units.setdefault((r["task"], r["weak"], r["strong"], r["loss"]), []).append(r["pgr"])
@@ -216,7 +222,7 @@ def _compare_wins(anchor: Dict[str, Any], rows: List[Dict[str, Any]], settings: 
         nz = d[d != 0]
         one_sided = float(wilcoxon(nz, alternative="greater").pvalue) if len(nz) >= 2 else None
         tasks = sorted({m["task"] for m in medians})
-        row = _base(anchor, _settings_label(group[0], settings))
+        row = _base(anchor, _settings_label(group[-1], settings))  # the last row is one of `loss`'s
         row.update(ours=wins / n, ci_low=low, ci_high=high,
                    n_seeds=len({r["seed"] for r in group}), n_runs=len(group),
                    verdict=wins_verdict(anchor["value"], low, high, n), our_p=one_sided,
