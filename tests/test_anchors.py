@@ -172,6 +172,9 @@ def test_cross_task_wins_verdicts(n_tasks, wins, verdict):
         diffs = [(0.4 if i < wins else 0.2) + 0.001 * i - 0.3 for i in range(21)]
         assert c["our_p"] == pytest.approx(wilcoxon(diffs, alternative="greater").pvalue)
         assert c["our_sign_p"] is not None and c["our_wilcoxon_p_two_sided"] is not None
+        printed = "\n".join(anchors.lines([c]))
+        assert f"logconf beats xent on {wins / 21:.0%} [" in printed and "of data sets vs EleutherAI/w2s 76%" in printed
+        assert "vs theirs 0.079" in printed and printed.endswith(f": {verdict} ({c['detail']})")
 
 
 def test_cross_task_needs_both_losses():
@@ -205,7 +208,7 @@ def test_report_writes_anchors_csv_and_prints_ours_next_to_theirs(tmp_path, caps
         (tmp_path / str(i) / "metrics.json").write_text(json.dumps(m))
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "anchors: ours (95% CI over seeds) vs published" in out
+    assert "anchors: ours [95% CI: over seeds for a median, over data sets for a share] vs published" in out
     assert "sciq             xent     median PGR 0.33 [0.32, 0.34] vs openai/weak-to-strong 0.33" in out
     assert "(3 seeds, 3 runs): reproduced" in out
     assert "logconf  median PGR 0.65 [0.60, 0.70] vs openai/weak-to-strong 0.31" in out and ": differs" in out

@@ -276,14 +276,16 @@ def lines(compared: List[Dict[str, Any]]) -> List[str]:
     """Ours next to theirs, one line per comparison, for the terminal."""
     if not compared:
         return []
-    out = ["anchors: ours (95% CI over seeds) vs published, with a verdict (README 'Reproduction packs'):"]
+    out = ["anchors: ours [95% CI: over seeds for a median, over data sets for a share] vs published, with a "
+           "verdict (README 'Reproduction packs'):"]
     for r in compared:
         share = r["kind"] == "wins"
         ci = f" [{_fmt(r['ci_low'], share)}, {_fmt(r['ci_high'], share)}]" if r["ci_low"] is not None else ""
         settings = f" {r['settings']}" if r["settings"] else ""
         if share:
             what = f"{r['loss']} beats {r['baseline']} on"
-            ps = f"; one-sided Wilcoxon p ours {_fmt(r['our_p'])} vs theirs {_fmt(r['their_p'])}"
+            p = lambda v: "n/a" if v is None else f"{v:.2g}"  # noqa: E731
+            ps = f"; one-sided Wilcoxon p ours {p(r['our_p'])} vs theirs {p(r['their_p'])}"
             out.append(f"  {what} {_fmt(r['ours'], True)}{ci} of data sets vs {r['source']} {_fmt(r['theirs'], True)}"
                        f"{settings} ({r['n_seeds']} seeds){ps}: {r['verdict']} ({r['detail']})")
         else:
