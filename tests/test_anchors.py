@@ -31,10 +31,6 @@ def row(task, weak, strong, loss, seed, pgr, **settings):
             "strong_params": PARAMS[strong], "loss": loss, "seed": seed, "pgr": pgr, **settings}
 
 
-def by_anchor(compared):
-    return {(c["task"], c["loss"]): c for c in compared}
-
-
 # --- the shipped anchors ----------------------------------------------------------------------------------
 
 def test_shipped_anchors_hold_the_published_figures_and_refer_to_configs_that_exist():
