@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 
-from w2sg import diagnostics, stats
+from w2sg import anchors, diagnostics, stats
 
 log = logging.getLogger("w2sg.report")
 
@@ -419,12 +419,15 @@ def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
         write_csv(out / "chains.csv", chains, list(chains[0]))
         files.append(out / "chains.csv")
     files += stats.write_stats(rows, out, settings=settings)  # CIs, paired loss comparisons, diagnostics
+    compared = anchors.compare(rows, settings)  # published figures these rows reproduce (or not)
+    if compared:
+        files.append(anchors.write(out / "anchors.csv", compared))
     curves: Dict[str, List[str]] = {}
     pngs = plot(summary, out, curves) if rows else []
     if chains:
         pngs.append(plot_chains(chains, out))
     return {"rows": rows, "summary": summary, "losses": losses, "chains": chains, "files": files + pngs,
-            "curves": curves}
+            "curves": curves, "anchors": compared}
 
 
 def plot_chains(chains: List[Dict[str, Any]], out: Path) -> Path:
@@ -516,6 +519,8 @@ class ReportCallback(Callback):
             log.warning("report for %s failed: %s", sweep_dir, e)
             return
         log.info("report: %s", ", ".join(str(p) for p in report["files"]))
+        for line in anchors.lines(report["anchors"]):
+            log.info(line)
         choices = config.hydra.runtime.choices
         group = str(choices.get("sweep") or "/".join(sweep_dir.parts[-2:]))
         try:
@@ -558,5 +563,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"chain {statistics.median(r['acc_chain'] for r in rs):.3f} vs direct "
               f"{statistics.median(r['acc_direct'] for r in rs):.3f}; chain - direct per seed "
               + " ".join(f"{r['chain_minus_direct']:+.3f}" for r in rs))
+    for line in anchors.lines(report["anchors"]):
+        print(line)
     print("wrote " + ", ".join(str(p) for p in report["files"]))
     return 0
