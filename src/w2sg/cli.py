@@ -143,8 +143,9 @@ def _sweeper_reads_return_value() -> bool:
 def returned_objective(cfg: DictConfig, metrics: Dict[str, Any]) -> float:
     """``cfg.objective`` as a float for Hydra; a null one is NaN, or an error under a tuning sweeper.
 
-    hydra-optuna-sweeper (1.3, optuna 2.10) cannot record a NaN: optuna refuses it and the sweeper's retry refuses it
-    again, aborting the sweep with an optuna error. An exception from the job instead becomes a failed trial, which
+    hydra-optuna-sweeper (1.3, optuna 2.10) cannot record a NaN: optuna's ``tell`` refuses it, and the sweeper's
+    second ``tell`` (the trial as failed, still with the NaN) raises too, aborting the whole sweep with an optuna
+    message whatever ``max_failure_rate`` says. An exception from the job instead becomes a failed trial, which
     ``hydra.sweeper.max_failure_rate`` tolerates (its default 0 stops the sweep with this message).
     """
     value = objective_value(metrics, cfg.objective)
@@ -153,13 +154,13 @@ def returned_objective(cfg: DictConfig, metrics: Dict[str, Any]) -> float:
             log.warning("hydra.sweeper.direction=minimize: the sweeper minimises %s; higher is better for every "
                         "w2sg objective (set hydra.sweeper.direction=maximize)", cfg.objective)
         return value
+    if not _sweeper_reads_return_value():
+        return float("nan")  # a single run or Hydra's basic sweeper: nobody reads it (the table says why)
     reason = metrics.get("pgr_reason") if "pgr" in cfg.objective else None
-    why = f"objective {cfg.objective} is null for this run" + (f" ({reason})" if reason else "")
-    if _sweeper_reads_return_value():
-        raise W2SGError(f"{why}; the sweeper records the trial as failed (hydra.sweeper.max_failure_rate sets how "
-                        f"many failed trials it tolerates; objective=acc.w2s is never null)")
-    log.warning("%s; returning NaN", why)
-    return float("nan")
+    raise W2SGError(f"objective {cfg.objective} is null for this run" + (f" ({reason})" if reason else "")
+                    + "; the sweeper records the trial as failed (hydra.sweeper.max_failure_rate sets how many failed "
+                    "trials it tolerates)" + ("; objective=acc.w2s has a value whenever the w2s stage runs"
+                                              if cfg.objective == "pgr" else ""))
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
