@@ -62,11 +62,15 @@ def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None
 
     ``overrides``: the job's command-line overrides (default: Hydra's, when it runs the job).
     """
+    from w2sg.extensions import load as load_extensions
+
+    load_extensions(cfg.extensions)  # first: the names they register are valid below
     from w2sg.losses import validate_loss
     from w2sg.models import POOLINGS, check_model_path
     from w2sg.tasks import validate_task
     from w2sg.train import check_train_settings
 
+    validate_objective(cfg)
     validate_loss(cfg.loss)
     validate_task(cfg.task)
     t = cfg.train
@@ -102,6 +106,63 @@ def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None
             )
 
 
+# What the task function returns (for tuning sweepers): entries of metrics.json, higher is better for each.
+OBJECTIVES = ("pgr", "acc.w2s", "acc.weak", "acc.ceiling", "auroc.w2s", "auroc.weak", "auroc.ceiling",
+              "weak_label_acc", "chain.end_to_end.pgr", "chain.end_to_end.acc", "chain.bootstrap_minus_direct")
+
+
+def validate_objective(cfg: DictConfig) -> None:
+    name = cfg.objective
+    if name not in OBJECTIVES:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), OBJECTIVES, n=1)
+        raise W2SGError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}"
+                        + (f"; did you mean {close[0]}?" if close else ""))
+    if name.startswith("chain.") and cfg.chain is None:
+        raise W2SGError(f"objective {name!r} needs a bootstrap chain (chain=<name>); without one pick one of "
+                        f"{', '.join(o for o in OBJECTIVES if not o.startswith('chain.'))}")
+
+
+def objective_value(metrics: Dict[str, Any], name: str) -> Optional[float]:
+    """The objective's value in a run's metrics (None when it has none, e.g. PGR with ceiling <= weak)."""
+    node: Any = metrics
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return None if node is None else float(node)
+
+
+def _sweeper_reads_return_value() -> bool:
+    """A tuning sweeper (Optuna, Nevergrad, ...) uses the return value; Hydra's basic sweeper ignores it."""
+    if not _is_multirun():
+        return False
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return not target.endswith("BasicSweeper")
+
+
+def returned_objective(cfg: DictConfig, metrics: Dict[str, Any]) -> float:
+    """``cfg.objective`` as a float for Hydra; a null one is NaN, or an error under a tuning sweeper.
+
+    hydra-optuna-sweeper (1.3, optuna 2.10) cannot record a NaN: optuna's ``tell`` refuses it, and the sweeper's
+    second ``tell`` (the trial as failed, still with the NaN) raises too, aborting the whole sweep with an optuna
+    message whatever ``max_failure_rate`` says. An exception from the job instead becomes a failed trial, which
+    ``hydra.sweeper.max_failure_rate`` tolerates (its default 0 stops the sweep with this message).
+    """
+    value = objective_value(metrics, cfg.objective)
+    if value is not None:
+        if _sweeper_reads_return_value() and str(HydraConfig.get().sweeper.get("direction", "")) == "minimize":
+            log.warning("hydra.sweeper.direction=minimize: the sweeper minimises %s; higher is better for every "
+                        "w2sg objective (set hydra.sweeper.direction=maximize)", cfg.objective)
+        return value
+    if not _sweeper_reads_return_value():
+        return float("nan")  # a single run or Hydra's basic sweeper: nobody reads it (the table says why)
+    reason = metrics.get("pgr_reason") if "pgr" in cfg.objective else None
+    raise W2SGError(f"objective {cfg.objective} is null for this run" + (f" ({reason})" if reason else "")
+                    + "; the sweeper records the trial as failed (hydra.sweeper.max_failure_rate sets how many failed "
+                    "trials it tolerates)" + ("; objective=acc.w2s has a value whenever the w2s stage runs"
+                                              if cfg.objective == "pgr" else ""))
+
+
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Validate, run every stage of this experiment through the store, write metrics.json, print the table."""
     from w2sg import experiment
@@ -115,6 +176,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     runner = Runner(cfg, Store(cfg.store_dir), Tracker(cfg.logger, sweep_name()))
     metrics = experiment.run(cfg, runner)
     metrics["output_dir"] = str(out_dir)
+    if cfg.extensions:  # the users' code this run loaded, with the versions in its stage keys
+        from w2sg.extensions import load as load_extensions
+
+        metrics["extensions"] = load_extensions(cfg.extensions)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(experiment.table(metrics), flush=True)
     log.info("metrics: %s", out_dir / "metrics.json")
@@ -140,11 +205,13 @@ def _is_multirun() -> bool:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _hydra_entry(cfg: DictConfig) -> Optional[float]:
+def _hydra_entry(cfg: DictConfig) -> float:
+    """Run one experiment; returns ``cfg.objective`` (what a tuning sweeper such as Optuna optimises)."""
     from w2sg.train import Preempted
 
     try:
         metrics = run(cfg)
+        return returned_objective(cfg, metrics)
     except Preempted as e:
         print(f"w2sg: {e}; rerun the same command to resume from it", file=sys.stderr, flush=True)
         if _is_multirun():
@@ -155,7 +222,6 @@ def _hydra_entry(cfg: DictConfig) -> Optional[float]:
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs of the sweep still run
         sys.exit(2)
-    return metrics["pgr"]
 
 
 SUBCOMMANDS = {"status": "w2sg.status", "report": "w2sg.report"}

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Tuple
 
 from w2sg import diagnostics
 from w2sg.errors import W2SGError
+from w2sg.extensions import load as load_extensions
 from w2sg.metrics import pgr
 from w2sg.stages import Outcome, Runner, Stage, labels_stage, task_sizes, train_stage
 
@@ -19,6 +20,7 @@ def chain_models(cfg: Any) -> List[Any]:
 
 def plan(cfg: Any) -> Dict[str, Stage]:
     """Named stages of this run, in execution order. Keys make shared stages the same object in the store."""
+    load_extensions(cfg.get("extensions") or [])  # their code versions enter the keys (status, launchers plan too)
     weak = train_stage(cfg, cfg.weak, None, None, f"weak:{cfg.weak.name}")
     weak_labels = labels_stage(cfg, weak, f"weak_labels:{cfg.weak.name}")
     ceiling = train_stage(cfg, cfg.strong, None, None, f"ceiling:{cfg.strong.name}")

@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from w2sg.errors import W2SGError
+from w2sg.extensions import record
 
 LossFn = Callable[..., torch.Tensor]
 LOSSES: Dict[str, LossFn] = {}
 
 
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Decorator: ``loss.name=<name>`` selects ``fn`` (also from a module listed in ``extensions:``)."""
     def deco(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
+        record(LOSSES, "loss", name, fn)
         return fn
 
     return deco

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from w2sg.errors import W2SGError
+from w2sg.extensions import record
 from w2sg.paths import PKG_SCHEME, resolve_path  # noqa: F401  (resolve_path: part of this module's API)
 
 
@@ -87,7 +88,20 @@ def _last(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return h[torch.arange(h.shape[0]), idx]
 
 
-POOLINGS = {"mean": _mean, "cls": _cls, "last": _last}
+Pooling = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+POOLINGS: Dict[str, Pooling] = {"mean": _mean, "cls": _cls, "last": _last}
+
+
+def register_pooling(name: str) -> Callable[[Pooling], Pooling]:
+    """Decorator: ``model.pooling=<name>`` (``weak.pooling=``, ``strong.pooling=``) pools with ``fn``.
+
+    ``fn(last_hidden_state [B, T, H], attention_mask [B, T]) -> features [B, H]`` (the head is H wide).
+    """
+    def deco(fn: Pooling) -> Pooling:
+        record(POOLINGS, "pooling", name, fn)
+        return fn
+
+    return deco
 
 
 def _layer_key(config: Any) -> str:

@@ -152,6 +152,12 @@ class Config:
     # run only these named stages of the plan and the stages they need (e.g. [weak, weak_labels]); such a run
     # writes no PGR and marks its metrics.json as a subset, which reports skip (null: all stages, a full result)
     stages: Optional[List[str]] = None
+    # what the Hydra task function returns, for tuning sweepers (hydra/sweeper=optuna): a metric of metrics.json,
+    # one of w2sg.cli.OBJECTIVES (pgr, acc.w2s, auroc.w2s, ...); it does not change any result
+    objective: str = "pgr"
+    # Python modules imported before the config is checked, whose registered losses, task formats and poolings then
+    # work like the built-in ones: [my_project.w2s_methods] or [{module: my_project.w2s_methods, version: "2"}]
+    extensions: List[Any] = field(default_factory=list)
 
 
 # Allowed ranges of numeric settings: key -> (low, high, low inclusive, high inclusive); None: unbounded.
@@ -230,8 +236,9 @@ def _loss_hint(cfg: Any, key: str) -> str:
 
     name = cfg.loss.get("name")
     param = key.split(".", 1)[1]
-    if name not in LOSSES:
-        return f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}"
+    if name not in LOSSES:  # extensions are imported after compose: their losses' parameters are new keys here
+        return (f"loss {name!r} is not built in (built in: {', '.join(sorted(LOSSES))}); for a loss registered by "
+                f"a module in extensions:, add its parameters with a leading +: +{key}=<value>")
     valid = list(loss_params(LOSSES[name]))
     hint = f"loss {name!r} has no parameter {param!r}; valid: {', '.join(valid) or '(none)'}"
     others = [f"loss={n}" for n in sorted(LOSSES) if param in loss_params(LOSSES[n])]

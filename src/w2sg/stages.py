@@ -87,6 +87,13 @@ class Stage:
     model: Any = None  # the model config (for building; its result-relevant part is in spec)
     label: str = ""  # human-readable name, e.g. "weak:minilm_l1"
 
+    def __post_init__(self) -> None:
+        from w2sg.extensions import versions_used
+
+        used = versions_used(self.spec)  # the version of users' code (extensions:) that this stage runs
+        if used:
+            self.spec["extensions"] = used
+
     @property
     def role(self) -> str:
         """weak, ceiling, w2s, link or labels: the W&B job type and the kind shown to users."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from w2sg.extensions import record
+
 Row = Dict[str, Any]
 Example = Tuple[Any, int]  # (text, class index); pairwise tasks give a (text, text) pair instead of one text
 Formatter = Callable[[Row, random.Random, Any], Optional[Example]]
@@ -19,8 +21,9 @@ FORMATTERS: Dict[str, Formatter] = {}
 
 
 def register_formatter(name: str) -> Callable[[Formatter], Formatter]:
+    """Decorator: ``task.kind=<name>`` formats rows with ``fn`` (also from a module listed in ``extensions:``)."""
     def deco(fn: Formatter) -> Formatter:
-        FORMATTERS[name] = fn
+        record(FORMATTERS, "task format", name, fn)
         return fn
 
     return deco

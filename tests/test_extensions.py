@@ -1,0 +1,128 @@
+"""``extensions:``: users' own losses, task formats and poolings from a module outside the package."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, compose, run_w2sg
+from w2sg import extensions
+from w2sg.errors import W2SGError
+
+EXT_DIR = Path(__file__).resolve().parent / "ext_pkg"
+EXT = "w2sg_test_methods"
+USE_EXT = [f"extensions=[{EXT}]", "loss.name=ext_scaled_xent", "+loss.scale=3", "strong.pooling=ext_max"]
+
+
+@pytest.fixture
+def isolated(monkeypatch):
+    """Registries and loaded extensions as they were before the test (an extension's import is process-wide)."""
+    from w2sg.losses import LOSSES
+    from w2sg.models import POOLINGS
+    from w2sg.task_formats import FORMATTERS
+
+    saved = [(d, dict(d)) for d in (LOSSES, POOLINGS, FORMATTERS, extensions._REGISTRATIONS, extensions._LOADED)]
+    modules = set(sys.modules)
+    monkeypatch.syspath_prepend(str(EXT_DIR))
+    yield
+    for d, copy in saved:
+        d.clear()
+        d.update(copy)
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
+def keys(overrides):
+    from w2sg.experiment import plan
+
+    return {name: s for name, s in plan(compose(overrides)).items()}
+
+
+def test_an_extensions_names_validate_only_when_it_is_listed(isolated):
+    from w2sg.cli import validate
+
+    names = ["loss.name=ext_scaled_xent", "weak.pooling=ext_max", "task.kind=ext_upper"]
+    for override in names:
+        with pytest.raises(W2SGError, match="unknown"):
+            validate(compose(["pair=tiny", override]), [])
+    validate(compose(["pair=tiny", f"extensions=[{EXT}]", *names]), [])
+
+
+def test_only_stages_using_an_extensions_names_carry_its_version(isolated):
+    plain = keys(["pair=tiny"])
+    listed = keys(["pair=tiny", f"extensions=[{EXT}]"])  # listed, but nothing of it used: the same stages
+    assert {k: s.key for k, s in listed.items()} == {k: s.key for k, s in plain.items()}
+    used = keys(["pair=tiny", *USE_EXT])
+    version = extensions._LOADED[EXT].version
+    assert version.startswith("src-")  # no __version__: a hash of its source
+    assert {k for k, s in used.items() if s.spec.get("extensions") == {EXT: version}} == {"ceiling", "w2s"}
+    assert used["weak"].key == plain["weak"].key and used["weak_labels"].key == plain["weak_labels"].key
+
+
+def test_a_version_given_in_the_config_replaces_the_hash(isolated):
+    v1 = keys(["pair=tiny", *USE_EXT[1:], f"extensions=[{{module: {EXT}, version: '1'}}]"])
+    v2 = keys(["pair=tiny", *USE_EXT[1:], f"extensions=[{{module: {EXT}, version: '2'}}]"])
+    assert v1["w2s"].spec["extensions"] == {EXT: "1"} and v2["w2s"].spec["extensions"] == {EXT: "2"}
+    assert {k for k in v1 if v1[k].key != v2[k].key} == {"ceiling", "w2s"}
+
+
+def test_an_extension_that_registers_nothing_enters_every_key(isolated, tmp_path, monkeypatch):
+    (tmp_path / "w2sg_test_patch.py").write_text("__version__ = '0.3'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stages = keys(["pair=tiny", "extensions=[w2sg_test_patch]"])
+    assert all(s.spec["extensions"] == {"w2sg_test_patch": "0.3"} for s in stages.values())
+
+
+def test_bad_extensions_name_the_module_and_what_went_wrong(isolated, tmp_path, monkeypatch):
+    with pytest.raises(W2SGError, match=r"no module named 'no_such_w2sg_ext' \(looked in sys.path: .*PYTHONPATH"):
+        extensions.load(["no_such_w2sg_ext"])
+    (tmp_path / "w2sg_test_broken.py").write_text("import os\n\nundefined_name + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(W2SGError, match=r"importing 'w2sg_test_broken' failed: NameError.*w2sg_test_broken.py, line 3"):
+        extensions.load(["w2sg_test_broken"])
+    with pytest.raises(W2SGError, match="bad entry"):
+        extensions.load([{"mod": EXT}])
+
+
+def test_a_taken_name_is_refused(isolated):
+    from w2sg.losses import register_loss
+
+    with pytest.raises(W2SGError, match="loss 'xent' is already registered by w2sg.losses.xent"):
+        register_loss("xent")(lambda logits, labels, step_frac: logits.sum())
+
+
+def test_an_extensions_loss_trains_w2s_through_the_real_entrypoint(tmp_path, store, capsys):
+    """The module lives outside the package (on PYTHONPATH); its loss trains w2s, its version is in the keys and
+    editing it recomputes exactly the stages using it; `w2sg report` lists the run."""
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    shutil.copy(EXT_DIR / f"{EXT}.py", ext_dir)
+    calls = tmp_path / "calls.txt"
+    env = {"PYTHONPATH": str(ext_dir), "W2SG_TEST_EXT_CALLS": str(calls)}
+    args = TINY + ["logger=none", "hydra.run.dir=outputs/run1", *USE_EXT]
+    run_w2sg(args, tmp_path, env)
+    m = json.loads((tmp_path / "outputs/run1/metrics.json").read_text())
+    assert m["loss"] == "ext_scaled_xent" and list(m["extensions"]) == [EXT]
+    lines = calls.read_text().splitlines()
+    assert lines and set(lines) == {"scale=3 batch=32"}  # w2s only: ground-truth stages train with xent
+
+    def spec(name):
+        return json.loads((store / "stages" / m["stages"][name]["key"] / "meta.json").read_text())["spec"]
+
+    assert spec("w2s")["loss"] == {"name": "ext_scaled_xent", "scale": 3}
+    assert spec("w2s")["extensions"] == spec("ceiling")["extensions"] == m["extensions"]
+    assert "extensions" not in spec("weak")
+
+    (ext_dir / f"{EXT}.py").write_text((ext_dir / f"{EXT}.py").read_text() + "\n# a new version\n")
+    run_w2sg([a.replace("run1", "run2") for a in args], tmp_path, env)
+    m2 = json.loads((tmp_path / "outputs/run2/metrics.json").read_text())
+    assert m2["extensions"][EXT] != m["extensions"][EXT]
+    assert {k for k, s in m2["stages"].items() if not s["reused"]} == {"ceiling", "w2s"}
+    assert {k for k in m["stages"] if m["stages"][k]["key"] != m2["stages"][k]["key"]} == {"ceiling", "w2s"}
+
+    from w2sg.report import main as report
+
+    assert report([str(tmp_path / "outputs")]) == 0
+    assert "tiny_random -> tiny_random_l2 ext_scaled_xent" in capsys.readouterr().out
