@@ -74,6 +74,9 @@ def experiment_settings(weak: Any, w2s: Any, spec_of: Callable[[Any], Dict],
     _flatten("loss", {k: v for k, v in ss["loss"].items() if k != "name"}, out)
     _flatten("weak_model", ws["model"], out)
     _flatten("strong_model", ss["model"], out)
+    exts = {**ws.get("extensions", {}), **ss.get("extensions", {})}  # versions of users' code the stages ran
+    if exts:
+        _flatten("extensions", exts, out)
     for side, node in (("weak", weak), ("strong", w2s)):
         lm = _lm_spec(node, spec_of, inputs_of)
         if lm is None:

@@ -61,8 +61,10 @@ class StageDir:
 
 def _finite(o: Any) -> Any:
     """``o`` with every non-finite float (Python or numpy) replaced by None, in nested dicts, lists and tuples."""
+    import numpy as np  # here, not at the top: ``w2sg status`` reads the store without numpy
+
     if isinstance(o, (float, np.floating)):
-        return float(o) if np.isfinite(o) else None
+        return float(o) if np.isfinite(float(o)) else None
     if isinstance(o, dict):
         return {k: _finite(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
