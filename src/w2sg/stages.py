@@ -36,7 +36,9 @@ def model_spec(model: Any) -> Dict[str, Any]:
     m = _plain(model)
     spec = {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
     # newer fields enter only when set, so that the keys of models without them stay as they were
-    spec.update({k: m[k] for k in ("revision", "tokenizer", "arch") if m.get(k) is not None})
+    spec.update({k: m[k] for k in ("revision", "tokenizer") if m.get(k) is not None})
+    if m.get("random_init") is not None and m.get("arch") is not None:  # a random model built from arch alone
+        spec["arch"] = m["arch"]
     return spec
 
 
