@@ -256,7 +256,12 @@ def enable_gradient_checkpointing(backbone: nn.Module) -> None:
     """Recompute activations in the backward pass (non-reentrant: works with frozen embeddings and LoRA)."""
     if not getattr(backbone, "supports_gradient_checkpointing", False):
         raise W2SGError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it; set it false")
-    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model: Classifier, rank: int, alpha: float, dropout: float, target_modules: Optional[List[str]]) -> None:
