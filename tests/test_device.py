@@ -249,3 +249,18 @@ def test_gpu_memory_check_refuses_a_model_larger_than_the_gpu():
     parts = estimate_memory(params, "bf16", "full", 1, 16, 1024, 2)
     with pytest.raises(W2SGError, match="GiB of GPU memory"):
         dev.check_memory("huge", parts, runtime_policy(compose().train))
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_paths_on_cpu():
+    """benchmarks/gpu_check.py --cpu-smoke: the GPU check's experiment and step benchmark with tiny shapes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("weak->strong: qwen2_5_0_5b -> qwen2_5_1_5b", "w2s ", "w2sg / bare throughput", "gpu tests passed"):
+        assert line in proc.stdout

@@ -42,7 +42,7 @@ def build_lm(cfg: Any, objective: str, seed: int, policy: Any = None):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from w2sg.device import CPU
-    from w2sg.models import load_kwargs, model_config
+    from w2sg.models import init_device, load_kwargs, model_config
 
     policy = policy or CPU
     torch.manual_seed(seed)
@@ -51,7 +51,11 @@ def build_lm(cfg: Any, objective: str, seed: int, policy: Any = None):
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     random = cfg.random_init is not None
     kwargs = load_kwargs(cfg, policy, trainable=True, pretrained=not random)
-    lm = auto.from_config(hf_config, **kwargs) if random else auto.from_pretrained(path, config=hf_config, **kwargs)
+    if random:
+        with init_device(policy):
+            lm = auto.from_config(hf_config, **kwargs)
+    else:
+        lm = auto.from_pretrained(path, config=hf_config, **kwargs)
     return (lm if policy.device_map else policy.place(lm)), objective
 
 

@@ -199,6 +199,22 @@ def load_kwargs(cfg: Any, policy: Any, trainable: bool, pretrained: bool) -> Dic
     return kwargs
 
 
+def init_device(policy: Any):
+    """Where a random model is initialised: straight on a (single) GPU, which is much faster for billions of
+    weights; the CPU otherwise (its random numbers are those of every CPU run)."""
+    import contextlib
+
+    return torch.device(policy.device) if policy.device != "cpu" and not policy.device_map else contextlib.nullcontext()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Spread a model built in memory over every GPU of the node, as from_pretrained(device_map="auto") does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map)
+
+
 def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, policy: Any = None,
                 trainable: bool = True) -> Classifier:
     """Load (or, for tests, randomly build) the backbone and add a freshly initialised head, on the policy's
@@ -216,7 +232,10 @@ def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, p
     try:
         kwargs = load_kwargs(cfg, policy, trainable, pretrained=not random)
         if random:
-            backbone = AutoModel.from_config(hf_config, **kwargs)
+            with init_device(policy):
+                backbone = AutoModel.from_config(hf_config, **kwargs)
+            if policy.device_map:
+                backbone = shard(backbone)
         else:
             backbone = AutoModel.from_pretrained(path, config=hf_config, **kwargs)
     except OSError as e:
