@@ -191,9 +191,15 @@ def _adafactor(params: Any, lr: float, weight_decay: float) -> torch.optim.Optim
     return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
 
 
+def _fused(params: List[torch.Tensor]) -> Dict[str, bool]:
+    """torch's fused Adam kernels when every parameter is on a GPU (one kernel for the whole step); the CPU keeps
+    the default implementation."""
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+
+
 OPTIMIZERS: Dict[str, Callable[[Any, float, float], torch.optim.Optimizer]] = {
-    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, **_fused(params)),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd, **_fused(params)),
     "adafactor": _adafactor,
 }
 # keep_best metric -> True when larger is better
