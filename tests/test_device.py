@@ -63,6 +63,13 @@ def test_bad_settings_name_the_valid_values(no_gpu):
     dev.check_settings("auto", "auto", "auto", "lora")
 
 
+def test_cpu_autocast_that_torch_lacks_is_an_error_not_fp32(no_gpu, monkeypatch):
+    assert runtime_policy(compose(["train.precision=fp16"]).train) == Policy("cpu", "fp16")
+    monkeypatch.setattr(dev, "_cpu_autocast", lambda precision: False)  # as torch < 2.4 for fp16
+    with pytest.raises(W2SGError, match="train.precision=fp16 on the CPU: torch .* has no CPU autocast for it"):
+        runtime_policy(compose(["train.precision=fp16"]).train)
+
+
 def test_a_bf16_request_on_a_gpu_without_it_says_what_to_use(fake_gpu, monkeypatch):
     fake_gpu(False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
@@ -211,7 +218,7 @@ def test_gpu_policy_places_models_and_batches_and_returns_cpu_arrays():
     policy = runtime_policy(compose(["train.device=auto"]).train)
     assert policy.device == "cuda" and policy.precision in ("bf16", "fp16")
     if policy.precision == "bf16":
-        assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"  # TF32
     model, result, seen, data = fit(policy)
     assert next(model.parameters()).is_cuda and set(seen) == {policy.dtype}
     assert result.history[-1]["loss"] < result.history[0]["loss"]

@@ -54,6 +54,19 @@ def _bf16_gpu() -> bool:
     return torch.cuda.get_device_capability()[0] >= 8
 
 
+def _cpu_autocast(precision: str) -> bool:
+    """Whether this torch autocasts to ``precision`` on the CPU (fp16 needs torch >= 2.4; older ones disable
+    autocast with a warning, which would silently compute in fp32)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return not caught
+
+
 def resolve_device(device: str) -> str:
     """auto: cuda when torch sees a GPU, else cpu. Does not check that an explicit cuda is there (planning nodes)."""
     if device not in DEVICES:
@@ -124,7 +137,9 @@ class Policy:
             return None
         import torch
 
-        return torch.amp.GradScaler(self.device)
+        if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3 (also on the CPU)
+            return torch.amp.GradScaler(self.device)
+        return torch.cuda.amp.GradScaler()
 
     def to(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         if self.input_device == "cpu":
@@ -162,8 +177,13 @@ def runtime_policy(train: Any) -> Policy:
                             f"{'.'.join(map(str, torch.cuda.get_device_capability()))}) has no native bf16; use "
                             "train.precision=fp16 (with a gradient scaler) or train.precision=auto")
         if _bf16_gpu():
-            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (Ampere and newer)
             torch.backends.cudnn.allow_tf32 = True
+    elif precision != "fp32" and not _cpu_autocast(precision):
+        import torch
+
+        raise W2SGError(f"train.precision={precision} on the CPU: torch {torch.__version__} has no CPU autocast for "
+                        "it; use train.precision=bf16 or fp32 (or a newer torch)")
     check_settings(device_setting, precision, train.get("device_map"), str(train.get("mode", "full")))
     return Policy(device, precision, bool(train.get("gradient_checkpointing", False)), train.get("device_map"))
 
