@@ -181,7 +181,7 @@ def experiment(s: Dict[str, Any], tmp: Path, tokenizer: str, peak: float) -> Non
         fpt = flops_per_token(hf, s["length"])
         if stage.kind == "train":
             part = "weak" if "labels" in stage.inputs else "gt"
-            trained = sum(runner.encode(stage.model, part).length(i) for i in range(len(runner.data.__dict__[part])))
+            trained = sum(runner.encode(stage.model, part).length(i) for i in range(len(getattr(runner.data, part))))
             predicted = sum(runner.encode(stage.model, "test").length(i) for i in range(len(runner.data.test)))
             flops = fpt * trained + fpt / 3 * predicted
         else:
@@ -234,7 +234,7 @@ def step_benchmark(s: Dict[str, Any], tokenizer: str, peak: float) -> None:
             opt.zero_grad(set_to_none=True)
             for start in range(step * s["batch"], (step + 1) * s["batch"], s["minibatch"]):
                 sl = slice(start, start + s["minibatch"])
-                with torch.autocast(policy.device, dtype=policy.dtype):
+                with torch.autocast(policy.device, dtype=policy.dtype, enabled=policy.precision != "fp32"):
                     logits = model(x[sl], mask[sl])
                 loss = torch.nn.functional.cross_entropy(logits.float(), y[sl]) * (s["minibatch"] / s["batch"])
                 loss.backward()

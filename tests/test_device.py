@@ -166,6 +166,23 @@ def test_frozen_weights_load_in_the_compute_dtype():
     assert model.backbone.dtype == torch.bfloat16 and model.head.linear.weight.dtype == torch.float32
 
 
+def test_load_arguments_are_empty_on_cpu_fp32_and_carry_dtype_placement_revision_else(monkeypatch):
+    from w2sg.models import _dtype_key, load_kwargs
+
+    minilm = compose().strong
+    assert load_kwargs(minilm, Policy(), trainable=True, pretrained=True) == {}  # built exactly as before
+    pythia = compose(["strong=pythia_160m", "strong.revision=step1000"]).strong
+    sharded = Policy("cuda", "bf16", device_map="auto")
+    assert load_kwargs(pythia, sharded, trainable=False, pretrained=True) == {
+        _dtype_key(): torch.bfloat16, "device_map": "auto", "revision": "step1000"}
+    assert load_kwargs(pythia, sharded, trainable=True, pretrained=False) == {}  # trained weights stay fp32
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    assert load_kwargs(pythia, sharded, trainable=True, pretrained=False) == {"attn_implementation": "flash_attention_2"}
+    assert load_kwargs(pythia, Policy(), trainable=True, pretrained=False) == {}  # never on the CPU
+
+
 def test_a_bf16_run_end_to_end_on_cpu(tmp_path):
     """Every stage (train, labels, lora, probe features) through the policy; stored arrays are float32 on CPU."""
     from w2sg import experiment

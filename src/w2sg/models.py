@@ -195,7 +195,7 @@ def load_kwargs(cfg: Any, policy: Any, trainable: bool, pretrained: bool) -> Dic
         if policy.device_map:
             kwargs["device_map"] = policy.device_map  # accelerate: shard over every GPU of the node
         elif policy.device != "cpu":
-            kwargs["device_map"] = {"": policy.device}  # weights straight onto the GPU
+            kwargs["device_map"] = {"": torch.cuda.current_device()}  # weights straight onto the GPU
     return kwargs
 
 
