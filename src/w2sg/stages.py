@@ -281,9 +281,7 @@ class Runner:
 
     def _build(self, stage: Stage):
         """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe)."""
-        from w2sg.models import add_lora, build_head, build_model
-
-        from w2sg.models import enable_gradient_checkpointing
+        from w2sg.models import add_lora, build_head, build_model, enable_gradient_checkpointing
 
         cfg, num_classes, tspec = self.cfg, int(self.cfg.task.num_classes), stage.spec["train"]
         if tspec["mode"] == "probe":
