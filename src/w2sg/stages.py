@@ -50,6 +50,10 @@ def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     m = _plain(model)
     spec = {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
     spec["path"] = model_source(model, cache_dir)
+    # newer fields enter only when set, so that the keys of models without them stay as they were
+    spec.update({k: m[k] for k in ("revision", "tokenizer") if m.get(k) is not None})
+    if m.get("random_init") is not None and m.get("arch") is not None:  # a random model built from arch alone
+        spec["arch"] = m["arch"]
     return spec
 
 
@@ -67,12 +71,18 @@ def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
 
 
 def train_spec(train: Any, model: Any) -> Dict[str, Any]:
+    from w2sg.device import key_precision
+
     t = dict(_plain(train))
-    for k in ("eval_batch_size", "checkpoint_every"):  # evaluation batching and checkpoints do not change results
+    # evaluation batching, checkpoints, the device and memory savers do not change results; the precision does
+    for k in ("eval_batch_size", "checkpoint_every", "device", "precision", "gradient_checkpointing", "device_map"):
         t.pop(k, None)
+    t.update(key_precision(train))
     t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
     if t.get("mode") != "lora":
         t.pop("lora", None)  # adapter settings matter only when adapters are trained
+    elif t["lora"].get("target_modules") is None and model.get("lora_targets") is not None:
+        t["lora"] = {**t["lora"], "target_modules": list(model.lora_targets)}  # the model's own default
     if not t.get("val_frac"):
         for k in ("val_labels", "eval_every", "keep_best"):  # no validation set: nothing to validate
             t.pop(k, None)
@@ -109,13 +119,20 @@ class Stage:
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _precision(cfg: Any) -> Dict[str, str]:
+    from w2sg.device import key_precision
+
+    return key_precision(cfg.train)
+
+
 def lm_stage(cfg: Any, model: Any) -> Stage:
     """Generative finetuning of a model on the task's unlabelled training text (w2sg.generative)."""
     g = _plain(cfg.generative)
     cache = fingerprint_cache(cfg)
     spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
             "max_length": int(cfg.train.max_length),
-            "generative": {k: g[k] for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")}}
+            "generative": {k: g[k] for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")},
+            **_precision(cfg)}
     return Stage("lm", spec, {}, model, f"lm:{model.name}")
 
 
@@ -130,7 +147,7 @@ def features_stage(cfg: Any, model: Any, side: str) -> Stage:
     """Probe mode: the frozen model's pooled features of every part of the task, computed once and reused."""
     cache = fingerprint_cache(cfg)
     spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length)}
+            "max_length": int(cfg.train.max_length), **_precision(cfg)}
     return Stage("features", spec, init_inputs(cfg, model, side), model, f"features:{model.name}")
 
 
@@ -158,7 +175,7 @@ def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label:
 
 def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
     spec = {"task": task_spec(cfg.task, fingerprint_cache(cfg)), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length)}
+            "max_length": int(cfg.train.max_length), **_precision(cfg)}
     return Stage("labels", spec, {"model": trained}, trained.model, label)
 
 
@@ -186,6 +203,36 @@ class Runner:
         self._encoded: Dict[tuple, Any] = {}  # (tokenizer path, task part) -> token ids
         self._models: Dict[str, Any] = {}  # stage key -> trained Classifier computed in this process
         self.outcomes: Dict[str, Outcome] = {}  # stage key -> outcome
+        self._policy = None
+
+    @property
+    def policy(self):
+        """Device and precision of every stage of this process (w2sg.device), resolved once."""
+        if self._policy is None:
+            from w2sg.device import runtime_policy
+
+            self._policy = runtime_policy(self.cfg.train)
+        return self._policy
+
+    def eval_batch_size(self, model: Any) -> int:
+        """train.eval_batch_size, capped by the model's own (large models)."""
+        cap = model.get("eval_batch_size")
+        return min(int(self.cfg.train.eval_batch_size), int(cap)) if cap else int(self.cfg.train.eval_batch_size)
+
+    def check_memory(self, stage: "Stage", mode: str, batch: int) -> None:
+        """Before loading onto a GPU: the memory estimate against what the device has (w2sg.device)."""
+        if self.policy.device == "cpu":
+            return
+        from w2sg.device import check_memory, estimate_memory
+        from w2sg.models import hidden_size, model_config
+
+        hf = model_config(stage.model)[1]
+        layers = next((getattr(hf, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(hf, k)), 1)
+        length = int(stage.spec.get("max_length") or self.cfg.train.max_length)
+        vocab = int(getattr(hf, "vocab_size", 0)) if stage.kind == "lm" else 0
+        parts = estimate_memory(int(stage.model.params), self.policy.precision, mode, batch, length, hidden_size(hf),
+                                int(layers), self.policy.gradient_checkpointing, vocab)
+        check_memory(f"{stage.label} ({mode}, batch {batch} x length {length})", parts, self.policy)
 
     @property
     def data(self):
@@ -275,15 +322,21 @@ class Runner:
 
     def _build(self, stage: Stage):
         """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe)."""
-        from w2sg.models import add_lora, build_head, build_model
+        from w2sg.models import add_lora, build_head, build_model, enable_gradient_checkpointing
 
-        cfg, num_classes = self.cfg, int(self.cfg.task.num_classes)
-        if stage.spec["train"]["mode"] == "probe":
-            return build_head(stage.model, num_classes, int(cfg.seed), self.pairwise)
-        model = build_model(stage.model, num_classes, int(cfg.seed), self.pairwise)
+        cfg, num_classes, tspec = self.cfg, int(self.cfg.task.num_classes), stage.spec["train"]
+        if tspec["mode"] == "probe":
+            return self.policy.place(build_head(stage.model, num_classes, int(cfg.seed), self.pairwise))
+        if self.policy.device != "cpu":
+            self._models.clear()  # free the GPU of the last trained model (the store has it)
+        self.check_memory(stage, tspec["mode"], int(tspec.get("minibatch_size") or tspec["batch_size"]))
+        model = build_model(stage.model, num_classes, int(cfg.seed), self.pairwise, self.policy,
+                            trainable=tspec["mode"] == "full")
         self._load_init(stage, model)
-        if stage.spec["train"]["mode"] == "lora":
-            lora = stage.spec["train"]["lora"]
+        if self.policy.gradient_checkpointing:
+            enable_gradient_checkpointing(model.backbone)
+        if tspec["mode"] == "lora":
+            lora = tspec["lora"]
             add_lora(model, int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"])
         return model
 
@@ -335,8 +388,9 @@ class Runner:
                 epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
                 seed=int(cfg.seed), minibatch_size=tspec.get("minibatch_size"), optimizer=str(tspec["optimizer"]),
                 weight_decay=float(tspec["weight_decay"]), warmup_frac=float(tspec["warmup_frac"]),
-                schedule=str(tspec["schedule"]), validation=validation, eval_batch_size=int(cfg.train.eval_batch_size),
-                progress=bool(cfg.progress), desc=stage.label, checkpointer=ckpt, on_log=wb.log,
+                schedule=str(tspec["schedule"]), validation=validation,
+                eval_batch_size=self.eval_batch_size(stage.model), progress=bool(cfg.progress), desc=stage.label,
+                checkpointer=ckpt, on_log=wb.log, policy=self.policy,
             )
             if result.resumed_from:
                 log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
@@ -344,13 +398,14 @@ class Runner:
             merge_lora(model)
             test_y = [y for _, y in data.test]
             probs = predict(model, self.inputs_of(stage, "test"),
-                            batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id, progress=bool(cfg.progress),
-                            desc=f"{stage.label} test")
+                            batch_size=self.eval_batch_size(stage.model), pad_id=pad_id, progress=bool(cfg.progress),
+                            desc=f"{stage.label} test", policy=self.policy)
             transfer_probs = None
             if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.diagnostics)
                 transfer_probs = predict(model, self.inputs_of(stage, "weak"),
-                                         batch_size=int(cfg.train.eval_batch_size), pad_id=pad_id,
-                                         progress=bool(cfg.progress), desc=f"{stage.label} transfer")
+                                         batch_size=self.eval_batch_size(stage.model), pad_id=pad_id,
+                                         progress=bool(cfg.progress), desc=f"{stage.label} transfer",
+                                         policy=self.policy)
             metrics = {
                 "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
                 "n_test": len(test_y), "history": result.history, "trained_params": trained_params,
@@ -375,13 +430,16 @@ class Runner:
         from w2sg.models import build_model
         from w2sg.train import extract_features
 
-        model = build_model(stage.model, int(self.cfg.task.num_classes), int(self.cfg.seed))
+        self.check_memory(stage, "inference", self.eval_batch_size(stage.model))
+        model = build_model(stage.model, int(self.cfg.task.num_classes), int(self.cfg.seed), policy=self.policy,
+                            trainable=False)
         self._load_init(stage, model)
         pad_id = self.tokenizer(stage.model).pad_token_id
         shapes = {}
         for part in ("gt", "weak", "test"):
-            x, x_b = extract_features(model, self.encode(stage.model, part), batch_size=int(self.cfg.train.eval_batch_size),
-                                      pad_id=pad_id, progress=bool(self.cfg.progress), desc=f"{stage.label} {part}")
+            x, x_b = extract_features(model, self.encode(stage.model, part), batch_size=self.eval_batch_size(stage.model),
+                                      pad_id=pad_id, progress=bool(self.cfg.progress), desc=f"{stage.label} {part}",
+                                      policy=self.policy)
             out.write_array(part, x)
             if x_b is not None:
                 out.write_array(f"{part}_b", x_b)
@@ -409,11 +467,13 @@ class Runner:
         texts = [t for part in (self.data.gt, self.data.weak) for x, _ in part
                  for t in (x if isinstance(x, tuple) else (x,))]
         g = stage.spec["generative"]
+        self.check_memory(stage, "full", int(g["batch_size"]))
         with self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
             result = finetune_lm(stage.model, self.tokenizer(stage.model), texts, objective=g["objective"],
                                  epochs=int(g["epochs"]), batch_size=int(g["batch_size"]), lr=float(g["lr"]),
                                  max_length=int(stage.spec["max_length"]), mlm_probability=float(g["mlm_probability"]),
-                                 seed=int(self.cfg.seed), progress=bool(self.cfg.progress), desc=stage.label)
+                                 seed=int(self.cfg.seed), progress=bool(self.cfg.progress), desc=stage.label,
+                                 policy=self.policy)
             for entry in result["history"]:
                 wb.log({f"lm/{k}": v for k, v in entry.items()})
             metrics = {"objective": result["objective"], "n_texts": len(texts), "history": result["history"]}
@@ -429,11 +489,13 @@ class Runner:
         from w2sg.models import build_head, build_model
 
         num_classes, seed = int(self.cfg.task.num_classes), int(self.cfg.seed)
-        if stage.spec["train"]["mode"] == "probe":
-            model = build_head(stage.model, num_classes, seed, self.pairwise)
-        else:  # full, and lora (adapters were merged before saving)
-            model = build_model(stage.model, num_classes, seed, self.pairwise)
-        load_model(model, str(self.store.get(stage.key).file("model.safetensors")))
+        mode = stage.spec["train"]["mode"]
+        if mode == "probe":
+            model = self.policy.place(build_head(stage.model, num_classes, seed, self.pairwise))
+        else:  # full (fp32, as trained), and lora (adapters were merged before saving, in the compute dtype)
+            self.check_memory(stage, "inference", self.eval_batch_size(stage.model))
+            model = build_model(stage.model, num_classes, seed, self.pairwise, self.policy, trainable=mode == "full")
+        load_model(model, str(self.store.get(stage.key).file("model.safetensors")), device="cpu" if self.policy.device_map else self.policy.device)
         return model
 
     def _compute_labels(self, stage: Stage, out: StageDir) -> None:
@@ -443,8 +505,8 @@ class Runner:
         trained = stage.inputs["model"]
         model = self._load_trained(trained)
         data = self.data
-        probs = predict(model, self.inputs_of(trained, "weak"),
-                        batch_size=int(self.cfg.train.eval_batch_size),
+        probs = predict(model, self.inputs_of(trained, "weak"), policy=self.policy,
+                        batch_size=self.eval_batch_size(trained.model),
                         pad_id=self.tokenizer(trained.model).pad_token_id, progress=bool(self.cfg.progress),
                         desc=stage.label)
         gt = [y for _, y in data.weak]

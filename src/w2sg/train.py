@@ -183,7 +183,7 @@ class Checkpointer:
 
         if self.path is None or not os.path.exists(self.path):
             return None
-        return torch.load(self.path, weights_only=False)
+        return torch.load(self.path, weights_only=False, map_location="cpu")
 
     def save(self, state: Dict[str, Any]) -> None:
         import os
@@ -204,9 +204,15 @@ def _adafactor(params: Any, lr: float, weight_decay: float) -> torch.optim.Optim
     return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
 
 
+def _fused(params: List[torch.Tensor]) -> Dict[str, bool]:
+    """torch's fused Adam kernels when every parameter is on a GPU (one kernel for the whole step); the CPU keeps
+    the default implementation."""
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+
+
 OPTIMIZERS: Dict[str, Callable[[Any, float, float], torch.optim.Optimizer]] = {
-    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, **_fused(params)),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd, **_fused(params)),
     "adafactor": _adafactor,
 }
 # keep_best metric -> True when larger is better
@@ -222,10 +228,10 @@ class Validation:
     every: int = 0  # optimizer steps between checks (0: at the end of each epoch)
     keep_best: Optional[str] = None  # a key of BEST_METRICS
 
-    def evaluate(self, model: torch.nn.Module, pad_id: int, batch_size: int) -> Dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, pad_id: int, batch_size: int, policy: Any = None) -> Dict[str, float]:
         from w2sg.metrics import accuracy, auroc
 
-        probs = predict(model, self.data, batch_size=batch_size, pad_id=pad_id, progress=False)
+        probs = predict(model, self.data, batch_size=batch_size, pad_id=pad_id, progress=False, policy=policy)
         hard = self.labels.argmax(-1).tolist()
         loss = float(-(self.labels * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1).mean())
         au = auroc(probs, hard)
@@ -276,6 +282,7 @@ def train_model(
     desc: str = "train",
     checkpointer: Optional[Checkpointer] = None,
     on_log: Optional[Callable[[Dict[str, float]], None]] = None,
+    policy: Any = None,
 ) -> TrainResult:
     """Fit ``model`` to soft ``labels`` [N, C]. Raises W2SGError on a non-finite loss.
 
@@ -283,9 +290,14 @@ def train_model(
     Each optimizer step sees ``batch_size`` examples, in forward passes of ``minibatch_size`` (gradient
     accumulation). Each epoch's order comes from (seed, epoch), so a run resumed from a checkpoint (model,
     optimiser, schedule, RNG state, position, best weights so far) continues exactly as the uninterrupted run.
+    ``policy`` (w2sg.device): where batches go and the autocast precision, with a gradient scaler for fp16.
     """
     from transformers import get_scheduler
 
+    from w2sg.device import CPU
+
+    policy = policy or CPU
+    scaler = policy.grad_scaler()
     if schedule not in SCHEDULES:
         raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if optimizer not in OPTIMIZERS:
@@ -297,7 +309,7 @@ def train_model(
     total = steps_per_epoch * epochs
     opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * total), num_training_steps=total)
-    y = torch.as_tensor(labels, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.float32).to(policy.input_device)
     result = TrainResult()
     sums = {"loss": 0.0, "correct": 0}
     best_state: Optional[Dict[str, torch.Tensor]] = None
@@ -307,6 +319,10 @@ def train_model(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         result.history, result.steps, sums = state["history"], state["step"], state["sums"]
         result.evals, result.best, best_state = state.get("evals", []), state.get("best"), state.get("best_state")
         result.resumed_from = result.steps
@@ -314,7 +330,9 @@ def train_model(
     def snapshot() -> Dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state(), "history": result.history, "step": result.steps, "sums": sums,
-                "evals": result.evals, "best": result.best, "best_state": best_state}
+                "evals": result.evals, "best": result.best, "best_state": best_state,
+                "cuda_rng": torch.cuda.get_rng_state_all() if policy.device == "cuda" else None,
+                "scaler": scaler.state_dict() if scaler is not None else None}
 
     def log(entry: Dict[str, float]) -> None:
         if on_log is not None:
@@ -322,7 +340,7 @@ def train_model(
 
     def validate() -> None:
         nonlocal best_state
-        entry = {"step": result.steps, **validation.evaluate(model, pad_id, eval_batch_size)}
+        entry = {"step": result.steps, **validation.evaluate(model, pad_id, eval_batch_size, policy)}
         model.train()
         result.evals.append(entry)
         log({f"val/{k}": v for k, v in entry.items()})
@@ -331,7 +349,7 @@ def train_model(
             value, sign = entry[metric], 1 if BEST_METRICS[metric] else -1
             if result.best is None or sign * value > sign * result.best[metric]:
                 result.best = entry
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     model.train()
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -343,17 +361,24 @@ def train_model(
         step_loss = 0.0
         for start in range(0, len(idx), mb):
             part = idx[start : start + mb]
-            logits = model(**data.batch(part, pad_id))
+            with policy.autocast():
+                logits = model(**policy.to(data.batch(part, pad_id)))
+            logits = logits.float()  # the loss in fp32 whatever the compute precision
             loss = loss_fn(logits, y[part], result.steps / total)
             if not torch.isfinite(loss):
                 raise W2SGError(
                     f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
                     f"try a lower learning rate (now {lr:g}) or check the labels"
                 )
-            (loss * (len(part) / len(idx)) if len(part) < len(idx) else loss).backward()
+            term = loss * (len(part) / len(idx)) if len(part) < len(idx) else loss
+            (scaler.scale(term) if scaler is not None else term).backward()
             step_loss += loss.item() * len(part)
             sums["correct"] += int((logits.argmax(-1) == y[part].argmax(-1)).sum())
-        opt.step()
+        if scaler is not None:  # fp16: unscale, skip the step on overflow, adapt the scale
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         result.steps += 1
         sums["loss"] += step_loss
@@ -390,27 +415,33 @@ def check_finite_weights(model: torch.nn.Module, desc: str, lr: float) -> None:
 
 
 def _map_batches(fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: Any, batch_size: int, pad_id: int,
-                 progress: bool, desc: str) -> List[np.ndarray]:
-    """Apply ``fn`` to length-sorted batches under inference_mode; one output row per example, in input order."""
+                 progress: bool, desc: str, policy: Any = None) -> List[np.ndarray]:
+    """Apply ``fn`` to length-sorted batches under inference_mode on the policy's device and precision; one
+    output row (a CPU float32 array) per example, in input order."""
+    from w2sg.device import CPU
+
+    policy = policy or CPU
     order = sorted(range(len(data)), key=data.length)
     out: List[Optional[np.ndarray]] = [None] * len(order)
-    with torch.inference_mode():
+    with torch.inference_mode(), policy.autocast():
         for start in tqdm(
             range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True
         ):
             idx = order[start : start + batch_size]
-            rows = fn(data.batch(idx, pad_id)).float().numpy()
+            rows = fn(policy.to(data.batch(idx, pad_id))).float().cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = rows[j]
     return out
 
 
 def predict(
-    model: torch.nn.Module, data: Any, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "predict"
+    model: torch.nn.Module, data: Any, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "predict",
+    policy: Any = None,
 ) -> np.ndarray:
     """Class probabilities [N, C] in input order, under inference_mode, batches sorted by length."""
     model.eval()
-    out = _map_batches(lambda b: torch.softmax(model(**b).float(), dim=-1), data, batch_size, pad_id, progress, desc)
+    out = _map_batches(lambda b: torch.softmax(model(**b).float(), dim=-1), data, batch_size, pad_id, progress, desc,
+                       policy)
     probs = np.stack(out) if out else np.zeros((0, 2), dtype=np.float32)
     bad = int((~np.isfinite(probs).all(-1)).sum())
     if bad:
@@ -420,14 +451,15 @@ def predict(
 
 
 def extract_features(
-    model: Any, data: Encoded, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "features"
+    model: Any, data: Encoded, *, batch_size: int, pad_id: int, progress: bool = True, desc: str = "features",
+    policy: Any = None,
 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Pooled features [N, H] of each text (and of each pair's second text) from a frozen Classifier."""
     model.eval()
     x = _map_batches(lambda b: model.features(b["input_ids"], b["attention_mask"]), data, batch_size, pad_id,
-                     progress, desc)
+                     progress, desc, policy)
     x_b = None
     if data.ids_b is not None:
         x_b = np.stack(_map_batches(lambda b: model.features(b["input_ids_b"], b["attention_mask_b"]), data,
-                                    batch_size, pad_id, progress, desc))
+                                    batch_size, pad_id, progress, desc, policy))
     return np.stack(x), x_b

@@ -1,0 +1,290 @@
+"""The device and precision policy (w2sg.device): resolution, stage keys, mixed precision on CPU, memory estimate.
+
+Tests marked ``gpu`` need CUDA: skipped here, run on a GPU machine (benchmarks/gpu_check.py runs them)."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, compose
+from w2sg import device as dev
+from w2sg.device import Policy, estimate_memory, key_precision, resolve_precision, runtime_policy
+from w2sg.errors import W2SGError
+from w2sg.experiment import plan
+from w2sg.losses import make_loss
+from w2sg.models import build_model
+from w2sg.train import Encoded, predict, train_model
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+XENT = make_loss({"name": "xent"})
+
+
+def keys(overrides=()):
+    return {name: s.key for name, s in plan(compose(list(overrides))).items()}
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(dev, "cuda_available", lambda: False)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A GPU as planning sees it: present, with (True) or without (False) native bf16."""
+    def make(bf16: bool):
+        monkeypatch.setattr(dev, "cuda_available", lambda: True)
+        monkeypatch.setattr(dev, "_bf16_gpu", lambda: bf16)
+    return make
+
+
+# --- resolution -----------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
+def test_auto_resolves_to_fp32_on_cpu_and_by_gpu_generation(no_gpu, fake_gpu):
+    assert dev.resolve_device("auto") == "cpu" and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"  # a login node planning GPU jobs: the GPU default
+    fake_gpu(True)
+    assert dev.resolve_device("auto") == "cuda" and resolve_precision("auto", "cuda") == "bf16"
+    fake_gpu(False)  # a T4 / V100: fp16, trained with a gradient scaler
+    assert resolve_precision("auto", "cuda") == "fp16"
+    assert Policy("cuda", "fp16").grad_scaler() is not None and Policy("cuda", "bf16").grad_scaler() is None
+
+
+def test_bad_settings_name_the_valid_values(no_gpu):
+    with pytest.raises(W2SGError, match="unknown train.precision 'half'; valid: auto, fp32, bf16, fp16"):
+        runtime_policy(compose(["train.precision=half"]).train)
+    with pytest.raises(W2SGError, match="unknown train.device 'gpu'; valid: auto, cpu, cuda"):
+        keys(["train.device=gpu"])
+    with pytest.raises(W2SGError, match="train.device=cuda but torch .* sees no GPU.*train.device=auto"):
+        runtime_policy(compose(["train.device=cuda"]).train)
+    with pytest.raises(W2SGError, match="train.device_map=auto .* use train=lora or train=probe"):
+        dev.check_settings("auto", "auto", "auto", "full")
+    dev.check_settings("auto", "auto", "auto", "lora")
+
+
+def test_cpu_autocast_that_torch_lacks_is_an_error_not_fp32(no_gpu, monkeypatch):
+    assert runtime_policy(compose(["train.precision=fp16"]).train) == Policy("cpu", "fp16")
+    monkeypatch.setattr(dev, "_cpu_autocast", lambda precision: False)  # as torch < 2.4 for fp16
+    with pytest.raises(W2SGError, match="train.precision=fp16 on the CPU: torch .* has no CPU autocast for it"):
+        runtime_policy(compose(["train.precision=fp16"]).train)
+
+
+def test_a_bf16_request_on_a_gpu_without_it_says_what_to_use(fake_gpu, monkeypatch):
+    fake_gpu(False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    with pytest.raises(W2SGError, match=r"bf16: Tesla T4 \(compute capability 7.5\) has no native bf16; use "
+                                         r"train.precision=fp16"):
+        runtime_policy(compose(["train.precision=bf16", "train.device=cuda"]).train)
+
+
+# --- stage keys -----------------------------------------------------------------------------------------------
+
+def test_keys_hold_the_precision_never_the_device(no_gpu, fake_gpu):
+    base = keys()
+    assert keys(["train.device=cpu"]) == keys(["train.precision=fp32"]) == base  # CPU: keys as always
+    assert keys(["train.gradient_checkpointing=true"]) == base
+    bf16 = keys(["train.precision=bf16"])
+    assert all(bf16[k] != base[k] for k in base)  # every stage computes in bf16
+    assert keys(["train.device=cuda"]) == bf16  # planned without the GPU: auto is the GPU default, bf16
+    fake_gpu(True)
+    assert keys() == bf16 == keys(["train.device=cpu", "train.precision=bf16"])
+    assert keys(["train.device=cpu"]) == base
+    fake_gpu(False)
+    assert keys() == keys(["train.precision=fp16"]) != bf16
+
+
+def test_key_precision_is_empty_for_fp32(no_gpu):
+    assert key_precision(compose().train) == {}
+    assert key_precision(compose(["train.precision=fp16"]).train) == {"precision": "fp16"}
+    stage = plan(compose(["train.precision=bf16", "train=probe"]))["weak"]
+    assert stage.spec["train"]["precision"] == "bf16" and stage.inputs["features"].spec["precision"] == "bf16"
+    assert "device" not in stage.spec["train"]
+
+
+# --- mixed precision on the CPU -------------------------------------------------------------------------------
+
+def tiny_decoder():
+    return compose(["weak=tiny_random_qwen2"]).weak
+
+
+def toy_data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 200, (n, 6), generator=g)
+    y = (ids[:, 0] > 100).long()
+    ids[:, 0] = torch.where(y.bool(), 300, 301)  # the label is in the first token
+    return Encoded([r.tolist() for r in ids]), np.eye(2, dtype=np.float32)[y.numpy()]
+
+
+def fit(policy, **kw):
+    data, y = toy_data()
+    model = build_model(tiny_decoder(), 2, 0, policy=policy, trainable=True)
+    seen = []  # the dtype matmuls compute in (the residual stream stays fp32 under autocast)
+    first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Linear))
+    first.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    args = dict(epochs=4, batch_size=8, lr=3e-3, pad_id=0, seed=0, progress=False, policy=policy)
+    args.update(kw)
+    result = train_model(model, data, y, XENT, **args)
+    return model, result, seen, data
+
+
+def test_bf16_autocast_trains_a_tiny_decoder_with_fp32_master_weights():
+    model, result, seen, data = fit(Policy("cpu", "bf16"))
+    assert set(seen) == {torch.bfloat16}  # computed in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights kept in fp32
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    probs = predict(model, data, batch_size=16, pad_id=0, progress=False, policy=Policy("cpu", "bf16"))
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_fp32_policy_is_exactly_the_plain_loop():
+    a, ra, seen, _ = fit(Policy())
+    b, rb, _, _ = fit(None)
+    assert set(seen) == {torch.float32} and ra.history == rb.history
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # the scaler skips overflowing steps
+def test_fp16_trains_with_a_gradient_scaler(monkeypatch):
+    scalers = []
+    real = Policy.grad_scaler
+
+    def spy(self):
+        scalers.append(real(self))
+        return scalers[-1]
+
+    monkeypatch.setattr(Policy, "grad_scaler", spy)
+    model, result, seen, _ = fit(Policy("cpu", "fp16"))
+    assert set(seen) == {torch.float16}
+    assert isinstance(scalers[0], torch.amp.GradScaler) and scalers[0].get_scale() > 1  # the loss was scaled
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_frozen_weights_load_in_the_compute_dtype():
+    model = build_model(tiny_decoder(), 2, 0, policy=Policy("cpu", "bf16"), trainable=False)
+    assert model.backbone.dtype == torch.bfloat16 and model.head.linear.weight.dtype == torch.float32
+
+
+def test_load_arguments_are_empty_on_cpu_fp32_and_carry_dtype_placement_revision_else(monkeypatch):
+    from w2sg.models import _dtype_key, load_kwargs
+
+    minilm = compose().strong
+    assert load_kwargs(minilm, Policy(), trainable=True, pretrained=True) == {}  # built exactly as before
+    pythia = compose(["strong=pythia_160m", "strong.revision=step1000"]).strong
+    sharded = Policy("cuda", "bf16", device_map="auto")
+    assert load_kwargs(pythia, sharded, trainable=False, pretrained=True) == {
+        _dtype_key(): torch.bfloat16, "device_map": "auto", "revision": "step1000"}
+    assert load_kwargs(pythia, sharded, trainable=True, pretrained=False) == {}  # trained weights stay fp32
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    assert load_kwargs(pythia, sharded, trainable=True, pretrained=False) == {"attn_implementation": "flash_attention_2"}
+    assert load_kwargs(pythia, Policy(), trainable=True, pretrained=False) == {}  # never on the CPU
+
+
+def test_a_bf16_run_end_to_end_on_cpu(tmp_path):
+    """Every stage (train, labels, lora, probe features) through the policy; stored arrays are float32 on CPU."""
+    from w2sg import experiment
+    from w2sg.stages import Runner
+    from w2sg.store import Store
+
+    cfg = compose(TINY + ["logger=none", f"store_dir={tmp_path}", "weak=tiny_random_qwen2", "train.precision=bf16",
+                          "train.gradient_checkpointing=true"])
+    runner = Runner(cfg, Store(cfg.store_dir))
+    metrics = experiment.run(cfg, runner)
+    assert runner.policy == Policy("cpu", "bf16", True)
+    for stage in ("weak", "ceiling", "w2s"):
+        assert 0 <= metrics["acc"][stage] <= 1
+    labels = runner.store.get(metrics["stages"]["weak_labels"]["key"]).read_array("probs")
+    assert labels.dtype == np.float32 and np.allclose(labels.sum(1), 1, atol=1e-4)
+
+
+# --- memory estimate ------------------------------------------------------------------------------------------
+
+def test_memory_estimate_counts_weights_gradients_optimizer_and_activations():
+    full = estimate_memory(1_500_000_000, "bf16", "full", 8, 512, 1536, 28)
+    assert (full["weights"], full["gradients"], full["optimizer"]) == (6e9, 6e9, 12e9)
+    assert full["activations"] == 8 * 512 * 28 * 1536 * 34
+    lora = estimate_memory(1_500_000_000, "bf16", "lora", 8, 512, 1536, 28)
+    assert lora["weights"] == 3e9 and sum(lora.values()) < sum(full.values()) / 2
+    ckpt = estimate_memory(1_500_000_000, "bf16", "full", 8, 512, 1536, 28, gradient_checkpointing=True)
+    assert ckpt["activations"] * 17 == full["activations"] * 2
+    inference = estimate_memory(1_500_000_000, "fp32", "inference", 8, 512, 1536, 28)
+    assert inference["weights"] == 6e9 and inference["optimizer"] == 0
+
+
+def test_a_model_too_large_fails_before_loading_naming_need_and_have(monkeypatch):
+    gib = dev.GIB
+    monkeypatch.setattr(dev, "available_memory", lambda policy: (20 * gib, 24 * gib, "NVIDIA A10"))
+    parts = estimate_memory(1_500_000_000, "bf16", "full", 8, 512, 1536, 28)
+    with pytest.raises(W2SGError, match=r"ceiling:q needs about 2\d\.\d GiB of GPU memory \(weights 5\.6, gradients "
+                                        r"5\.6, optimizer 11\.2, activations .*\) but NVIDIA A10 has 20\.0 GiB free "
+                                        r"of 24\.0 GiB; ways out: train.mode=lora"):
+        dev.check_memory("ceiling:q", parts, Policy("cuda", "bf16"))
+    dev.check_memory("ceiling:q", estimate_memory(10**8, "bf16", "full", 8, 512, 768, 12), Policy("cuda", "bf16"))
+    monkeypatch.undo()
+    dev.check_memory("ceiling:q", parts, Policy())  # nothing to check on the CPU
+
+
+# --- on a GPU -------------------------------------------------------------------------------------------------
+
+@gpu
+@needs_cuda
+def test_gpu_policy_places_models_and_batches_and_returns_cpu_arrays():
+    policy = runtime_policy(compose(["train.device=auto"]).train)
+    assert policy.device == "cuda" and policy.precision in ("bf16", "fp16")
+    if policy.precision == "bf16":
+        assert torch.get_float32_matmul_precision() == "high"  # TF32
+    model, result, seen, data = fit(policy)
+    assert next(model.parameters()).is_cuda and set(seen) == {policy.dtype}
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    probs = predict(model, data, batch_size=16, pad_id=0, progress=False, policy=policy)
+    assert isinstance(probs, np.ndarray) and probs.dtype == np.float32
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp16_with_scaler_and_checkpointing():
+    policy = Policy("cuda", "fp16", gradient_checkpointing=True)
+    model, result, seen, _ = fit(policy)
+    assert set(seen) == {torch.float16} and result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+@gpu
+@needs_cuda
+def test_gpu_end_to_end_with_lora_sharded_by_accelerate(tmp_path):
+    from w2sg import experiment
+    from w2sg.stages import Runner
+    from w2sg.store import Store
+
+    cfg = compose(TINY + ["logger=none", f"store_dir={tmp_path}", "weak=tiny_random_qwen2",
+                          "strong=tiny_random_qwen2", "train=lora", "train.device_map=auto"])
+    runner = Runner(cfg, Store(cfg.store_dir))
+    metrics = experiment.run(cfg, runner)
+    assert runner.policy.device == "cuda" and 0 <= metrics["acc"]["w2s"] <= 1
+
+
+@gpu
+@needs_cuda
+def test_gpu_memory_check_refuses_a_model_larger_than_the_gpu():
+    free, total = torch.cuda.mem_get_info()
+    params = int(total / 16) + 10**9  # full finetuning takes 16 bytes a parameter
+    parts = estimate_memory(params, "bf16", "full", 1, 16, 1024, 2)
+    with pytest.raises(W2SGError, match="GiB of GPU memory"):
+        dev.check_memory("huge", parts, runtime_policy(compose().train))
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_paths_on_cpu():
+    """benchmarks/gpu_check.py --cpu-smoke: the GPU check's experiment and step benchmark with tiny shapes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("weak->strong: qwen2_5_0_5b -> qwen2_5_1_5b", "w2s ", "w2sg / bare throughput", "gpu tests passed"):
+        assert line in proc.stdout
