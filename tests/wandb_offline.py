@@ -54,6 +54,12 @@ def read_run(path: Path) -> Dict[str, Any]:
             run["summary"].update(items(r.summary.update))
         elif kind == "history":
             run["history"].append(items(r.history.item))
+    # older wandb (< 0.17) writes a logged table or image as one summary value (a dict); newer ones as nested
+    # keys ("results/_type", ...): give both forms the newer keys
+    for k, v in list(run["summary"].items()):
+        if isinstance(v, dict):
+            for sub, value in v.items():
+                run["summary"].setdefault(f"{k}/{sub}", value)
     run["config"] = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v)
                      for k, v in run["config"].items()}
     return run

@@ -58,6 +58,16 @@ class StageRun:
         self._tracker._call(lambda: self._run.summary.update(data) if self._run else None)
 
 
+def _reinit() -> Any:
+    """Finish any run still open before starting the next: ``"finish_previous"`` from wandb 0.19.10 on (where
+    ``True`` is deprecated), ``True`` before (where the string is refused)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return "finish_previous" if Version(version("wandb")) >= Version("0.19.10") else True
+
+
 class Tracker:
     def __init__(self, logger_cfg: Any, group: Optional[str]):
         self.cfg = logger_cfg
@@ -86,7 +96,7 @@ class Tracker:
         return wandb.init(
             project=self.cfg.project, entity=self.cfg.get("entity"), id=key, name=name, resume="allow",
             group=self.group, job_type=job_type, config=config, tags=list(self.cfg.get("tags") or []),
-            mode=self.mode, dir=self.cfg.get("dir"), reinit="finish_previous",
+            mode=self.mode, dir=self.cfg.get("dir"), reinit=_reinit(),
             settings=wandb.Settings(silent=True, init_timeout=float(self.cfg.get("init_timeout", 60))),
         )
 
