@@ -47,7 +47,7 @@ def method_stages(cfg: Any, stages: Dict[str, Stage]) -> Stage:
     from w2sg.methods import NEEDS_FEATURES, budget_spec, ensemble_members, method_spec
 
     method = method_spec(_plain(cfg.labels))
-    if method["name"] == "none" and budget_spec(cfg.budget) is None:
+    if method["name"] == "none" and budget_spec(cfg.budget, int(cfg.task.n_train)) is None:
         return stages["weak_labels"]
     if method["name"] == "ensemble":
         labels = {}

@@ -189,9 +189,14 @@ def method_spec(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return {"name": name, **params}
 
 
-def budget_spec(budget: Any) -> Optional[Dict[str, Optional[int]]]:
-    """The budget's spec; None when it changes nothing (all weak labels, no ground truth)."""
+def budget_spec(budget: Any, n_train: Optional[int] = None) -> Optional[Dict[str, Optional[int]]]:
+    """The budget's spec; None when it changes nothing (all weak labels, no ground truth). ``n_train``: the task's,
+    to check the budget fits its weak-label half before anything runs (the stage checks the half it gets)."""
     n_weak, n_gt = budget.n_weak, budget.n_gt
+    if n_train is not None and (n_weak or 0) + (n_gt or 0) > int(n_train) - int(n_train) // 2:
+        half = int(n_train) - int(n_train) // 2
+        raise W2SGError(f"budget: n_weak={n_weak} + n_gt={n_gt} rows, but the weak-label half has {half} "
+                        f"(task.n_train={n_train}); lower the budget or raise task.n_train")
     for key, value in (("n_weak", n_weak), ("n_gt", n_gt)):
         if value is not None and int(value) < 0:
             raise W2SGError(f"budget.{key}={value}: must be >= 0 (or null)")
