@@ -132,9 +132,9 @@ def member_stage(cfg: Any, model: Any, seed: int) -> Stage:
     """An ensemble member (w2sg.methods): a weak model trained on ground truth with its own model seed (weights
     initialisation and data order; the data split stays the run's). The run's own weak model and seed is the
     run's weak stage itself, so it is shared."""
-    stage = train_stage(cfg, model, None, None, f"weak:{model.name}" + (f"@seed{seed}" if seed != int(cfg.seed) else ""))
     if seed == int(cfg.seed):
-        return stage
+        return train_stage(cfg, model, None, None, f"weak:{model.name}")
+    stage = train_stage(cfg, model, None, None, f"weak:{model.name}@seed{seed}")
     return Stage(stage.kind, {**stage.spec, "model_seed": int(seed)}, stage.inputs, stage.model, stage.label)
 
 
@@ -228,9 +228,9 @@ class Runner:
             conf["loss"] = stage.spec["loss"]["name"]
         if stage.role in ("weak", "labels"):
             conf.update(weak_model=m.name, weak_params=int(m.params))
-        if stage.role in ("ceiling", "w2s", "link"):
+        if stage.role in ("ceiling", "w2s", "link", "s2s"):
             conf.update(strong_model=m.name, strong_params=int(m.params))
-        if stage.role in ("w2s", "link"):
+        if stage.role in ("w2s", "link", "s2s"):  # the teacher: whose labels (s2s: the previous strong student)
             teacher = stage.inputs["labels"].model
             conf.update(weak_model=teacher.name, weak_params=int(teacher.params))
         return conf
@@ -317,7 +317,8 @@ class Runner:
             result = train_model(
                 model, train_data, train_y, make_loss(stage.spec["loss"]),
                 epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
-                seed=self._model_seed(stage), minibatch_size=tspec.get("minibatch_size"), optimizer=str(tspec["optimizer"]),
+                seed=self._model_seed(stage), minibatch_size=tspec.get("minibatch_size"),
+                optimizer=str(tspec["optimizer"]),
                 weight_decay=float(tspec["weight_decay"]), warmup_frac=float(tspec["warmup_frac"]),
                 schedule=str(tspec["schedule"]), validation=validation, eval_batch_size=int(cfg.train.eval_batch_size),
                 progress=bool(cfg.progress), desc=stage.label, checkpointer=ckpt, on_log=wb.log,
