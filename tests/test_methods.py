@@ -111,6 +111,10 @@ def test_training_set_mixes_weak_and_one_hot_ground_truth_rows():
         assert np.allclose(p, np.eye(2)[truth[row]] if is_gt else probs[row])
     m = methods.training_set_metrics(ts, probs, truth)
     assert (m["n"], m["n_weak"], m["n_gt"], m["n_dropped"]) == (5, 2, 3, 2)
+    y = np.array(truth)
+    assert m["acc_weak_rows_before"] == np.mean(probs[weak_rows].argmax(1) == y[weak_rows])  # all 4 given rows
+    assert m["acc_weak_rows"] == np.mean(probs[kept_weak].argmax(1) == y[kept_weak])
+    assert m["acc"] == np.mean(ts.probs.argmax(1) == y[ts.rows])
 
 
 def test_method_spec_keeps_only_the_parameters_a_method_uses():

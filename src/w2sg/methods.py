@@ -250,6 +250,7 @@ class TrainingSet:
     rows: np.ndarray  # [M] rows of the weak-label half, ascending
     ground_truth: np.ndarray  # [M] bool
     n_dropped: int  # weak-labelled rows the method dropped
+    candidates: np.ndarray  # the weak-labelled rows the method was given (after the budget's draw)
 
 
 def budget_rows(n: int, n_weak: Optional[int], n_gt: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -285,18 +286,21 @@ def build_training_set(spec: Mapping[str, Any], probs: np.ndarray, features: Opt
     if not len(rows):
         raise W2SGError(f"labels={name}: no training rows left; lower labels.drop_frac / labels.contamination")
     order = np.argsort(rows, kind="stable")
-    return TrainingSet(labels[order], rows[order], is_gt[order], len(weak_rows) - len(kept))
+    return TrainingSet(labels[order], rows[order], is_gt[order], len(weak_rows) - len(kept), weak_rows)
 
 
 def training_set_metrics(ts: TrainingSet, before: np.ndarray, truth: Sequence[int]) -> Dict[str, Any]:
-    """How good the training labels are against the (hidden) ground truth, before and after the method."""
+    """How good the training labels are against the (hidden) ground truth: ``acc`` of every training row,
+    ``acc_weak_rows`` of the weak-labelled ones, ``acc_weak_rows_before`` of the rows the method was given, with
+    the labels it was given (so a filter's gain is the difference)."""
     from w2sg.metrics import accuracy
 
     y = np.asarray(truth)
     weak = ~ts.ground_truth
     out: Dict[str, Any] = {"n": int(len(ts.rows)), "n_weak": int(weak.sum()), "n_gt": int(ts.ground_truth.sum()),
                            "n_dropped": ts.n_dropped, "acc": accuracy(ts.probs, y[ts.rows])}
-    if weak.any():  # the weak-labelled rows alone, after and before the method
+    if weak.any():
         out["acc_weak_rows"] = accuracy(ts.probs[weak], y[ts.rows[weak]])
-        out["acc_weak_rows_before"] = accuracy(np.asarray(before)[ts.rows[weak]], y[ts.rows[weak]])
+    if len(ts.candidates):
+        out["acc_weak_rows_before"] = accuracy(np.asarray(before)[ts.candidates], y[ts.candidates])
     return out
