@@ -10,9 +10,9 @@ from w2sg.cli import validate
 from w2sg.errors import W2SGError
 from w2sg.stages import model_spec
 
-GROUPS = ["model", "pair", "task", "loss", "train", "chain", "experiment", "sweep"]
+GROUPS = ["model", "pair", "task", "loss", "labels", "budget", "train", "chain", "experiment", "sweep"]
 # every group a user picks an option of on the command line
-USER_GROUPS = ["weak", "strong", "pair", "task", "loss", "train", "generative", "logger", "chain", "sweep",
+USER_GROUPS = ["weak", "strong", "pair", "task", "loss", "labels", "budget", "train", "generative", "logger", "chain", "sweep",
                "experiment", "launcher"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Dict, List, Tuple
 
@@ -9,7 +10,8 @@ from w2sg import diagnostics
 from w2sg.errors import W2SGError
 from w2sg.extensions import load as load_extensions
 from w2sg.metrics import pgr
-from w2sg.stages import Outcome, Runner, Stage, labels_stage, task_sizes, train_stage
+from w2sg.stages import (Outcome, Runner, Stage, features_stage, labels_stage, member_stage, task_sizes,
+                         train_stage, transform_stage)
 
 log = logging.getLogger("w2sg")
 
@@ -23,12 +25,15 @@ def plan(cfg: Any) -> Dict[str, Stage]:
     load_extensions(cfg.get("extensions") or [])  # their code versions enter the keys (status, launchers plan too)
     weak = train_stage(cfg, cfg.weak, None, None, f"weak:{cfg.weak.name}")
     weak_labels = labels_stage(cfg, weak, f"weak_labels:{cfg.weak.name}")
+    stages = {"weak": weak, "weak_labels": weak_labels}
+    train_labels = method_stages(cfg, stages)  # labels= / budget=: the weak labels, transformed (or as they are)
     ceiling = train_stage(cfg, cfg.strong, None, None, f"ceiling:{cfg.strong.name}")
-    w2s = train_stage(cfg, cfg.strong, weak_labels, cfg.loss, f"w2s:{cfg.weak.name}->{cfg.strong.name}")
-    stages = {"weak": weak, "weak_labels": weak_labels, "ceiling": ceiling, "w2s": w2s}
+    w2s = train_stage(cfg, cfg.strong, train_labels, cfg.loss, f"w2s:{cfg.weak.name}->{cfg.strong.name}")
+    stages.update(ceiling=ceiling, w2s=w2s)
+    s2s_stages(cfg, stages)
     if cfg.chain is not None:
         models = chain_models(cfg)
-        labels = weak_labels
+        labels = train_labels  # the first link trains on what the direct w2s stage trains on
         for i, (teacher, student) in enumerate(zip(models, models[1:]), start=1):
             link = train_stage(cfg, student, labels, cfg.loss, f"link{i}:{teacher.name}->{student.name}")
             stages[f"link{i}"] = link
@@ -37,6 +42,51 @@ def plan(cfg: Any) -> Dict[str, Stage]:
                 labels = labels_stage(cfg, link, f"link{i}_labels:{student.name}")
                 stages[f"link{i}_labels"] = labels
     return stages
+
+
+def method_stages(cfg: Any, stages: Dict[str, Stage]) -> Stage:
+    """The labels the w2s stage trains on: ``weak_labels`` itself unless ``labels=`` or ``budget=`` changes them,
+    else a ``train_labels`` transform stage (w2sg.methods) after its ensemble members. Adds to ``stages``."""
+    from w2sg.methods import NEEDS_FEATURES, budget_spec, ensemble_members, method_spec
+
+    method = method_spec(_plain(cfg.labels))
+    if method["name"] == "none" and budget_spec(cfg.budget, int(cfg.task.n_train)) is None:
+        return stages["weak_labels"]
+    if method["name"] == "ensemble":
+        labels = {}
+        for i, (model, seed) in enumerate(ensemble_members(cfg)):
+            member = member_stage(cfg, model, seed)
+            if member.key == stages["weak"].key:  # the run's own weak model and seed
+                labels[f"member{i}"] = stages["weak_labels"]
+                continue
+            stages[f"member{i}"] = member
+            stages[f"member{i}_labels"] = labels[f"member{i}"] = labels_stage(
+                cfg, member, member.label.replace("weak:", "weak_labels:", 1))
+    else:
+        labels = {"labels": stages["weak_labels"]}
+    features = features_stage(cfg, cfg.strong, "strong") if method["name"] in NEEDS_FEATURES else None
+    stages["train_labels"] = transform_stage(cfg, labels, features, f"train_labels:{method['name']}")
+    return stages["train_labels"]
+
+
+def s2s_stages(cfg: Any, stages: Dict[str, Stage]) -> None:
+    """``s2s=N``: N strong-to-strong iterations after w2s, each a fresh strong model trained (with the run's loss)
+    on the previous student's soft labels of the whole weak-label half (student labels cost no budget)."""
+    n = int(cfg.s2s)
+    if n < 0:
+        raise W2SGError(f"s2s={n}: the number of strong-to-strong iterations must be >= 0")
+    teacher, name = stages["w2s"], "w2s"
+    for i in range(1, n + 1):
+        labels = labels_stage(cfg, teacher, f"{name}_labels:{cfg.strong.name}")
+        stages[f"{name}_labels"] = labels
+        teacher = name = f"s2s{i}"
+        teacher = stages[name] = train_stage(cfg, cfg.strong, labels, cfg.loss, f"s2s{i}:{cfg.strong.name}")
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def size_warnings(cfg: Any) -> List[str]:
@@ -113,6 +163,7 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
         },
         **({"warnings": warnings} if warnings else {}),
     }
+    metrics.update(method_metrics(cfg, outcomes, acc, auroc, subset))
     if subset:
         metrics["subset"] = list(selected)  # the stages that ran; reports skip such results
         return metrics
@@ -124,9 +175,48 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     from w2sg.report import settings_of_stages
 
     metrics["settings"] = settings_of_stages(stages)  # what tells this experiment apart in reports
+    metrics["settings"].update(method_settings(cfg))
     if runner.tracker.enabled:
         track_experiment(cfg, runner, metrics)
     return metrics
+
+
+def method_metrics(cfg: Any, outcomes: Dict[str, Outcome], acc: Dict[str, Any], auroc: Dict[str, Any],
+                   subset: bool) -> Dict[str, Any]:
+    """labels= / budget=: the training set's size and label accuracy (``train_labels``); s2s=N: ``acc.s2s<i>``
+    (added to ``acc`` and ``auroc``) and ``s2s`` with the last iteration's PGR."""
+    out: Dict[str, Any] = {}
+    if "train_labels" in outcomes:
+        out["train_labels"] = outcomes["train_labels"].metrics
+    n = int(cfg.s2s)
+    if n:
+        for i in range(1, n + 1):
+            o = outcomes.get(f"s2s{i}")
+            acc[f"s2s{i}"], auroc[f"s2s{i}"] = (o.metrics["acc"], o.metrics["auroc"]) if o else (None, None)
+        last = acc[f"s2s{n}"]
+        out["s2s"] = {"iterations": n, "acc": last, **(
+            {"pgr": None, "pgr_reason": "not every stage ran (stages=)"} if subset or last is None
+            else _pgr_entry(acc["weak"], last, acc["ceiling"]))}
+    return out
+
+
+def method_settings(cfg: Any) -> Dict[str, Any]:
+    """labels=, budget= and s2s= as report settings, only where they differ from the plain run (so the settings of
+    plain runs are as before)."""
+    from w2sg.methods import budget_spec, ensemble_members, method_spec
+
+    out: Dict[str, Any] = {}
+    method = method_spec(_plain(cfg.labels))
+    if method["name"] != "none":
+        out.update({f"labels.{k}": v for k, v in method.items()})
+    if method["name"] == "ensemble":
+        out["labels.members"] = json.dumps([f"{m.name}@seed{s}" for m, s in ensemble_members(cfg)])
+    budget = budget_spec(cfg.budget)
+    if budget is not None:
+        out.update({f"budget.{k}": v for k, v in budget.items()})
+    if int(cfg.s2s):
+        out["s2s.iterations"] = int(cfg.s2s)
+    return out
 
 
 def track_experiment(cfg: Any, runner: Runner, metrics: Dict[str, Any]) -> None:
@@ -205,6 +295,16 @@ def table(metrics: Dict[str, Any]) -> str:
         fmt = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731
         rows.append(("chain end-to-end", f"acc {e['acc']:.4f}  PGR {fmt(e['pgr'])}"))
         rows.append(("direct", f"acc {d['acc']:.4f}  PGR {fmt(d['pgr'])}"))
+    if "train_labels" in metrics:
+        t = metrics["train_labels"]
+        rows.append((f"labels ({t['method']})", f"{t['n']} rows ({t['n_weak']} weak, {t['n_gt']} ground truth, "
+                                                 f"{t['n_dropped']} dropped), label acc {t['acc']:.4f}"))
+    if "s2s" in metrics:
+        for i in range(1, metrics["s2s"]["iterations"] + 1):
+            a = metrics["acc"][f"s2s{i}"]
+            rows.append((f"acc s2s{i}", f"{a:.4f}" if a is not None else "not run (stages=)"))
+        p = metrics["s2s"]["pgr"]
+        rows.append(("PGR s2s", f"{p:.3f}" if p is not None else f"n/a: {metrics['s2s']['pgr_reason']}"))
     reused = sum(s["reused"] for s in metrics["stages"].values())
     rows.append(("stages", f"{len(metrics['stages'])} ({reused} reused from the store)"))
     rows += [("warning", w) for w in metrics.get("warnings", [])]  # repeated at the end, where it is read

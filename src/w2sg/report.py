@@ -264,7 +264,7 @@ def rows_from_store(root: Path) -> List[Dict[str, Any]]:
         if m["kind"] != "train" or m["spec"]["labels"] != "weak":
             continue
         labels = stages.get(m["inputs"]["labels"])
-        weak_key = labels["inputs"]["model"] if labels else None
+        weak_key = labels["inputs"].get("model") if labels else None  # none for a transform stage (w2sg.methods)
         weak = stages.get(weak_key) if weak_key else None
         ceiling = ceilings.get(_ceiling_match(m["spec"], m["inputs"]))
         if weak is None or ceiling is None or weak["spec"]["labels"] != "ground_truth":

@@ -147,6 +147,16 @@ class GenerativeConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """A label budget for the w2s stage (w2sg.methods): n weak-labelled plus m ground-truth examples, both drawn
+    (disjoint, seeded) from the weak-label half. null n_weak: every row of that half not given ground truth;
+    null n_gt: none. Both null (or n_gt 0 with n_weak null): the plain run, same stage keys."""
+
+    n_weak: Optional[int] = None
+    n_gt: Optional[int] = None
+
+
+@dataclass
 class LoggerConfig:
     enabled: bool = True
     project: str = "w2sg"
@@ -171,6 +181,12 @@ class Config:
     chain: Optional[ChainConfig] = None
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # {name: <key of w2sg.methods.METHODS>, <its parameters>...}: how the weak labels are transformed before the
+    # w2s stage (filtered, relabelled by a probe, averaged over an ensemble); checked against the method's
+    # signature like a loss. none: the weak labels as they are.
+    labels: Any = MISSING
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    s2s: int = 0  # strong-to-strong iterations after w2s: each a fresh strong model on the previous student's labels
     seed: int = 0
     store_dir: str = MISSING  # content-addressed stage store shared by every run (env W2SG_STORE)
     progress: bool = True  # progress bars (does not change any result)
@@ -254,6 +270,7 @@ def register() -> None:
     cs.store(group="schema", name="chain", node=ChainConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
     cs.store(group="schema", name="generative", node=GenerativeConfig)
+    cs.store(group="schema", name="budget", node=BudgetConfig)
     _name_valid_keys_on_unknown_overrides()
 
 

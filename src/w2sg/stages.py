@@ -179,6 +179,27 @@ def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
     return Stage("labels", spec, {"model": trained}, trained.model, label)
 
 
+def member_stage(cfg: Any, model: Any, seed: int) -> Stage:
+    """An ensemble member (w2sg.methods): a weak model trained on ground truth with its own model seed (weights
+    initialisation and data order; the data split stays the run's). The run's own weak model and seed is the
+    run's weak stage itself, so it is shared."""
+    if seed == int(cfg.seed):
+        return train_stage(cfg, model, None, None, f"weak:{model.name}")
+    stage = train_stage(cfg, model, None, None, f"weak:{model.name}@seed{seed}")
+    return Stage(stage.kind, {**stage.spec, "model_seed": int(seed)}, stage.inputs, stage.model, stage.label)
+
+
+def transform_stage(cfg: Any, labels: Dict[str, Stage], features: Optional[Stage], label: str) -> Stage:
+    """The training set of the w2s stage (w2sg.methods): the weak labels after ``labels=`` and ``budget=``.
+    Inputs: ``labels`` (or ``member<i>`` for an ensemble's members) and the strong model's ``features`` for probes."""
+    from w2sg.methods import budget_spec, method_spec
+
+    spec = {"method": method_spec(_plain(cfg.labels)), "budget": budget_spec(cfg.budget), "seed": int(cfg.seed),
+            "task": task_spec(cfg.task)}
+    inputs = dict(labels, **({"features": features} if features is not None else {}))
+    return Stage("transform", spec, inputs, cfg.weak, label)
+
+
 @dataclass
 class Outcome:
     key: str
@@ -274,7 +295,8 @@ class Runner:
             self.run(dep)
         start = time.time()
         compute = {"train": self._compute_train, "labels": self._compute_labels,
-                   "features": self._compute_features, "lm": self._compute_lm}[stage.kind]
+                   "features": self._compute_features, "lm": self._compute_lm,
+                   "transform": self._compute_transform}[stage.kind]
         meta = {"kind": stage.kind, "label": stage.label, "spec": stage.spec,
                 "inputs": {k: v.key for k, v in stage.inputs.items()}, "model_name": stage.model.name,
                 "task_name": self.cfg.task.name}
@@ -296,9 +318,9 @@ class Runner:
             conf["loss"] = stage.spec["loss"]["name"]
         if stage.role in ("weak", "labels"):
             conf.update(weak_model=m.name, weak_params=int(m.params))
-        if stage.role in ("ceiling", "w2s", "link"):
+        if stage.role in ("ceiling", "w2s", "link", "s2s"):
             conf.update(strong_model=m.name, strong_params=int(m.params))
-        if stage.role in ("w2s", "link"):
+        if stage.role in ("w2s", "link", "s2s"):  # the teacher: whose labels (s2s: the previous strong student)
             teacher = stage.inputs["labels"].model
             conf.update(weak_model=teacher.name, weak_params=int(teacher.params))
         return conf
@@ -325,12 +347,13 @@ class Runner:
         from w2sg.models import add_lora, build_head, build_model, enable_gradient_checkpointing
 
         cfg, num_classes, tspec = self.cfg, int(self.cfg.task.num_classes), stage.spec["train"]
+        seed = self._model_seed(stage)
         if tspec["mode"] == "probe":
-            return self.policy.place(build_head(stage.model, num_classes, int(cfg.seed), self.pairwise))
+            return self.policy.place(build_head(stage.model, num_classes, seed, self.pairwise))
         if self.policy.device != "cpu":
             self._models.clear()  # free the GPU of the last trained model (the store has it)
         self.check_memory(stage, tspec["mode"], int(tspec.get("minibatch_size") or tspec["batch_size"]))
-        model = build_model(stage.model, num_classes, int(cfg.seed), self.pairwise, self.policy,
+        model = build_model(stage.model, num_classes, seed, self.pairwise, self.policy,
                             trainable=tspec["mode"] == "full")
         self._load_init(stage, model)
         if self.policy.gradient_checkpointing:
@@ -340,8 +363,9 @@ class Runner:
             add_lora(model, int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"])
         return model
 
-    def _validation(self, stage: Stage, data: Any, soft: Any, part: str):
-        """Hold out ``val_frac`` of the training part (seeded); return (train data, train labels, Validation)."""
+    def _validation(self, stage: Stage, data: Any, soft: Any, part: str, rows: Optional[Any] = None):
+        """Hold out ``val_frac`` of the training part (seeded); return (train data, train labels, Validation).
+        ``rows``: the rows of the part that ``data`` holds (a transformed training set), None for all."""
         import numpy as np
 
         from w2sg.train import Validation
@@ -354,7 +378,7 @@ class Runner:
         val_idx, train_idx = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
         val_y = soft[val_idx]
         if part == "weak" and tspec["val_labels"] == "ground_truth":  # judge against ground truth (an oracle)
-            truth = [self.data.weak[i][1] for i in val_idx]
+            truth = [self.data.weak[i if rows is None else int(rows[i])][1] for i in val_idx]
             val_y = np.eye(int(self.cfg.task.num_classes), dtype=np.float32)[truth]
         validation = Validation(data.subset(val_idx), val_y, int(tspec["eval_every"]), tspec["keep_best"])
         return data.subset(train_idx), soft[train_idx], validation
@@ -370,23 +394,27 @@ class Runner:
 
         cfg, data = self.cfg, self.data
         num_classes = int(cfg.task.num_classes)
+        rows = None  # the rows of the weak-label half a transformed training set holds (None: all)
         if "labels" in stage.inputs:
             part = "weak"
-            soft = self.store.get(stage.inputs["labels"].key).read_array("probs")
+            soft, rows = self._training_labels(stage.inputs["labels"])
         else:
             part = "gt"
             soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
         model = self._build(stage)
         pad_id = self.tokenizer(stage.model).pad_token_id
         tspec = stage.spec["train"]
-        train_data, train_y, validation = self._validation(stage, self.inputs_of(stage, part), soft, part)
+        inputs = self.inputs_of(stage, part)
+        inputs = inputs if rows is None else inputs.subset(rows.tolist())
+        train_data, train_y, validation = self._validation(stage, inputs, soft, part, rows)
         ckpt_path = self.store.partial_dir(stage.key) / "checkpoint.pt"
         with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt, \
                 self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
             result = train_model(
                 model, train_data, train_y, make_loss(stage.spec["loss"]),
                 epochs=int(tspec["epochs"]), batch_size=int(tspec["batch_size"]), lr=tspec["lr"], pad_id=pad_id,
-                seed=int(cfg.seed), minibatch_size=tspec.get("minibatch_size"), optimizer=str(tspec["optimizer"]),
+                seed=self._model_seed(stage), minibatch_size=tspec.get("minibatch_size"),
+                optimizer=str(tspec["optimizer"]),
                 weight_decay=float(tspec["weight_decay"]), warmup_frac=float(tspec["warmup_frac"]),
                 schedule=str(tspec["schedule"]), validation=validation,
                 eval_batch_size=self.eval_batch_size(stage.model), progress=bool(cfg.progress), desc=stage.label,
@@ -424,6 +452,41 @@ class Runner:
         out.write_json("metrics.json", metrics)
         save_model(model, str(out.file("model.safetensors")))
         self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+
+    def _model_seed(self, stage: Stage) -> int:
+        """The seed of a model's initialisation and data order: the run's, or an ensemble member's own."""
+        return int(stage.spec.get("model_seed", self.cfg.seed))
+
+    def _training_labels(self, labels: Stage):
+        """(soft labels, rows of the weak-label half or None for all) of a labels or transform stage."""
+        sd = self.store.get(labels.key)
+        rows = sd.read_array("rows") if sd.file("rows.npy").exists() else None
+        return sd.read_array("probs"), rows
+
+    def _compute_transform(self, stage: Stage, out: StageDir) -> None:
+        """The w2s stage's training set (w2sg.methods): averaged members, budget rows, the labels= method."""
+        import numpy as np
+
+        from w2sg.methods import average, build_training_set, training_set_metrics
+
+        members = [self.store.get(dep.key).read_array("probs") for name, dep in sorted(stage.inputs.items())
+                   if name == "labels" or name.startswith("member")]
+        probs = members[0] if len(members) == 1 else average(members)
+        features = None
+        if "features" in stage.inputs:
+            sd = self.store.get(stage.inputs["features"].key)
+            features = sd.read_array("weak")
+            if sd.file("weak_b.npy").exists():  # a pair's features: the difference of its two texts'
+                features = features - sd.read_array("weak_b")
+        truth = [y for _, y in self.data.weak]
+        ts = build_training_set(stage.spec, probs, features, truth)
+        metrics = {"method": stage.spec["method"]["name"], **training_set_metrics(ts, probs, truth)}
+        with self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
+            wb.summary({f"label_{k}": v for k, v in metrics.items()})
+        out.write_array("probs", ts.probs)
+        out.write_array("rows", ts.rows.astype(np.int64))
+        out.write_array("ground_truth", ts.ground_truth)
+        out.write_json("metrics.json", metrics)
 
     def _compute_features(self, stage: Stage, out: StageDir) -> None:
         """Pooled last-layer features of the frozen model for gt, weak and test (and each pair's second text)."""
