@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+pytest.register_assert_rewrite("helpers")  # failed asserts in the shared checks show their values too
+
 # No hub look-ups in tests (they hang for tens of seconds before failing without a network).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -94,14 +94,17 @@ def check_results(m: Dict[str, Any], store: Path, labels: Sequence[int]) -> None
         stage = Path(store) / "stages" / m["stages"][k]["key"]
         stored = json.loads((stage / "metrics.json").read_text())
         probs = np.load(stage / "test_probs.npy")
-        assert probs.shape[0] == len(y) == stored["n_test"], k
-        assert m["acc"][k] == stored["acc"] == pytest.approx(np.mean(probs.argmax(-1) == y)), k
-        expected_auroc = roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2 else \
-            roc_auc_score(y, probs, multi_class="ovr")
-        assert m["auroc"][k] == stored["auroc"] == pytest.approx(expected_auroc), k
+        assert probs.shape[0] == len(y) == stored["n_test"], f"{k}: test predictions, labels and n_test differ"
+        acc = np.mean(probs.argmax(-1) == y)
+        assert m["acc"][k] == stored["acc"] == pytest.approx(acc), \
+            f"{k}: accuracy in metrics.json, in its stage, and recomputed from its test predictions"
+        expected = roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_score(y, probs, multi_class="ovr")
+        assert m["auroc"][k] == stored["auroc"] == pytest.approx(expected), \
+            f"{k}: AUROC in metrics.json, in its stage, and sklearn's on its test predictions"
     weak, ceiling, w2s = (m["acc"][k] for k in ("weak", "ceiling", "w2s"))
     if ceiling > weak:
-        assert m["pgr"] == pytest.approx((w2s - weak) / (ceiling - weak)) and "pgr_reason" not in m
+        assert m["pgr"] == pytest.approx((w2s - weak) / (ceiling - weak)), "PGR = (w2s - weak) / (ceiling - weak)"
+        assert "pgr_reason" not in m
     else:
-        assert m["pgr"] is None
-        assert m["pgr_reason"] == f"ceiling ({ceiling:.4f}) does not exceed weak ({weak:.4f}): no gap to recover"
+        assert (m["pgr"], m["pgr_reason"]) == (
+            None, f"ceiling ({ceiling:.4f}) does not exceed weak ({weak:.4f}): no gap to recover")
