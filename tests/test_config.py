@@ -5,7 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose
+from helpers import CONF, compose
 from w2sg.cli import validate
 from w2sg.errors import W2SGError
 from w2sg.stages import model_spec
@@ -81,7 +81,7 @@ def test_misspelt_option_of_every_group_fails_listing_the_valid_ones(group):
     (["status", "chain=nope"], "chain/nope", "minilm_1_3_6"),
 ])
 def test_misspelt_option_fails_on_the_command_line(tmp_path, store, args, bad, valid):
-    from conftest import run_w2sg
+    from helpers import run_w2sg
 
     proc = run_w2sg(args, cwd=tmp_path, check=False)
     assert proc.returncode != 0
@@ -103,7 +103,7 @@ def test_misspelt_key_names_the_valid_keys(override, message):
 
 
 def test_misspelt_key_names_the_valid_keys_on_the_command_line(tmp_path):
-    from conftest import run_w2sg
+    from helpers import run_w2sg
 
     proc = run_w2sg(["-m", "seed=0,1", "train.epoch=1", "stages=[nope]"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "valid keys:" in proc.stderr and "train.epochs" in proc.stderr, proc.stderr
@@ -119,7 +119,7 @@ def test_chain_with_pair_is_an_error():
 
 
 def test_chain_with_pair_is_an_error_on_the_command_line(tmp_path, store):
-    from conftest import run_w2sg
+    from helpers import run_w2sg
 
     # stages=[nope]: without the check the run would stop at once on the unknown stage instead
     proc = run_w2sg(["chain=tiny", "pair=tiny", "stages=[nope]"], cwd=tmp_path, check=False)
@@ -155,7 +155,7 @@ def test_weak_larger_than_strong_is_warned_and_recorded(caplog, monkeypatch):
 @pytest.mark.parametrize("args", [["-m", "sweep=tiny_grid", "--cfg", "job"],
                                   ["-m", "weak=tiny_random,tiny_random_l2", "strong=tiny_random_l3", "--cfg", "job"]])
 def test_multirun_cfg_job_prints_every_job(tmp_path, args):
-    from conftest import run_w2sg
+    from helpers import run_w2sg
 
     out = run_w2sg(args, cwd=tmp_path).stdout
     jobs = [line for line in out.splitlines() if line.startswith("# job ")]
@@ -165,7 +165,7 @@ def test_multirun_cfg_job_prints_every_job(tmp_path, args):
 
 
 def test_multirun_with_another_cfg_is_a_clear_error(tmp_path):
-    from conftest import run_w2sg
+    from helpers import run_w2sg
 
     proc = run_w2sg(["-m", "sweep=tiny_grid", "--cfg", "hydra"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "only --cfg job" in proc.stderr and "Traceback" not in proc.stderr
@@ -232,7 +232,7 @@ def test_every_sweep_has_a_grid_of_valid_choices(sweep):
 
 def test_help_is_hydras_with_every_group_and_option(tmp_path):
     """`w2sg --help`: our header and footer around Hydra's own listing of every config group and its options."""
-    from conftest import run_w2sg
+    from helpers import run_w2sg
 
     out = run_w2sg(["--help"], cwd=tmp_path).stdout
     assert out.startswith("w2sg: weak-to-strong generalization experiments.")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY, compose
+from helpers import TINY, compose
 from w2sg import diagnostics, experiment
 from w2sg.errors import W2SGError
 from w2sg.stages import Runner

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY, metrics_files, run_w2sg
+from helpers import TINY, check_results, metrics_files, run_config, run_w2sg, task_test_labels
 
 
 def test_tiny_run_writes_metrics_and_config(tmp_path, store):
@@ -13,13 +13,7 @@ def test_tiny_run_writes_metrics_and_config(tmp_path, store):
     assert (m["task"], m["loss"], m["seed"]) == ("tweet_sentiment", "xent", 0)
     assert m["weak"] == {"model": "tiny_random", "params": 1002882, "size": "tiny"}
     assert m["strong"]["model"] == "tiny_random_l2" and m["strong"]["params"] == 1530194
-    for k in ("weak", "ceiling", "w2s"):
-        assert 0.0 <= m["acc"][k] <= 1.0 and 0.0 <= m["auroc"][k] <= 1.0
-    if m["acc"]["ceiling"] > m["acc"]["weak"]:
-        expected = (m["acc"]["w2s"] - m["acc"]["weak"]) / (m["acc"]["ceiling"] - m["acc"]["weak"])
-        assert m["pgr"] == pytest.approx(expected)
-    else:
-        assert m["pgr"] is None and "no gap" in m["pgr_reason"]
+    check_results(m, store, task_test_labels(run_config(m)))
     assert set(m["stages"]) == {"weak", "weak_labels", "ceiling", "w2s"}
     assert all(not s["reused"] and len(s["key"]) == 24 for s in m["stages"].values())
     out = tmp_path / m["output_dir"]
@@ -28,17 +22,15 @@ def test_tiny_run_writes_metrics_and_config(tmp_path, store):
 
 
 def test_rerun_reuses_every_stage_and_gives_the_same_metrics(tmp_path, store):
-    run_w2sg(TINY, tmp_path)
-    run_w2sg(TINY, tmp_path)
-    first, second = metrics_files(tmp_path)
+    [first] = run_w2sg(TINY, tmp_path).metrics
+    [second] = run_w2sg(TINY, tmp_path).metrics
     assert all(s["reused"] for s in second["stages"].values())
     assert first["acc"] == second["acc"] and first["pgr"] == second["pgr"]
 
 
 def test_changing_the_loss_retrains_only_w2s(tmp_path, store):
     run_w2sg(TINY, tmp_path)
-    run_w2sg(TINY + ["loss=logconf"], tmp_path)
-    _, second = metrics_files(tmp_path)
+    [second] = run_w2sg(TINY + ["loss=logconf"], tmp_path).metrics
     assert {k for k, s in second["stages"].items() if not s["reused"]} == {"w2s"}
     assert second["loss"] == "logconf"
 
@@ -103,8 +95,7 @@ def test_nan_loss_is_reported_and_finished_stages_are_kept(tmp_path, store):
     assert "w2s:tiny_random->tiny_random_l2: loss became nan" in proc.stderr
     _no_traceback(proc)
     # nothing finished was lost: a corrected rerun reuses weak, labels and ceiling
-    run_w2sg(TINY + ["loss=product"], tmp_path)
-    last = metrics_files(tmp_path)[-1]
+    [last] = run_w2sg(TINY + ["loss=product"], tmp_path).metrics
     assert {k for k, s in last["stages"].items() if not s["reused"]} == {"w2s"}
 
 

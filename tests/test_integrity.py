@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, TINY, compose
+from helpers import FIXTURES, TINY, compose
 from w2sg import experiment
 from w2sg.errors import W2SGError
 from w2sg.experiment import plan

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from hydra.core.utils import JobReturn, JobStatus
 
-from conftest import ROOT, compose
+from helpers import ROOT, compose
 from hydra_plugins.w2sg_launcher.w2sg_launcher import (W2sgSlurmConf, W2sgSlurmLauncher, _error_line,
                                                      shared_stage_groups)
 from w2sg import cli, experiment, report

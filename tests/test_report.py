@@ -116,7 +116,7 @@ def test_a_folder_named_stages_above_the_runs_is_no_reason_to_skip_them(tmp_path
 
 
 def test_the_store_and_a_sweep_report_every_experiment_apart(tmp_path, store):
-    from conftest import TINY, run_w2sg
+    from helpers import TINY, run_w2sg
 
     # the sweep: two learning rates of one probe experiment, and a run validating on a held-out share
     run_w2sg(["-m", *TINY, "train=probe", "train.lr=1e-3,1e-2"], tmp_path)
@@ -139,7 +139,7 @@ def test_run_folders_are_unique_per_process(tmp_path, store):
     import subprocess
     import sys
 
-    from conftest import TINY
+    from helpers import TINY
 
     def start(*args):
         return subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import metrics_files, run_w2sg
+from helpers import check_results, metrics_files, run_config, run_w2sg, task_test_labels
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +13,7 @@ def test_default_experiment_shows_a_real_gap(tmp_path, store):
     assert (m["weak"]["model"], m["strong"]["model"]) == ("minilm_l1", "minilm_l6")
     # real pretrained features: both models learn the task, and the 6-layer model beats the 1-layer one
     assert m["acc"]["weak"] > 0.65 and m["acc"]["ceiling"] > m["acc"]["weak"] + 0.02
-    assert m["pgr"] is not None
+    check_results(m, store, task_test_labels(run_config(m)))  # PGR a number: the ceiling beats weak
     assert "PGR" in proc.stdout
 
 
@@ -21,5 +21,4 @@ def test_another_pair_with_logconf(tmp_path, store):
     run_w2sg(["pair=minilm_l2_l6", "loss=logconf", "train.epochs=1", "progress=false"], tmp_path)
     [m] = metrics_files(tmp_path)
     assert (m["weak"]["model"], m["loss"]) == ("minilm_l2", "logconf")
-    assert all(0.0 <= m["acc"][k] <= 1.0 for k in ("weak", "ceiling", "w2s"))
-    assert m["pgr"] is not None or "no gap" in m["pgr_reason"]
+    check_results(m, store, task_test_labels(run_config(m)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_w2sg
+from helpers import run_w2sg
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(shutil.which("sbatch") is None,
                                                     reason="no Slurm here: run launchers/local-slurm/setup.sh")]

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONF, TINY, metrics_files, run_w2sg
+from helpers import CONF, TINY, metrics_files, run_w2sg
 from w2sg.experiment import plan
 from w2sg.store import Store
 
@@ -111,8 +111,7 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
         assert proc.returncode == -signal.SIGKILL
     assert (store / "partial" / key / "checkpoint.pt").exists()
     assert not (store / "stages" / key).exists(), "an interrupted stage is never taken as finished"
-    run_w2sg(LONG, tmp_path)
-    m = metrics_files(tmp_path)[-1]
+    [m] = run_w2sg(LONG, tmp_path).metrics
     stage = json.loads((store / "stages" / key / "metrics.json").read_text())
     assert stage["resumed_from_step"] > 0
     assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"]
@@ -148,7 +147,7 @@ def test_corrupt_or_old_stage_is_reported_and_recomputed(tmp_path, store):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))
     proc = run_w2sg(TINY, tmp_path)
     assert f"stage {key} (ceiling:tiny_random_l2) in the store is invalid: stored with format 0" in proc.stdout
-    last = metrics_files(tmp_path)[-1]
+    [last] = proc.metrics
     assert {k for k, s in last["stages"].items() if not s["reused"]} == {"ceiling"}
     assert last["acc"] == m["acc"]
     assert Store(store).status(key) == "done"
@@ -157,8 +156,7 @@ def test_corrupt_or_old_stage_is_reported_and_recomputed(tmp_path, store):
 @pytest.mark.slow  # keeps the default suite under ~10 minutes; CI runs -m slow too
 def test_recompute_forces_chosen_stages(tmp_path, store):
     run_w2sg(TINY, tmp_path)
-    run_w2sg(TINY + ["recompute=[w2s,ceiling]"], tmp_path)
-    last = metrics_files(tmp_path)[-1]
+    [last] = run_w2sg(TINY + ["recompute=[w2s,ceiling]"], tmp_path).metrics
     assert {k for k, s in last["stages"].items() if not s["reused"]} == {"w2s", "ceiling"}
     proc = run_w2sg(TINY + ["recompute=[nope]"], tmp_path, check=False)
     assert proc.returncode == 2 and "no stage named 'nope' in this run; valid: weak, weak_labels" in proc.stderr

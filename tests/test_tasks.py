@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import FIXTURES, compose, fixture_task
+from helpers import FIXTURES, compose, fixture_task
 from w2sg.errors import W2SGError
 from w2sg.task_formats import FORMATTERS
 from w2sg.tasks import load_task
@@ -16,7 +16,7 @@ HUB_TASKS = ["sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh", "s
 
 
 def local_files(task: str):
-    """Like conftest.fixture_task, with both files keyed by the task's split names (mc_taco trains on 'test').
+    """Like helpers.fixture_task, with both files keyed by the task's split names (mc_taco trains on 'test').
 
     task.data_files only has the fields train/validation/test, so a task reading other split names (anli:
     train_r2/test_r2) reads its local files as train/test instead.
