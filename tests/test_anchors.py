@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose
+from helpers import CONF, compose
 from w2sg import anchors
 from w2sg.errors import W2SGError
 

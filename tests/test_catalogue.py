@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, compose
+from helpers import CONF, compose
 from w2sg.device import GIB, estimate_memory
 from w2sg.models import add_lora, arch_config, build_model, count_params, hidden_size
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, compose
+from helpers import TINY, compose
 from w2sg import device as dev
 from w2sg.device import Policy, estimate_memory, key_precision, resolve_precision, runtime_policy
 from w2sg.errors import W2SGError
@@ -281,7 +281,7 @@ def test_gpu_check_runs_its_code_paths_on_cpu():
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke"],
                           capture_output=True, text=True, timeout=600)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, compose, run_w2sg
+from helpers import TINY, compose, run_w2sg
 from w2sg import extensions
 from w2sg.errors import W2SGError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from conftest import CONF, TINY, compose, metrics_files, run_w2sg
+from helpers import CONF, TINY, compose, metrics_files, run_w2sg
 from w2sg import methods
 from w2sg.errors import W2SGError
 from w2sg.experiment import plan

@@ -6,7 +6,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose, run_w2sg
+from helpers import compose, run_w2sg
 from w2sg.cli import OBJECTIVES, objective_value, returned_objective, validate
 from w2sg.errors import W2SGError
 

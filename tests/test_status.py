@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY, compose
+from helpers import TINY, compose
 from w2sg import status
 from w2sg.experiment import plan
 from w2sg.store import Store
