@@ -8,14 +8,17 @@ settings, and a grid trains each weak and ceiling model once.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from omegaconf import OmegaConf
 
@@ -40,6 +43,37 @@ def fingerprint_cache(cfg: Any) -> Optional[str]:
     return None
 
 
+_SPECS: Optional[Dict[tuple, Any]] = None  # model and task specs by config, while planning many jobs
+
+
+@contextmanager
+def memoized_specs() -> Iterator[None]:
+    """Within it, model and task specs (content fingerprints of model and data files) are computed once per
+    distinct config: a launcher planning a thousand jobs reads each file's fingerprint once, not per job. Files
+    are taken as unchanged while it lasts."""
+    global _SPECS
+    outer = _SPECS
+    _SPECS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SPECS = outer
+
+
+def _memoized(fn: Callable[[Any, Optional[str]], Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
+    @functools.wraps(fn)
+    def spec(node: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+        if _SPECS is None:
+            return fn(node, cache_dir)
+        key = (fn.__name__, json.dumps(_plain(node), sort_keys=True, default=str), cache_dir)
+        if key not in _SPECS:
+            _SPECS[key] = fn(node, cache_dir)
+        return copy.deepcopy(_SPECS[key])
+
+    return spec
+
+
+@_memoized
 def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """What of a model config changes results (not its name, size label or parameter count).
 
@@ -57,6 +91,7 @@ def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     return spec
 
 
+@_memoized
 def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """The task's values, with local data files (and pkg:// files) replaced by the hash of their bytes.
 
