@@ -38,10 +38,13 @@ def hydra_loader():
 def test_sweep_configs_equal_hydras_own_composition(hydra_loader):
     loader, master = hydra_loader
     configs = SweepConfigs(loader, master)
-    for job in JOBS + JOBS[:2]:  # the second time from the cached compositions
-        fast = OmegaConf.to_container(configs(job), resolve=False)
-        slow = OmegaConf.to_container(loader.load_sweep_config(master, job), resolve=False)
-        assert fast == slow, job
+    seeds = [["experiment=smoke", f"seed={i}", f"train.lr={(i + 1) / 1000}", "launcher=slurm_local"] for i in range(3)]
+    for shared in (False, True):  # a copy per job; one working copy while jobs set the same keys
+        # the second time from the cached compositions; seeds: the same keys in a row (the working copy reused)
+        for job in JOBS + JOBS[:2] + seeds + JOBS[1:2] + seeds[:1] + JOBS[:1]:  # last: no train.lr left over
+            fast = OmegaConf.to_container(configs(job, shared=shared), resolve=False)
+            slow = OmegaConf.to_container(loader.load_sweep_config(master, job), resolve=False)
+            assert fast == slow, (shared, job)
     assert len(configs.bases) == 4, "composed once per set of group choices (experiment, pair, +weak, +train/loss)"
 
 
@@ -80,7 +83,8 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
         launcher.hydra_context, launcher.config = SimpleNamespace(config_loader=loader), master
         stores = {}
         with memoized_specs():
-            return [launcher._all_done(launcher._sweep_config(job, i), stores) for i, job in enumerate(jobs)]
+            return [launcher._all_done(launcher._sweep_config(job, i, shared=True), stores)
+                    for i, job in enumerate(jobs)]
 
     assert launcher_path() == one_by_one() == [False] * len(jobs), "an empty store: every job is submitted"
     store = Store(store_dir)

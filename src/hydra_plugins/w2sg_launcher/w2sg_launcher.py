@@ -134,15 +134,19 @@ class SweepConfigs:
     """Every job's config exactly as Hydra's ``load_sweep_config`` composes it, at a fraction of the cost: the
     config is composed once per set of config-group choices (what shapes the defaults list), and each job's other
     overrides (seed=3, train.lr=...) are applied to a copy, with Hydra's own override code, in Hydra's order.
-    Composing each job from scratch took over 1 s per job (two thirds of a 1,000-run sweep's submission time,
-    benchmarks/sweep_submit.py); tests/test_submit.py checks the configs equal Hydra's."""
+    ``shared=True`` (reading a job's config, not keeping it) applies them to one working copy per group choices
+    while consecutive jobs set the same keys with plain ``key=value`` overrides (each job then overwrites every
+    value the previous one set), which spares copying the config per job. Composing each job from scratch took
+    over 1 s per job; tests/test_submit.py checks the configs equal Hydra's."""
 
     def __init__(self, loader: Any, master: Any) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         self.loader, self.master = loader, master
         self.parser = OverridesParser.create()
+        self.hydra_overrides = self.parser.parse_overrides(list(master.hydra.overrides.hydra))
         self.bases: Dict[Tuple[str, ...], Any] = {}
+        self.scratch: Dict[Tuple[str, ...], Tuple[Tuple[str, ...], Any]] = {}  # group choices -> (keys set, cfg)
 
     def _shapes_defaults(self, override: Any) -> bool:
         """As Hydra's defaults list classifies overrides (hydra._internal.defaults_list.Overrides): a config group
@@ -152,18 +156,35 @@ class SweepConfigs:
             return True
         return self.loader.repository.group_exists(key) and not isinstance(override.value(), dict)
 
-    def __call__(self, sweep_overrides: Sequence[str]) -> Any:
+    @staticmethod
+    def _plain(override: Any) -> bool:
+        """``key=value`` that replaces the value (no +, ++, ~, and no dict value, which Hydra merges)."""
+        return not (override.is_add() or override.is_force_add() or override.is_delete()
+                    or isinstance(override.value(), dict))
+
+    def __call__(self, sweep_overrides: Sequence[str], shared: bool = False) -> Any:
         import copy
 
         from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
 
         parsed = self.parser.parse_overrides(list(sweep_overrides))
         groups = tuple(o.input_line for o in parsed if self._shapes_defaults(o))
+        values = [o for o in parsed if not self._shapes_defaults(o)]
         if groups not in self.bases:
             self.bases[groups] = self.loader.load_sweep_config(self.master, list(groups))
-        cfg = copy.deepcopy(self.bases[groups])
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not self._shapes_defaults(o)], cfg)
-        everything = self.parser.parse_overrides(list(self.master.hydra.overrides.hydra)) + parsed
+        keys = tuple(o.key_or_group for o in values)
+        if shared and all(self._plain(o) for o in values):
+            if self.scratch.get(groups, ((), None))[0] != keys or self.scratch[groups][1] is None:
+                self.scratch[groups] = (keys, copy.deepcopy(self.bases[groups]))
+            cfg = self.scratch[groups][1]
+        else:
+            cfg = copy.deepcopy(self.bases[groups])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except Exception:
+            self.scratch.pop(groups, None)  # half applied: start the next job from a clean copy
+            raise
+        everything = self.hydra_overrides + parsed
         app = [o for o in everything if not o.is_hydra_override()]
         with open_dict(cfg.hydra):
             cfg.hydra.overrides.hydra = [o.input_line for o in everything if o.is_hydra_override()]
@@ -188,7 +209,7 @@ class W2sgBasicSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         configs = SweepConfigs(self.hydra_context.config_loader, self.config)
         for overrides in batch:
-            configs(overrides)
+            configs(overrides, shared=True)
 
 
 # Hydra imports this module when it scans hydra_plugins, which registers the launcher's and sweeper's configs.
@@ -221,10 +242,11 @@ class W2sgSlurmLauncher(SlurmLauncher):
         state.pop("_configs", None)  # composed configs: the Slurm job composes its own
         return state
 
-    def _sweep_config(self, overrides: Sequence[str], idx: int):
+    def _sweep_config(self, overrides: Sequence[str], idx: int, shared: bool = False):
+        """The job's config; ``shared``: one to read now, which the next job's call changes (SweepConfigs)."""
         if getattr(self, "_configs", None) is None:
             self._configs = SweepConfigs(self.hydra_context.config_loader, self.config)
-        cfg = self._configs(overrides)
+        cfg = self._configs(overrides, shared=shared)
         with open_dict(cfg):
             cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
             cfg.hydra.job.num = idx
@@ -273,13 +295,13 @@ class W2sgSlurmLauncher(SlurmLauncher):
         groups = shared_stage_groups([cfg for _, _, cfg in todo])
         if not groups:
             return [], []
-        params = []
+        params, state = [], Singleton.get_state()
         for g, group in enumerate(groups):
             idx, overrides, _ = todo[group.source]
             slug = re.sub(r"[^A-Za-z0-9_.-]", "_", group.labels[0]) + "_" + group.key[:8]
             params.append(([o for o in overrides if not o.startswith("stages=")]
                            + [f"stages=[{','.join(group.names)}]", f"hydra.sweep.subdir=shared/{slug}"],
-                           "hydra.sweep.dir", idx, f"{SHARED_JOB}{g}", Singleton.get_state()))
+                           "hydra.sweep.dir", idx, f"{SHARED_JOB}{g}", state))
         log.info("Submitting %d shared-stage jobs first (hydra.launcher.shared_stages=dependency)", len(groups))
         jobs = self._executor(shared=True).map_array(self, *zip(*params))
         for group, job in zip(groups, jobs):
@@ -295,8 +317,9 @@ class W2sgSlurmLauncher(SlurmLauncher):
             batches.setdefault(tuple(sorted(j.job_id for j in deps)), []).append(pos)
         jobs: List[Any] = [None] * len(todo)
         for positions in batches.values():
-            params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}",
-                       Singleton.get_state()) for pos in positions]
+            state = Singleton.get_state()  # a deep copy of Hydra's config store: once, not per job
+            params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}", state)
+                      for pos in positions]
             for pos, job in zip(positions, self._executor(after[positions[0]]).map_array(self, *zip(*params))):
                 jobs[pos] = job
         for (idx, overrides, _), job, deps in zip(todo, jobs, after):
@@ -367,17 +390,18 @@ class W2sgSlurmLauncher(SlurmLauncher):
         todo: List[Tuple[int, List[str], Any]] = []  # (job index, overrides, composed config or None)
         plan_each = self.skip_done or self.shared_stages == "dependency"
         stores: Dict[str, Any] = {}
+        keep = self.shared_stages == "dependency"  # the configs are planned again, together (shared_stage_groups)
         for pos, overrides in enumerate(job_overrides):
             idx = initial_job_idx + pos
-            cfg = self._sweep_config(overrides, idx) if plan_each else None
+            cfg = self._sweep_config(overrides, idx, shared=not keep) if plan_each else None
             if self.skip_done and self._all_done(cfg, stores):
                 log.info("\t#%d : %s  (all stages stored: collected here, not submitted)", idx,
                          " ".join(filter_overrides(overrides)))
                 results[idx] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                       config=cfg, job_dir_key="hydra.sweep.dir",
+                                       config=self._sweep_config(overrides, idx), job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir")
             else:
-                todo.append((idx, list(overrides), cfg))
+                todo.append((idx, list(overrides), cfg if keep else None))
         if todo:
             groups: List[SharedGroup] = []
             shared_jobs: List[Any] = []
