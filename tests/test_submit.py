@@ -94,3 +94,17 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
     expected = [True, True, True, False, True, False, False, False, False, True]
     assert one_by_one() == expected, "seed 2 logconf needs its own w2s; recompute=[w2s] trains; a subset is stored"
     assert launcher_path() == expected
+
+
+def test_no_report_is_written_for_a_sweep_submitted_without_waiting(tmp_path):
+    from w2sg.report import ReportCallback
+
+    def end(wait: bool, sweep_dir):
+        sweep_dir.mkdir()
+        config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}, "launcher": {"wait": wait},
+                                             "runtime": {"choices": {}}}, "logger": {"name": "none"}})
+        ReportCallback().on_multirun_end(config)
+        return sorted(p.name for p in sweep_dir.glob("*.csv"))
+
+    assert end(False, tmp_path / "submitted") == [], "nothing has run: no empty results.csv / summary.csv"
+    assert "results.csv" in end(True, tmp_path / "awaited"), "a sweep that waited reports, even when empty"
