@@ -143,6 +143,9 @@ def test_weak_larger_than_strong_is_warned_and_recorded(caplog, monkeypatch):
         def run(self, stage, force=False):
             return Outcome(stage.key, False, 0.0, {"acc": 0.5, "auroc": 0.5})
 
+        def release_weights(self, stages):  # store.keep_weights: nothing stored to free
+            return 0
+
     # no stored predictions behind the fake stages: no diagnostics or CI to compute
     monkeypatch.setattr(diagnostics, "for_run", lambda runner, keys: ({}, {}))
     with caplog.at_level("WARNING", logger="w2sg"):

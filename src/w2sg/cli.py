@@ -227,7 +227,7 @@ def _hydra_entry(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
-SUBCOMMANDS = {"status": "w2sg.status", "report": "w2sg.report"}
+SUBCOMMANDS = {"status": "w2sg.status", "report": "w2sg.report", "gc": "w2sg.gc"}
 
 
 def print_multirun_configs(argv: List[str]) -> int:

@@ -14,6 +14,7 @@ precision does, except fp32, so every key computed before this policy existed st
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -41,6 +42,7 @@ def check_settings(device: str, precision: str, device_map: Optional[str] = None
                         "every weight: use train=lora or train=probe, or train.device_map=null")
 
 
+@functools.lru_cache(maxsize=None)  # asked per stage key (key_precision): a 1,000-job sweep plans ~5,000 stages
 def cuda_available() -> bool:
     import torch
 

@@ -139,6 +139,7 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     subset = len(selected) < len(stages)  # stages=[...]: part of the experiment, not a result with PGR
     outcomes: Dict[str, Outcome] = {
         name: runner.run(stage, force=name in cfg.recompute) for name, stage in selected.items()}
+    runner.release_weights(selected.values())  # store.keep_weights: e.g. the weak model's, once its labels are stored
 
     def ran(name: str, metric: str) -> Any:  # None for a stage that did not run
         return outcomes[name].metrics[metric] if name in outcomes else None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from w2sg import anchors, diagnostics, stats
 
@@ -516,6 +517,11 @@ class ReportCallback(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if not OmegaConf.select(config, "hydra.launcher.wait", default=True) and \
+                next(sweep_dir.glob("**/metrics.json"), None) is None:  # submitted, nothing finished yet
+            log.info("no report yet: the jobs were submitted without waiting (hydra.launcher.wait=false); "
+                     "`w2sg report %s` once they finish, or rerun the same command to collect them", sweep_dir)
+            return
         try:
             report = write_report(sweep_dir)
         except Exception as e:  # a report must never hide the sweep's own results

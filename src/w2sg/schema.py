@@ -170,6 +170,14 @@ class LoggerConfig:
 
 
 @dataclass
+class StoreConfig:
+    # which trained weights the store keeps (w2sg.store): needed (default: free a model's weights once every stage
+    # reading them is stored, e.g. the weak model's once its labels are), all, or none (free every train stage's
+    # weights after its run); a stage whose weights were freed keeps its results and is trained again if needed
+    keep_weights: str = "needed"
+
+
+@dataclass
 class Config:
     weak: ModelConfig = MISSING
     strong: ModelConfig = MISSING
@@ -189,6 +197,7 @@ class Config:
     s2s: int = 0  # strong-to-strong iterations after w2s: each a fresh strong model on the previous student's labels
     seed: int = 0
     store_dir: str = MISSING  # content-addressed stage store shared by every run (env W2SG_STORE)
+    store: StoreConfig = field(default_factory=StoreConfig)  # store settings other than its place (store_dir)
     progress: bool = True  # progress bars (does not change any result)
     # stage names of this run to compute again even if the store has them (e.g. [w2s] or [weak, ceiling])
     recompute: List[str] = field(default_factory=list)
@@ -254,6 +263,12 @@ def check_ranges(cfg: Any) -> None:
         for key, bounds in MODEL_RANGES.items():
             if model is not None:
                 _check_range(f"{where}.{key}", model.get(key), bounds)
+    from w2sg.errors import W2SGError
+
+    keep = OmegaConf.select(cfg, "store.keep_weights", default="needed")
+    if keep not in ("needed", "all", "none"):  # w2sg.store.KEEP_WEIGHTS
+        raise W2SGError(f"store.keep_weights: unknown value {keep!r}; valid: needed, all, none "
+                        "(e.g. store.keep_weights=all to keep every trained model)")
     loss = cfg.get("loss")
     for key, bounds in LOSS_RANGES.items():
         if loss is not None and key in loss:

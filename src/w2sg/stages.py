@@ -8,14 +8,17 @@ settings, and a grid trains each weak and ceiling model once.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from omegaconf import OmegaConf
 
@@ -40,6 +43,37 @@ def fingerprint_cache(cfg: Any) -> Optional[str]:
     return None
 
 
+_SPECS: Optional[Dict[tuple, Any]] = None  # model and task specs by config, while planning many jobs
+
+
+@contextmanager
+def memoized_specs() -> Iterator[None]:
+    """Within it, model and task specs (content fingerprints of model and data files) are computed once per
+    distinct config: a launcher planning a thousand jobs reads each file's fingerprint once, not per job. Files
+    are taken as unchanged while it lasts."""
+    global _SPECS
+    outer = _SPECS
+    _SPECS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SPECS = outer
+
+
+def _memoized(fn: Callable[[Any, Optional[str]], Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
+    @functools.wraps(fn)
+    def spec(node: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+        if _SPECS is None:
+            return fn(node, cache_dir)
+        key = (fn.__name__, json.dumps(_plain(node), sort_keys=True, default=str), cache_dir)
+        if key not in _SPECS:
+            _SPECS[key] = fn(node, cache_dir)
+        return copy.deepcopy(_SPECS[key])
+
+    return spec
+
+
+@_memoized
 def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """What of a model config changes results (not its name, size label or parameter count).
 
@@ -57,6 +91,7 @@ def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     return spec
 
 
+@_memoized
 def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """The task's values, with local data files (and pkg:// files) replaced by the hash of their bytes.
 
@@ -385,7 +420,6 @@ class Runner:
 
     def _compute_train(self, stage: Stage, out: StageDir) -> None:
         import numpy as np
-        from safetensors.torch import save_model
 
         from w2sg.losses import make_loss
         from w2sg.metrics import accuracy, auroc
@@ -423,6 +457,7 @@ class Runner:
             if result.resumed_from:
                 log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
             trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            adapter = self._adapter_state(model) if tspec["mode"] == "lora" else None
             merge_lora(model)
             test_y = [y for _, y in data.test]
             probs = predict(model, self.inputs_of(stage, "test"),
@@ -450,7 +485,7 @@ class Runner:
         if transfer_probs is not None:
             out.write_array("transfer_probs", transfer_probs)
         out.write_json("metrics.json", metrics)
-        save_model(model, str(out.file("model.safetensors")))
+        self._save_weights(stage, model, adapter, out)
         self._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
 
     def _model_seed(self, stage: Stage) -> int:
@@ -487,6 +522,25 @@ class Runner:
         out.write_array("rows", ts.rows.astype(np.int64))
         out.write_array("ground_truth", ts.ground_truth)
         out.write_json("metrics.json", metrics)
+
+    @staticmethod
+    def _adapter_state(model: Any) -> Dict[str, Any]:
+        """LoRA: what training changed (the adapters and the head), before the adapters are merged."""
+        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _save_weights(self, stage: Stage, model: Any, adapter: Optional[Dict[str, Any]], out: StageDir) -> None:
+        """A train stage's weights: LoRA stores its adapters and head only (adapter.safetensors; _load_trained
+        rebuilds the base model and merges them, as training did); a full finetune stores the model with its
+        backbone in the compute dtype (fp32 on the CPU: as trained), and keeps that model for the labels stage, so
+        labels are the same whether they are computed now or from the store later; a probe stores its head."""
+        from safetensors.torch import save_file, save_model
+
+        if adapter is not None:
+            save_file(adapter, str(out.file("adapter.safetensors")))
+            return
+        if stage.spec["train"]["mode"] == "full" and self.policy.precision != "fp32":
+            model.backbone.to(self.policy.dtype)  # the master weights were fp32 for training only
+        save_model(model, str(out.file("model.safetensors")))
 
     def _compute_features(self, stage: Stage, out: StageDir) -> None:
         """Pooled last-layer features of the frozen model for gt, weak and test (and each pair's second text)."""
@@ -545,21 +599,107 @@ class Runner:
         out.write_json("metrics.json", metrics)
 
     def _load_trained(self, stage: Stage):
+        """A trained model from the store (or this process); weights freed by store.keep_weights are recomputed."""
+        from w2sg.store import WEIGHT_FILES
+
+        if stage.key not in self._models and not any(
+                self.store.get(stage.key).file(n).exists() for n in WEIGHT_FILES):
+            self._restore_weights(stage)
         if stage.key in self._models:
             return self._models[stage.key]
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
-        from w2sg.models import build_head, build_model
+        from w2sg.models import add_lora, build_head, build_model, merge_lora
 
-        num_classes, seed = int(self.cfg.task.num_classes), int(self.cfg.seed)
-        mode = stage.spec["train"]["mode"]
-        if mode == "probe":
+        num_classes, seed = int(self.cfg.task.num_classes), self._model_seed(stage)  # as built for training
+        tspec = stage.spec["train"]
+        sd = self.store.get(stage.key)
+        device = "cpu" if self.policy.device_map else self.policy.device
+        if tspec["mode"] == "probe":
             model = self.policy.place(build_head(stage.model, num_classes, seed, self.pairwise))
-        else:  # full (fp32, as trained), and lora (adapters were merged before saving, in the compute dtype)
+        else:  # the backbone in the compute dtype, as stored (full) or as the frozen base of the adapters (lora)
             self.check_memory(stage, "inference", self.eval_batch_size(stage.model))
-            model = build_model(stage.model, num_classes, seed, self.pairwise, self.policy, trainable=mode == "full")
-        load_model(model, str(self.store.get(stage.key).file("model.safetensors")), device="cpu" if self.policy.device_map else self.policy.device)
+            model = build_model(stage.model, num_classes, seed, self.pairwise, self.policy, trainable=False)
+        if not sd.file("adapter.safetensors").exists():  # full, probe, and LoRA stored merged (before adapters)
+            load_model(model, str(sd.file("model.safetensors")), device=device)
+            return model
+        self._load_init(stage, model)  # the base the adapters were trained on
+        lora = tspec["lora"]
+        add_lora(model, int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"])
+        adapter = load_file(str(sd.file("adapter.safetensors")), device=device)
+        missing, unexpected = model.load_state_dict(adapter, strict=False)
+        lost = sorted(set(adapter) - {n for n, _ in model.named_parameters()})
+        if unexpected or lost:
+            raise W2SGError(f"{stage.label}: its stored adapters do not fit the model (unexpected "
+                            f"{sorted(unexpected or lost)[:5]}); recompute it (recompute=[...] naming that stage)")
+        merge_lora(model)
         return model
+
+    def _restore_weights(self, stage: Stage) -> None:
+        """Train a stage whose weights were freed (store.keep_weights, w2sg gc) again, into a scratch directory;
+        its weights go back into the store only if its test predictions equal the stored ones, so that labels
+        computed from them belong to the model whose results are stored. Training that is not reproducible here
+        (e.g. nondeterministic GPU kernels) is an error naming the way out, never a silent mix of two models."""
+        import os
+        import shutil
+        import uuid
+
+        import numpy as np
+
+        from w2sg.store import WEIGHT_FILES
+
+        note = self.store.weights_freed(stage.key) or {}
+        log.warning("%s: its weights were freed (%s); training it again to recover them", stage.label,
+                    note.get("why", "store.keep_weights"))
+        with self.store.lock(stage.key):
+            sd = self.store.get(stage.key)
+            if any(sd.file(n).exists() for n in WEIGHT_FILES):
+                return  # another process recovered them meanwhile
+            tmp = self.store.root / "tmp" / f"{stage.key}.restore.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                self._compute_train(stage, StageDir(tmp))
+                stored, again = sd.read_array("test_probs"), StageDir(tmp).read_array("test_probs")
+                if stored.shape != again.shape or not np.allclose(stored, again, rtol=0, atol=1e-6):
+                    self._models.pop(stage.key, None)
+                    diff = float(np.abs(stored - again).max()) if stored.shape == again.shape else float("nan")
+                    raise W2SGError(
+                        f"{stage.label}: its weights were freed, and training it again predicts differently from the "
+                        f"stored model (max probability difference {diff:.2g}): training is not reproducible on "
+                        "this device, so labels from the new weights would not belong to the stored results. "
+                        "Recompute it and what follows from it (recompute=[<its stage name>, ...]), and keep "
+                        "weights with store.keep_weights=all where training is not deterministic")
+                self.store.restore_weights(stage.key, tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def release_weights(self, stages: Iterable[Stage]) -> int:
+        """store.keep_weights after a run: ``needed`` frees the weights of each train stage whose labels stage is
+        stored (every stage of the plan that reads them has run); ``none`` frees every train stage's weights;
+        ``all`` keeps them. Returns the bytes freed."""
+        from w2sg.store import human_bytes
+
+        policy = str(OmegaConf.select(self.cfg, "store.keep_weights", default="needed"))
+        if policy == "all":
+            return 0
+        stages = list(stages)
+        readers: Dict[str, list] = {}
+        for s in stages:
+            if s.kind == "labels":
+                readers.setdefault(s.inputs["model"].key, []).append(s)
+        freed = 0
+        for s in stages:
+            if s.kind != "train" or (policy == "needed" and s.key not in readers):
+                continue
+            if any(self.store.status(r.key) != "done" for r in readers.get(s.key, [])):
+                continue
+            size = self.store.free_weights(s.key, f"store.keep_weights={policy}")
+            if size:
+                log.info("%-28s %s  weights freed (%s; store.keep_weights=%s)", s.label, s.key[:12],
+                         human_bytes(size), policy)
+                self._models.pop(s.key, None)
+            freed += size
+        return freed
 
     def _compute_labels(self, stage: Stage, out: StageDir) -> None:
         from w2sg.metrics import accuracy, auroc

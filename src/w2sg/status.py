@@ -193,6 +193,16 @@ def render(rows: List[Dict[str, Any]], columns: List[str]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
+def store_size_line(store) -> str:
+    """The store's size on disk, the part that is weights, and how many stages' weights were freed (w2sg gc)."""
+    from w2sg.store import human_bytes
+
+    sizes = store.sizes()
+    freed = f"; weights of {sizes['freed']} stages freed" if sizes["freed"] else ""
+    return (f"store size: {human_bytes(sizes['total'])}, of which weights {human_bytes(sizes['weights'])}{freed} "
+            "(w2sg gc frees the weights no stage still needs)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="w2sg status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,4 +252,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     print(f"\n{len(rows)} stages: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"  (store: {store.root})")
+    print(store_size_line(store))
     return 0

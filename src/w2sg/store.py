@@ -2,7 +2,9 @@
 
 Layout under ``store_dir``::
 
-    stages/<key>/      a finished stage: meta.json, metrics.json, arrays (.npy), model.safetensors, DONE
+    stages/<key>/      a finished stage: meta.json, metrics.json, arrays (.npy), weights, DONE; a train stage's
+                       weights are model.safetensors (full finetune, in the compute dtype; probe: the head) or
+                       adapter.safetensors (LoRA: the adapters and the head, rebuilt on the base model to load)
     tmp/               stages being written (renamed into stages/ when complete)
     partial/<key>/     stage.json (what is being computed, since when, by whom) and training checkpoints of
                        unfinished stages (a rerun resumes from them)
@@ -11,6 +13,11 @@ Layout under ``store_dir``::
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
 half-written stage is never taken as finished. The DONE marker holds a one-line summary of the stage (kind,
 label, model, task, seed, loss, accuracy, time), so ``w2sg status`` lists a large store by reading it alone.
+Weights are the bulk of a store. ``store.keep_weights`` (needed | all | none) frees a trained model's weights
+once no stage needs them (a weak model's, once its labels are stored); ``w2sg gc`` does the same for the whole
+store. A stage whose weights were freed keeps its metrics and predictions and a ``weights_freed.json`` note; a
+later stage that needs the weights trains it again (w2sg.stages.Runner) and checks the predictions match.
+
 The lock is an OS file lock (released by the kernel when its holder dies), so a second process needing the
 same stage waits, then finds it done and reuses it; ``w2sg status`` shows a stage whose lock is held as running.
 """
@@ -26,9 +33,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 FORMAT = 1  # bump when the stored layout changes; older stages are then reported and recomputed
+WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a train stage's trained weights
+BACKBONE_FILE = "backbone.safetensors"  # an lm stage's generatively finetuned backbone (never freed)
+FREED = "weights_freed.json"  # in a stage whose weights were freed: which files, how many bytes, when, why
+KEEP_WEIGHTS = ("needed", "all", "none")  # store.keep_weights
 
 
 @dataclass
@@ -174,7 +185,7 @@ class Store:
     def _mark_running(self, key: str, meta: Dict[str, Any]) -> None:
         """partial/<key>/stage.json: what the lock holder computes, so listings can name a running stage."""
         marker = {**summary({**meta, "key": key, "created": time.time()}, {}), "host": socket.gethostname(),
-                  "pid": os.getpid()}
+                  "pid": os.getpid(), "inputs": meta.get("inputs") or {}}  # inputs: whose weights it may read
         path = self.partial_dir(key) / "stage.json"
         tmp = path.with_name(f"stage.json.tmp{os.getpid()}")
         tmp.write_text(json.dumps(marker, default=str))
@@ -220,3 +231,100 @@ class Store:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return StageDir(self.stage_path(key)), False
+
+    # --- weights: retention and garbage collection -------------------------------------------------------
+
+    def weight_files(self, key: str) -> List[Path]:
+        """The stored weight files of a train stage (none once freed)."""
+        return [p for p in (self.stage_path(key) / name for name in WEIGHT_FILES) if p.exists()]
+
+    def weights_freed(self, key: str) -> Optional[Dict[str, Any]]:
+        """The note of a stage whose weights were freed, else None."""
+        path = self.stage_path(key) / FREED
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def readers_running(self, key: str) -> List[str]:
+        """Stages being computed now (their lock held) that take ``key`` as an input, e.g. its labels stage."""
+        readers = []
+        for other in os.listdir(self.root / "partial"):
+            try:
+                marker = json.loads((self.root / "partial" / other / "stage.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if key in (marker.get("inputs") or {}).values() and self.is_running(other):
+                readers.append(other)
+        return readers
+
+    def free_weights(self, key: str, why: str) -> int:
+        """Delete a stored train stage's weight files, leaving its metrics and predictions and a note (FREED);
+        returns the bytes freed. Skipped (0) while another process holds its lock or reads its weights."""
+        from filelock import Timeout
+
+        lock = self.lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return 0
+        try:
+            files = self.weight_files(key)
+            if self.status(key) != "done" or not files or self.readers_running(key):
+                return 0
+            size = sum(p.stat().st_size for p in files)
+            StageDir(self.stage_path(key)).write_json(
+                FREED, {"files": [p.name for p in files], "bytes": size, "freed": time.time(), "why": why})
+            for p in files:
+                p.unlink()
+            return size
+        finally:
+            lock.release()
+
+    def restore_weights(self, key: str, source: Path) -> None:
+        """Put recomputed weight files (from ``source``, a stage written elsewhere) back into a freed stage."""
+        for name in WEIGHT_FILES:
+            if (source / name).exists():
+                os.replace(source / name, self.stage_path(key) / name)
+        (self.stage_path(key) / FREED).unlink(missing_ok=True)
+
+    def collectable(self) -> List[Tuple[str, str, int]]:
+        """(key, label, bytes) of every train stage whose weights no stage still needs, from the store alone: each
+        stage that reads its weights (its labels stage) is stored, and none that reads them is being computed.
+        Weights no stored stage has read (a ceiling or w2s model: a later run may use it as a teacher) are kept."""
+        metas = {}
+        for key in os.listdir(self.root / "stages"):
+            try:
+                metas[key] = json.loads((self.stage_path(key) / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+        read = {m["inputs"]["model"] for k, m in metas.items()
+                if m.get("kind") == "labels" and (m.get("inputs") or {}).get("model") and self.status(k) == "done"}
+        out = []
+        for key in sorted(read):
+            files = self.weight_files(key)
+            if key in metas and files and not self.readers_running(key):
+                out.append((key, metas[key].get("label") or "", sum(p.stat().st_size for p in files)))
+        return out
+
+    def sizes(self) -> Dict[str, int]:
+        """Bytes of the whole store, of its stored weights (trained models and finetuned backbones), and the number
+        of stages whose weights were freed."""
+        total = weights = freed = 0
+        for dirpath, _, files in os.walk(self.root):
+            in_stage = Path(dirpath).parent == self.root / "stages"
+            for name in files:
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue  # removed while walking
+                total += size
+                if in_stage and (name in WEIGHT_FILES or name == BACKBONE_FILE):
+                    weights += size
+                freed += in_stage and name == FREED
+        return {"total": total, "weights": weights, "freed": freed}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

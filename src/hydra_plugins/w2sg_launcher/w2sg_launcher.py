@@ -17,11 +17,13 @@
 
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
@@ -128,8 +130,91 @@ def _summary(failed: int, stopped: int, total: int, shared_failed: int, shared_t
             "only what is missing):")
 
 
-# Hydra imports this module when it scans hydra_plugins, which registers the launcher's config.
+class SweepConfigs:
+    """Every job's config exactly as Hydra's ``load_sweep_config`` composes it, at a fraction of the cost: the
+    config is composed once per set of config-group choices (what shapes the defaults list), and each job's other
+    overrides (seed=3, train.lr=...) are applied to a copy, with Hydra's own override code, in Hydra's order.
+    ``shared=True`` (reading a job's config, not keeping it) applies them to one working copy per group choices
+    while consecutive jobs set the same keys with plain ``key=value`` overrides (each job then overwrites every
+    value the previous one set), which spares copying the config per job. Composing each job from scratch took
+    over 1 s per job; tests/test_submit.py checks the configs equal Hydra's."""
+
+    def __init__(self, loader: Any, master: Any) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self.loader, self.master = loader, master
+        self.parser = OverridesParser.create()
+        self.hydra_overrides = self.parser.parse_overrides(list(master.hydra.overrides.hydra))
+        self.bases: Dict[Tuple[str, ...], Any] = {}
+        self.scratch: Dict[Tuple[str, ...], Tuple[Tuple[str, ...], Any]] = {}  # group choices -> (keys set, cfg)
+
+    def _shapes_defaults(self, override: Any) -> bool:
+        """As Hydra's defaults list classifies overrides (hydra._internal.defaults_list.Overrides): a config group
+        choice, unless its value is a dict; hydra.searchpath changes where groups are found."""
+        key = override.key_or_group
+        if key == "hydra.searchpath":
+            return True
+        return self.loader.repository.group_exists(key) and not isinstance(override.value(), dict)
+
+    @staticmethod
+    def _plain(override: Any) -> bool:
+        """``key=value`` that replaces the value (no +, ++, ~, and no dict value, which Hydra merges)."""
+        return not (override.is_add() or override.is_force_add() or override.is_delete()
+                    or isinstance(override.value(), dict))
+
+    def __call__(self, sweep_overrides: Sequence[str], shared: bool = False) -> Any:
+        import copy
+
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+
+        parsed = self.parser.parse_overrides(list(sweep_overrides))
+        groups = tuple(o.input_line for o in parsed if self._shapes_defaults(o))
+        values = [o for o in parsed if not self._shapes_defaults(o)]
+        if groups not in self.bases:
+            self.bases[groups] = self.loader.load_sweep_config(self.master, list(groups))
+        keys = tuple(o.key_or_group for o in values)
+        if shared and all(self._plain(o) for o in values):
+            if self.scratch.get(groups, ((), None))[0] != keys or self.scratch[groups][1] is None:
+                self.scratch[groups] = (keys, copy.deepcopy(self.bases[groups]))
+            cfg = self.scratch[groups][1]
+        else:
+            cfg = copy.deepcopy(self.bases[groups])
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        except Exception:
+            self.scratch.pop(groups, None)  # half applied: start the next job from a clean copy
+            raise
+        everything = self.hydra_overrides + parsed
+        app = [o for o in everything if not o.is_hydra_override()]
+        with open_dict(cfg.hydra):
+            cfg.hydra.overrides.hydra = [o.input_line for o in everything if o.is_hydra_override()]
+            cfg.hydra.overrides.task = [o.input_line for o in app]
+            job = cfg.hydra.job.config.override_dirname
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=app, kv_sep=job.kv_sep, item_sep=job.item_sep, exclude_keys=job.exclude_keys)
+        return cfg
+
+
+@dataclass
+class W2sgBasicSweeperConf:
+    _target_: str = "hydra_plugins.w2sg_launcher.w2sg_launcher.W2sgBasicSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+
+
+class W2sgBasicSweeper(BasicSweeper):
+    """Hydra's basic sweeper, checking that every job's config composes (before any job is launched) with
+    SweepConfigs instead of composing each from scratch."""
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        configs = SweepConfigs(self.hydra_context.config_loader, self.config)
+        for overrides in batch:
+            configs(overrides, shared=True)
+
+
+# Hydra imports this module when it scans hydra_plugins, which registers the launcher's and sweeper's configs.
 ConfigStore.instance().store(group="hydra/launcher", name="w2sg_slurm", node=W2sgSlurmConf, provider="w2sg")
+ConfigStore.instance().store(group="hydra/sweeper", name="w2sg_basic", node=W2sgBasicSweeperConf, provider="w2sg")
 
 
 class W2sgSlurmLauncher(SlurmLauncher):
@@ -152,24 +237,39 @@ class W2sgSlurmLauncher(SlurmLauncher):
             raise ret._return_value
         return ret
 
-    def _sweep_config(self, overrides: Sequence[str], idx: int):
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_configs", None)  # composed configs: the Slurm job composes its own
+        return state
+
+    def _sweep_config(self, overrides: Sequence[str], idx: int, shared: bool = False):
+        """The job's config; ``shared``: one to read now, which the next job's call changes (SweepConfigs)."""
+        if getattr(self, "_configs", None) is None:
+            self._configs = SweepConfigs(self.hydra_context.config_loader, self.config)
+        cfg = self._configs(overrides, shared=shared)
         with open_dict(cfg):
             cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
             cfg.hydra.job.num = idx
         return cfg
 
     @staticmethod
-    def _all_done(cfg) -> bool:
+    def _all_done(cfg, stores: Optional[Dict[str, Any]] = None) -> bool:
         """Whether the job would only read the store: every stage it runs (``stages=``) is stored and none is to
-        be recomputed (``recompute=``); such a job runs here instead of on Slurm."""
+        be recomputed (``recompute=``); such a job runs here instead of on Slurm. ``stores``: the Store of each
+        store_dir met so far (one per sweep, usually); a store with no stage at all is not planned against."""
         from w2sg.experiment import plan, select
         from w2sg.store import Store
 
+        stores = {} if stores is None else stores
+        if str(cfg.store_dir) not in stores:
+            store = Store(cfg.store_dir)
+            stores[str(cfg.store_dir)] = store if next(os.scandir(store.root / "stages"), None) else None
+        store = stores[str(cfg.store_dir)]
+        if store is None:  # an empty store: every job has stages to compute
+            return False
         stages = select(cfg, plan(cfg))
         if set(cfg.recompute) & set(stages):
             return False
-        store = Store(cfg.store_dir)
         return all(store.status(s.key) == "done" for s in stages.values())
 
     def _executor(self, after: Sequence[Any] = (), shared: bool = False):
@@ -195,13 +295,13 @@ class W2sgSlurmLauncher(SlurmLauncher):
         groups = shared_stage_groups([cfg for _, _, cfg in todo])
         if not groups:
             return [], []
-        params = []
+        params, state = [], Singleton.get_state()
         for g, group in enumerate(groups):
             idx, overrides, _ = todo[group.source]
             slug = re.sub(r"[^A-Za-z0-9_.-]", "_", group.labels[0]) + "_" + group.key[:8]
             params.append(([o for o in overrides if not o.startswith("stages=")]
                            + [f"stages=[{','.join(group.names)}]", f"hydra.sweep.subdir=shared/{slug}"],
-                           "hydra.sweep.dir", idx, f"{SHARED_JOB}{g}", Singleton.get_state()))
+                           "hydra.sweep.dir", idx, f"{SHARED_JOB}{g}", state))
         log.info("Submitting %d shared-stage jobs first (hydra.launcher.shared_stages=dependency)", len(groups))
         jobs = self._executor(shared=True).map_array(self, *zip(*params))
         for group, job in zip(groups, jobs):
@@ -217,8 +317,9 @@ class W2sgSlurmLauncher(SlurmLauncher):
             batches.setdefault(tuple(sorted(j.job_id for j in deps)), []).append(pos)
         jobs: List[Any] = [None] * len(todo)
         for positions in batches.values():
-            params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}",
-                       Singleton.get_state()) for pos in positions]
+            state = Singleton.get_state()  # a deep copy of Hydra's config store: once, not per job
+            params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}", state)
+                      for pos in positions]
             for pos, job in zip(positions, self._executor(after[positions[0]]).map_array(self, *zip(*params))):
                 jobs[pos] = job
         for (idx, overrides, _), job, deps in zip(todo, jobs, after):
@@ -277,22 +378,30 @@ class W2sgSlurmLauncher(SlurmLauncher):
         return results
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from w2sg.stages import memoized_specs
+
+        with memoized_specs():  # every job's plan reads each model's and data file's fingerprint once
+            return self._launch(job_overrides, initial_job_idx)
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         results: Dict[int, JobReturn] = {}
         todo: List[Tuple[int, List[str], Any]] = []  # (job index, overrides, composed config or None)
         plan_each = self.skip_done or self.shared_stages == "dependency"
+        stores: Dict[str, Any] = {}
+        keep = self.shared_stages == "dependency"  # the configs are planned again, together (shared_stage_groups)
         for pos, overrides in enumerate(job_overrides):
             idx = initial_job_idx + pos
-            cfg = self._sweep_config(overrides, idx) if plan_each else None
-            if self.skip_done and self._all_done(cfg):
+            cfg = self._sweep_config(overrides, idx, shared=not keep) if plan_each else None
+            if self.skip_done and self._all_done(cfg, stores):
                 log.info("\t#%d : %s  (all stages stored: collected here, not submitted)", idx,
                          " ".join(filter_overrides(overrides)))
                 results[idx] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                       config=cfg, job_dir_key="hydra.sweep.dir",
+                                       config=self._sweep_config(overrides, idx), job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir")
             else:
-                todo.append((idx, list(overrides), cfg))
+                todo.append((idx, list(overrides), cfg if keep else None))
         if todo:
             groups: List[SharedGroup] = []
             shared_jobs: List[Any] = []
