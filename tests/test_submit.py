@@ -41,11 +41,12 @@ def test_sweep_configs_equal_hydras_own_composition(hydra_loader):
     seeds = [["experiment=smoke", f"seed={i}", f"train.lr={(i + 1) / 1000}", "launcher=slurm_local"] for i in range(3)]
     for shared in (False, True):  # a copy per job; one working copy while jobs set the same keys
         # the second time from the cached compositions; seeds: the same keys in a row (the working copy reused)
-        for job in JOBS + JOBS[:2] + seeds + JOBS[1:2] + seeds[:1] + JOBS[:1]:  # last: no train.lr left over
+        no_values = [["weak=tiny_random", "strong=tiny_random_l3", "launcher=slurm_local"]]  # group choices alone
+        for job in no_values + JOBS + JOBS[:2] + seeds + JOBS[1:2] + seeds[:1] + JOBS[:1] + no_values:
             fast = OmegaConf.to_container(configs(job, shared=shared), resolve=False)
             slow = OmegaConf.to_container(loader.load_sweep_config(master, job), resolve=False)
             assert fast == slow, (shared, job)
-    assert len(configs.bases) == 4, "composed once per set of group choices (experiment, pair, +weak, +train/loss)"
+    assert len(configs.bases) == 5, "composed once per set of group choices"
 
 
 def test_sweep_configs_reject_what_hydra_rejects(hydra_loader):

@@ -627,11 +627,10 @@ class Runner:
         lora = tspec["lora"]
         add_lora(model, int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["target_modules"])
         adapter = load_file(str(sd.file("adapter.safetensors")), device=device)
-        missing, unexpected = model.load_state_dict(adapter, strict=False)
-        lost = sorted(set(adapter) - {n for n, _ in model.named_parameters()})
-        if unexpected or lost:
+        unexpected = model.load_state_dict(adapter, strict=False).unexpected_keys
+        if unexpected:
             raise W2SGError(f"{stage.label}: its stored adapters do not fit the model (unexpected "
-                            f"{sorted(unexpected or lost)[:5]}); recompute it (recompute=[...] naming that stage)")
+                            f"{sorted(unexpected)[:5]}); recompute it (recompute=[...] naming that stage)")
         merge_lora(model)
         return model
 

@@ -174,9 +174,10 @@ class SweepConfigs:
             self.bases[groups] = self.loader.load_sweep_config(self.master, list(groups))
         keys = tuple(o.key_or_group for o in values)
         if shared and all(self._plain(o) for o in values):
-            if self.scratch.get(groups, ((), None))[0] != keys or self.scratch[groups][1] is None:
-                self.scratch[groups] = (keys, copy.deepcopy(self.bases[groups]))
-            cfg = self.scratch[groups][1]
+            entry = self.scratch.get(groups)
+            if entry is None or entry[0] != keys:
+                entry = self.scratch[groups] = (keys, copy.deepcopy(self.bases[groups]))
+            cfg = entry[1]
         else:
             cfg = copy.deepcopy(self.bases[groups])
         try:
