@@ -35,6 +35,19 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _load_safetensors(model: Any, path: str, device: str) -> None:
+    """safetensors' load_model, reading straight onto ``device`` where safetensors can (its ``device`` argument is
+    newer than our floor, 0.4.1); without it the weights are read on the CPU and copied into the placed model."""
+    import inspect
+
+    from safetensors.torch import load_model
+
+    if "device" in inspect.signature(load_model).parameters:
+        load_model(model, path, device=device)
+    else:
+        load_model(model, path)
+
+
 def fingerprint_cache(cfg: Any) -> Optional[str]:
     """Where content fingerprints are cached: <store>/fingerprints, when the store exists (see w2sg.fingerprint)."""
     store_dir = cfg.get("store_dir") if OmegaConf.is_config(cfg) else None
@@ -621,7 +634,7 @@ class Runner:
             self.check_memory(stage, "inference", self.eval_batch_size(stage.model))
             model = build_model(stage.model, num_classes, seed, self.pairwise, self.policy, trainable=False)
         if not sd.file("adapter.safetensors").exists():  # full, probe, and LoRA stored merged (before adapters)
-            load_model(model, str(sd.file("model.safetensors")), device=device)
+            _load_safetensors(model, str(sd.file("model.safetensors")), device)
             return model
         self._load_init(stage, model)  # the base the adapters were trained on
         lora = tspec["lora"]
