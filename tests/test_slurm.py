@@ -117,8 +117,9 @@ def test_submit_and_walk_away_then_collect(tmp_path, store, shared_stages):
     status = run_w2sg(["status", *GRID[1:], "-m"], tmp_path).stdout
     assert "10 stages" in status
     deadline = time.time() + 600
-    while set(sacct_states(ids).values()) - {"COMPLETED", "FAILED"}:
-        assert time.time() < deadline, sacct_states(ids)
+    # until accounting knows every job (it may lag behind the submission) and each has ended
+    while (states := sacct_states(ids)) == {} or set(states.values()) - {"COMPLETED", "FAILED"}:
+        assert time.time() < deadline, states
         time.sleep(2)
     assert set(sacct_states(ids).values()) == {"COMPLETED"}
     proc = run_w2sg(GRID + SLURM, tmp_path)
