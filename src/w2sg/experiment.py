@@ -10,8 +10,8 @@ from w2sg import diagnostics
 from w2sg.errors import W2SGError
 from w2sg.extensions import load as load_extensions
 from w2sg.metrics import pgr
-from w2sg.stages import (Outcome, Runner, Stage, features_stage, labels_stage, member_stage, task_sizes,
-                         train_stage, transform_stage)
+from w2sg.stages import (Outcome, Runner, Stage, _plain, features_stage, labels_stage, member_stage,
+                         task_sizes, train_stage, transform_stage)
 
 log = logging.getLogger("w2sg")
 
@@ -81,12 +81,6 @@ def s2s_stages(cfg: Any, stages: Dict[str, Stage]) -> None:
         stages[f"{name}_labels"] = labels
         teacher = name = f"s2s{i}"
         teacher = stages[name] = train_stage(cfg, cfg.strong, labels, cfg.loss, f"s2s{i}:{cfg.strong.name}")
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def size_warnings(cfg: Any) -> List[str]:

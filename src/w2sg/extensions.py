@@ -69,6 +69,21 @@ def record(registry: Dict[str, Any], kind: str, name: str, fn: Any) -> None:
         _LOADED[ext].names.append((kind, name))
 
 
+def check_choice(kind: str, registry: Dict[str, Any], cfg: Any, params_of: Callable[[Any], Dict[str, Any]]
+                 ) -> Dict[str, Any]:
+    """A config naming one of ``registry``'s functions (``name``) with keyword arguments: an unknown name or
+    parameter is an error listing the valid ones. Returns the function's parameters and their defaults."""
+    name = cfg.get("name")
+    if name not in registry:
+        raise W2SGError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
+    valid = params_of(registry[name])
+    unknown = sorted(set(cfg) - {"name"} - set(valid))
+    if unknown:
+        raise W2SGError(f"{kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                        f"valid: {', '.join(valid) or '(none)'}")
+    return valid
+
+
 def parse(entries: Iterable[Any]) -> List[Tuple[str, Optional[str]]]:
     """``extensions:`` entries as (module, version or None): a module name, or ``{module: ..., version: ...}``."""
     out = []

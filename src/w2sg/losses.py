@@ -16,8 +16,7 @@ from typing import Any, Callable, Dict, Mapping
 import torch
 import torch.nn.functional as F
 
-from w2sg.errors import W2SGError
-from w2sg.extensions import record
+from w2sg.extensions import check_choice, record
 
 LossFn = Callable[..., torch.Tensor]
 LOSSES: Dict[str, LossFn] = {}
@@ -40,15 +39,7 @@ def loss_params(fn: LossFn) -> Dict[str, Any]:
 
 def validate_loss(cfg: Mapping[str, Any]) -> None:
     """Check a loss config (name + keyword arguments) against the registry, naming what is valid."""
-    name = cfg.get("name")
-    if name not in LOSSES:
-        raise W2SGError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
-    valid = loss_params(LOSSES[name])
-    unknown = sorted(set(cfg) - {"name"} - set(valid))
-    if unknown:
-        raise W2SGError(
-            f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; valid: {', '.join(valid) or '(none)'}"
-        )
+    check_choice("loss", LOSSES, cfg, loss_params)
 
 
 def make_loss(cfg: Mapping[str, Any]) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:

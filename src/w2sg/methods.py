@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from w2sg.errors import W2SGError
+from w2sg.extensions import check_choice
 
 Result = Tuple[np.ndarray, np.ndarray]
 METHODS: Dict[str, Callable[..., Result]] = {}
@@ -155,14 +156,7 @@ def average(members: Sequence[np.ndarray]) -> np.ndarray:
 
 def validate_labels(cfg: Mapping[str, Any]) -> None:
     """Check ``labels=`` (name + parameters) against the registry, naming what is valid."""
-    name = cfg.get("name")
-    if name not in METHODS:
-        raise W2SGError(f"unknown labels method {name!r}; valid: {', '.join(sorted(METHODS))}")
-    valid = method_params(METHODS[name])
-    unknown = sorted(set(cfg) - {"name"} - set(valid))
-    if unknown:
-        raise W2SGError(f"labels method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                        f"valid: {', '.join(valid) or '(none)'}")
+    valid = check_choice("labels method", METHODS, cfg, method_params)
     p = {**valid, **{k: v for k, v in cfg.items() if k != "name"}}
     for frac in ("drop_frac", "contamination"):
         if frac in p and not 0 <= float(p[frac]) < 1:
