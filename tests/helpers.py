@@ -46,12 +46,35 @@ def _metrics_paths(cwd: Path) -> List[Path]:
                                         p.parent.name))
 
 
+def _text(out: Any) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def _slurm_state(cwd: Path) -> str:
+    """For a call that hung under Slurm: the queue, the node and the end of every job log under cwd."""
+    import shutil
+
+    if shutil.which("squeue") is None:
+        return ""
+    parts = []
+    for cmd in (["squeue", "-o", "%.12i %.10T %.20r %.10M %j"], ["sinfo", "-N", "-o", "%N %T %C %E"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        parts.append(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    for log in sorted(cwd.glob("multirun/**/.submitit/*/*_log.*")):
+        parts.append(f"--- {log} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    return "\n" + "\n".join(parts)
+
+
 def run_w2sg(args: List[str], cwd: Path, env_extra=None, check=True) -> Run:
     """Run the real entrypoint in a subprocess (as a user would), Hydra output under cwd."""
     env = dict(os.environ, **(env_extra or {}))
     before = set(_metrics_paths(cwd))
-    proc = subprocess.run([sys.executable, "-m", "w2sg", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "w2sg", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=900)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"w2sg {' '.join(args)} did not finish in {e.timeout:.0f} s:\n{_text(e.stdout)}\n"
+                             f"{_text(e.stderr)}{_slurm_state(cwd)}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"w2sg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     run = Run(proc.args, proc.returncode, proc.stdout, proc.stderr)

@@ -86,8 +86,11 @@ CONF
 if ! pgrep -x slurmdbd >/dev/null; then /usr/sbin/slurmdbd; fi
 for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 1; done
 sacctmgr -i -n add cluster w2sg-local >/dev/null 2>&1 || true
-if ! pgrep -x slurmctld >/dev/null; then /usr/sbin/slurmctld; else scontrol reconfigure || true; fi
-if ! pgrep -x slurmd >/dev/null; then /usr/sbin/slurmd; fi
+# A controller started here starts clean (-c): jobs saved by an earlier boot of this machine (a session or CI run
+# that was stopped mid-sweep) would otherwise be recovered and requeued, and hold the node's CPUs for their time
+# limit while new jobs pend behind them. A running controller keeps its jobs.
+if ! pgrep -x slurmctld >/dev/null; then /usr/sbin/slurmctld -c; else scontrol reconfigure || true; fi
+if ! pgrep -x slurmd >/dev/null; then /usr/sbin/slurmd -c; fi
 
 for _ in $(seq 60); do
   state=$(sinfo -h -n "$HOST" -o %t 2>/dev/null || true)
@@ -95,4 +98,8 @@ for _ in $(seq 60); do
   sleep 1
 done
 sinfo
+left=$(squeue -h -o %i | wc -l)
+if [ "$left" -gt 0 ]; then
+  echo "note: $left job(s) already in the queue (the controller was running): squeue shows them; CI cancels them"
+fi
 echo "local Slurm ready: $CPUS CPUs, ${MEM_MB} MB on node $HOST"
