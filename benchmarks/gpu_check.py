@@ -102,7 +102,7 @@ def compose_random(s: Dict[str, Any], args: List[str], tokenizer: str, sides=("w
     run) on the synthetic tokenizer. Set here, not as overrides: Hydra cannot merge a dict into a null field."""
     from omegaconf import open_dict
 
-    from w2sg.status import compose
+    from w2sg.app.status import compose
 
     cfg = compose(args, conf_dir=ROOT / "conf")
     with open_dict(cfg):
@@ -165,10 +165,10 @@ def run_tests(smoke: bool) -> int:
 
 def experiment(s: Dict[str, Any], tmp: Path, tokenizer: str, peak: float) -> None:
     """weak -> strong through the real stages; per stage: seconds, tokens/s, peak memory, MFU."""
-    from w2sg.experiment import plan
-    from w2sg.models import model_config
-    from w2sg.stages import Runner
-    from w2sg.store import Store
+    from w2sg.core.plan import plan
+    from w2sg.core.store import Store
+    from w2sg.ml.models import model_config
+    from w2sg.run.runner import Runner
 
     cfg = compose_random(s, overrides(s, tmp), tokenizer)
     runner = Runner(cfg, Store(cfg.store_dir))
@@ -200,10 +200,10 @@ def step_benchmark(s: Dict[str, Any], tokenizer: str, peak: float) -> None:
     import numpy as np
     import torch
 
-    from w2sg.device import runtime_policy
-    from w2sg.losses import make_loss
-    from w2sg.models import build_model, model_config
-    from w2sg.train import Encoded, train_model
+    from w2sg.ml.losses import make_loss
+    from w2sg.ml.models import build_model, model_config
+    from w2sg.ml.train import Encoded, train_model
+    from w2sg.run.device import runtime_policy
 
     cfg = compose_random(s, [f"strong={s['strong']}", f"train.device={s['device']}",
                              f"train.precision={s['precision']}"], tokenizer, sides=("strong",))

@@ -28,7 +28,7 @@ TARGET_S = 1.0
 
 def build(root: Path, n: int, legacy: bool) -> None:
     """n finished stages written as Store.compute writes them (plus one interrupted stage with a checkpoint)."""
-    from w2sg.store import FORMAT, Store, summary
+    from w2sg.core.store import FORMAT, Store, summary
 
     store = Store(root)
     now = time.time()

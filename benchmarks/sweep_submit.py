@@ -40,7 +40,7 @@ def cancel(ids: set) -> None:
 
 def seed_store(store: Path) -> None:
     """A store holding one finished stage, so that the launcher plans every job against it."""
-    from w2sg.store import Store
+    from w2sg.core.store import Store
 
     Store(store).compute("0" * 24, {"kind": "train", "label": "unrelated"}, lambda out: out.write_json("metrics.json", {}))
 

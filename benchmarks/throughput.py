@@ -63,11 +63,11 @@ def timed(fn, repeats=1):
 def throughput(model_name: str, n: int, repeats: int) -> None:
     import numpy as np
 
-    from w2sg.losses import make_loss
-    from w2sg.models import build_model, load_tokenizer
-    from w2sg.status import compose
-    from w2sg.tasks import load_task
-    from w2sg.train import Encoded, predict, train_model
+    from w2sg.app.status import compose
+    from w2sg.data.tasks import load_task
+    from w2sg.ml.losses import make_loss
+    from w2sg.ml.models import build_model, load_tokenizer
+    from w2sg.ml.train import Encoded, predict, train_model
 
     cfg = compose([f"weak={model_name}"])
     data = load_task(cfg.task, 0)

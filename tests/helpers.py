@@ -19,7 +19,7 @@ TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "pro
 
 
 def compose(overrides: List[str] = ()):
-    from w2sg.status import compose as w2sg_compose
+    from w2sg.app.status import compose as w2sg_compose
 
     return w2sg_compose(overrides, conf_dir=CONF)
 
@@ -98,7 +98,7 @@ def run_config(m: Dict[str, Any]):
 
 def task_test_labels(cfg: Any) -> List[int]:
     """The ground-truth labels of the task's test set, loaded afresh from cfg (task and seed)."""
-    from w2sg.tasks import load_task
+    from w2sg.data.tasks import load_task
 
     return [y for _, y in load_task(cfg.task, int(cfg.seed)).test]
 

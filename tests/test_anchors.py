@@ -5,11 +5,11 @@ import hashlib
 import json
 
 import pytest
+from helpers import CONF, compose
 from omegaconf import OmegaConf
 
-from helpers import CONF, compose
-from w2sg import anchors
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
+from w2sg.results import anchors
 
 ROOT = CONF.parent
 SWEEPS = ROOT / "sweeps"
@@ -26,7 +26,7 @@ def options(group):
 
 
 def row(task, weak, strong, loss, seed, pgr, **settings):
-    """A report row (w2sg.report.collect) with only what anchors read."""
+    """A report row (w2sg.results.report.collect) with only what anchors read."""
     return {"task": task, "weak": weak, "weak_params": PARAMS[weak], "strong": strong,
             "strong_params": PARAMS[strong], "loss": loss, "seed": seed, "pgr": pgr, **settings}
 
@@ -181,7 +181,7 @@ def test_cross_task_needs_both_losses():
 # --- w2sg report --------------------------------------------------------------------------------------------
 
 def run_metrics(task, weak, strong, loss, seed, acc):
-    """A run's metrics.json as w2sg.experiment writes it (see tests/test_report.py)."""
+    """A run's metrics.json as w2sg.run.experiment writes it (see tests/test_report.py)."""
     ident = json.dumps([task, weak, strong, loss, seed])
     stages = {r: {"key": hashlib.sha256((r + ident).encode()).hexdigest()[:24], "reused": False}
               for r in ("weak", "weak_labels", "ceiling", "w2s")}
@@ -193,7 +193,7 @@ def run_metrics(task, weak, strong, loss, seed, acc):
 
 
 def test_report_writes_anchors_csv_and_prints_ours_next_to_theirs(tmp_path, capsys):
-    from w2sg.report import main
+    from w2sg.results.report import main
 
     runs = []
     for seed in range(3):
@@ -216,7 +216,7 @@ def test_report_writes_anchors_csv_and_prints_ours_next_to_theirs(tmp_path, caps
 
 
 def test_report_without_matching_anchors_writes_no_anchors_csv(tmp_path, capsys):
-    from w2sg.report import main
+    from w2sg.results.report import main
 
     for seed in range(3):
         (tmp_path / str(seed)).mkdir()
@@ -253,7 +253,7 @@ def _need_catalogue():
 def test_every_task_and_pair_of_the_packs_composes_and_validates(sweep):
     """Each task with one pair, each pair with one task (the full product composes in tests/test_config.py)."""
     _need_catalogue()
-    from w2sg.cli import validate
+    from w2sg.app.cli import validate
 
     grid = OmegaConf.load(SWEEPS / f"{sweep}.yaml").hydra.sweeper.params
     values = {k: [v.strip() for v in str(vals).split(",")] for k, vals in grid.items()}

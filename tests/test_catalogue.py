@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import CONF, compose
 from omegaconf import OmegaConf, open_dict
 
-from helpers import CONF, compose
-from w2sg.device import GIB, estimate_memory
-from w2sg.models import add_lora, arch_config, build_model, count_params, hidden_size
+from w2sg.ml.models import add_lora, arch_config, build_model, count_params, hidden_size
+from w2sg.run.device import GIB, estimate_memory
 
 CATALOGUE = sorted(p.stem for p in (CONF / "model").glob("*.yaml")
                    if "arch:" in p.read_text() and "random_init" not in p.read_text())
@@ -81,7 +81,7 @@ def test_shrunk_architecture_uses_the_real_config_class():
 
 
 def test_gpu_launcher_takes_resources_from_the_strong_model():
-    from w2sg.status import compose as w2sg_compose
+    from w2sg.app.status import compose as w2sg_compose
 
     cfg = w2sg_compose(["sweep=qwen_grid", "launcher=slurm_gpu"], with_hydra=True, conf_dir=CONF)
     assert (cfg.strong.name, cfg.train.mode) == ("qwen2_5_7b", "lora")  # the grid's largest model sizes the jobs
@@ -94,7 +94,7 @@ def test_gpu_launcher_takes_resources_from_the_strong_model():
 
 
 def test_pythia_revisions_are_distinct_stages():
-    from w2sg.experiment import plan
+    from w2sg.core.plan import plan
 
     a = plan(compose(["sweep=pythia_checkpoints"]))
     b = plan(compose(["sweep=pythia_checkpoints", "strong.revision=step1000"]))

@@ -2,13 +2,13 @@
 
 
 import pytest
+from helpers import CONF, compose
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from helpers import CONF, compose
-from w2sg.cli import validate
-from w2sg.errors import W2SGError
-from w2sg.stages import model_spec
+from w2sg.app.cli import validate
+from w2sg.core.errors import W2SGError
+from w2sg.core.graph import model_spec
 
 GROUPS = ["model", "pair", "task", "loss", "labels", "budget", "train", "chain", "experiment", "sweep"]
 # every group a user picks an option of on the command line
@@ -127,9 +127,10 @@ def test_chain_with_pair_is_an_error_on_the_command_line(tmp_path, store):
 
 
 def test_weak_larger_than_strong_is_warned_and_recorded(caplog, monkeypatch):
-    from w2sg import diagnostics
-    from w2sg.experiment import run, size_warnings, table
-    from w2sg.stages import Outcome
+    from w2sg.core.plan import size_warnings
+    from w2sg.results import diagnostics
+    from w2sg.run.experiment import run, table
+    from w2sg.run.runner import Outcome
 
     assert size_warnings(compose()) == [] and size_warnings(compose(["chain=minilm_1_2_6"])) == []
     cfg = compose(["weak=minilm_l6", "strong=minilm_l1"])
@@ -200,7 +201,7 @@ def test_missing_model_path_is_reported():
 
 def test_model_params_labels_match_the_built_models():
     """The parameter count in each model YAML (used by grids and plots) is the real one."""
-    from w2sg.models import build_model, count_params
+    from w2sg.ml.models import build_model, count_params
 
     for name in options("model"):
         cfg = compose([f"weak={name}"]).weak
@@ -217,7 +218,7 @@ def test_model_spec_leaves_out_labels_that_do_not_change_results():
 
 @pytest.mark.parametrize("sweep", options("sweep"))
 def test_every_sweep_has_a_grid_of_valid_choices(sweep):
-    from w2sg.status import compose as w2sg_compose
+    from w2sg.app.status import compose as w2sg_compose
 
     cfg = w2sg_compose([f"sweep={sweep}"], with_hydra=True, conf_dir=CONF)
     grid = cfg.hydra.sweeper.params
@@ -252,17 +253,20 @@ def test_help_is_hydras_with_every_group_and_option(tmp_path):
 
 
 def test_hydra_repository_copies_share_the_config_store():
-    """w2sg.hydra_compat: Hydra's per-group copies of its config repository no longer deep-copy the ConfigStore
+    """w2sg.app.hydra_compat: Hydra's per-group copies of its config repository no longer deep-copy the ConfigStore
     (what made `w2sg --help` take seconds), and still see configs registered after the copy."""
     import copy
 
-    from hydra._internal.config_repository import CachingConfigRepository, ConfigRepository
+    from hydra._internal.config_repository import (
+        CachingConfigRepository,
+        ConfigRepository,
+    )
     from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
     from hydra.core.config_store import ConfigStore
     from hydra.core.object_type import ObjectType
     from hydra.core.plugins import Plugins
 
-    import w2sg.cli  # noqa: F401  (installs the fix)
+    import w2sg.app.cli  # noqa: F401  (installs the fix)
 
     Plugins.instance()  # registers the config source types (file://, structured://)
     search_path = ConfigSearchPathImpl()

@@ -1,19 +1,25 @@
-"""The device and precision policy (w2sg.device): resolution, stage keys, mixed precision on CPU, memory estimate.
+"""The device and precision policy (w2sg.run.device): resolution, stage keys, mixed precision on CPU, memory estimate.
 
 Tests marked ``gpu`` need CUDA: skipped here, run on a GPU machine (benchmarks/gpu_check.py runs them)."""
 
 import numpy as np
 import pytest
 import torch
-
 from helpers import TINY, compose
-from w2sg import device as dev
-from w2sg.device import Policy, estimate_memory, key_precision, resolve_precision, runtime_policy
-from w2sg.errors import W2SGError
-from w2sg.experiment import plan
-from w2sg.losses import make_loss
-from w2sg.models import build_model
-from w2sg.train import Encoded, predict, train_model
+
+from w2sg.core.errors import W2SGError
+from w2sg.core.plan import plan
+from w2sg.ml.losses import make_loss
+from w2sg.ml.models import build_model
+from w2sg.ml.train import Encoded, predict, train_model
+from w2sg.run import device as dev
+from w2sg.run.device import (
+    Policy,
+    estimate_memory,
+    key_precision,
+    resolve_precision,
+    runtime_policy,
+)
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -169,7 +175,7 @@ def test_frozen_weights_load_in_the_compute_dtype():
 
 
 def test_load_arguments_are_empty_on_cpu_fp32_and_carry_dtype_placement_revision_else(monkeypatch):
-    from w2sg.models import _dtype_key, load_kwargs
+    from w2sg.ml.models import _dtype_key, load_kwargs
 
     minilm = compose().strong
     assert load_kwargs(minilm, Policy(), trainable=True, pretrained=True) == {}  # built exactly as before
@@ -187,9 +193,9 @@ def test_load_arguments_are_empty_on_cpu_fp32_and_carry_dtype_placement_revision
 
 def test_a_bf16_run_end_to_end_on_cpu(tmp_path):
     """Every stage (train, labels, lora, probe features) through the policy; stored arrays are float32 on CPU."""
-    from w2sg import experiment
-    from w2sg.stages import Runner
-    from w2sg.store import Store
+    from w2sg.core.store import Store
+    from w2sg.run import experiment
+    from w2sg.run.runner import Runner
 
     cfg = compose(TINY + ["logger=none", f"store_dir={tmp_path}", "weak=tiny_random_qwen2", "train.precision=bf16",
                           "train.gradient_checkpointing=true"])
@@ -256,9 +262,9 @@ def test_gpu_fp16_with_scaler_and_checkpointing():
 @gpu
 @needs_cuda
 def test_gpu_end_to_end_with_lora_sharded_by_accelerate(tmp_path):
-    from w2sg import experiment
-    from w2sg.stages import Runner
-    from w2sg.store import Store
+    from w2sg.core.store import Store
+    from w2sg.run import experiment
+    from w2sg.run.runner import Runner
 
     cfg = compose(TINY + ["logger=none", f"store_dir={tmp_path}", "weak=tiny_random_qwen2",
                           "strong=tiny_random_qwen2", "train=lora", "train.device_map=auto"])

@@ -6,12 +6,13 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import TINY, compose
-from w2sg import diagnostics, experiment
-from w2sg.errors import W2SGError
-from w2sg.stages import Runner
-from w2sg.store import Store
+
+from w2sg.core.errors import W2SGError
+from w2sg.core.store import Store
+from w2sg.results import diagnostics
+from w2sg.run import experiment
+from w2sg.run.runner import Runner
 
 # transfer set: weak labels and the student's predictions; test set: weak model, student, truth
 PW = [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]]

@@ -3,8 +3,14 @@
 import json
 
 import pytest
-
-from helpers import TINY, check_results, metrics_files, run_config, run_w2sg, task_test_labels
+from helpers import (
+    TINY,
+    check_results,
+    metrics_files,
+    run_config,
+    run_w2sg,
+    task_test_labels,
+)
 
 
 def test_tiny_run_writes_metrics_and_config(tmp_path, store):

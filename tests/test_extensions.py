@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, compose, run_w2sg
-from w2sg import extensions
-from w2sg.errors import W2SGError
+
+from w2sg.core import registry as extensions
+from w2sg.core.errors import W2SGError
 
 EXT_DIR = Path(__file__).resolve().parent / "ext_pkg"
 EXT = "w2sg_test_methods"
@@ -19,9 +19,9 @@ USE_EXT = [f"extensions=[{EXT}]", "loss.name=ext_scaled_xent", "+loss.scale=3", 
 @pytest.fixture
 def isolated(monkeypatch):
     """Registries and loaded extensions as they were before the test (an extension's import is process-wide)."""
-    from w2sg.losses import LOSSES
-    from w2sg.models import POOLINGS
-    from w2sg.task_formats import FORMATTERS
+    from w2sg.data.formats import FORMATTERS
+    from w2sg.ml.losses import LOSSES
+    from w2sg.ml.models import POOLINGS
 
     saved = [(d, dict(d)) for d in (LOSSES, POOLINGS, FORMATTERS, extensions._REGISTRATIONS, extensions._LOADED)]
     modules = set(sys.modules)
@@ -35,13 +35,13 @@ def isolated(monkeypatch):
 
 
 def keys(overrides):
-    from w2sg.experiment import plan
+    from w2sg.core.plan import plan
 
     return {name: s for name, s in plan(compose(overrides)).items()}
 
 
 def test_an_extensions_names_validate_only_when_it_is_listed(isolated):
-    from w2sg.cli import validate
+    from w2sg.app.cli import validate
 
     names = ["loss.name=ext_scaled_xent", "weak.pooling=ext_max", "task.kind=ext_upper"]
     for override in names:
@@ -87,9 +87,9 @@ def test_bad_extensions_name_the_module_and_what_went_wrong(isolated, tmp_path, 
 
 
 def test_a_taken_name_is_refused(isolated):
-    from w2sg.losses import register_loss
+    from w2sg.ml.losses import register_loss
 
-    with pytest.raises(W2SGError, match="loss 'xent' is already registered by w2sg.losses.xent"):
+    with pytest.raises(W2SGError, match="loss 'xent' is already registered by w2sg.ml.losses.xent"):
         register_loss("xent")(lambda logits, labels, step_frac: logits.sum())
 
 
@@ -122,7 +122,7 @@ def test_an_extensions_loss_trains_w2s_through_the_real_entrypoint(tmp_path, sto
     assert {k for k, s in m2["stages"].items() if not s["reused"]} == {"ceiling", "w2s"}
     assert {k for k in m["stages"] if m["stages"][k]["key"] != m2["stages"][k]["key"]} == {"ceiling", "w2s"}
 
-    from w2sg.report import main as report
+    from w2sg.results.report import main as report
 
     assert report([str(tmp_path / "outputs")]) == 0
     assert "tiny_random -> tiny_random_l2 ext_scaled_xent" in capsys.readouterr().out

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from w2sg import experiment
-from w2sg.errors import W2SGError
-from w2sg.stages import Runner
-from w2sg.status import compose
-from w2sg.store import FREED, Store
+from w2sg.app.status import compose
+from w2sg.core.errors import W2SGError
+from w2sg.core.store import FREED, Store
+from w2sg.run import experiment
+from w2sg.run.runner import Runner
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false", "logger=none"]
@@ -56,7 +56,7 @@ def test_keep_weights_needed_frees_the_weak_weights_once_labels_are_stored_and_r
     for kept in ("ceiling", "w2s"):  # nothing has read them yet: a later run may use them as teachers
         assert (stage_dir(store_dir, first, kept) / "model.safetensors").exists()
     before = labels(store_dir, first)
-    with caplog.at_level(logging.WARNING, logger="w2sg.stages"):
+    with caplog.at_level(logging.WARNING, logger="w2sg.run.runner"):
         again, _ = run(store_dir, "recompute=[weak_labels]")
     assert "weights were freed" in caplog.text
     assert np.array_equal(labels(store_dir, again), before), "labels of the retrained model are the stored ones"
@@ -86,8 +86,8 @@ def test_keep_weights_all_and_none_and_a_bad_value(tmp_path):
 
 
 def test_gc_frees_weights_no_stage_needs_and_reports_the_bytes(tmp_path, capsys):
-    from w2sg.gc import main as gc
-    from w2sg.status import store_size_line
+    from w2sg.app.gc import main as gc
+    from w2sg.app.status import store_size_line
 
     store_dir = tmp_path / "s"
     metrics, _ = run(store_dir, "store.keep_weights=all")

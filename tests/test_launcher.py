@@ -12,15 +12,21 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers import ROOT, compose
 from hydra.core.utils import JobReturn, JobStatus
 
-from helpers import ROOT, compose
-from hydra_plugins.w2sg_launcher.w2sg_launcher import (W2sgSlurmConf, W2sgSlurmLauncher, _error_line,
-                                                     shared_stage_groups)
-from w2sg import cli, experiment, report
-from w2sg.errors import W2SGError
-from w2sg.store import Store
-from w2sg.train import Preempted
+from hydra_plugins.w2sg_launcher.w2sg_launcher import (
+    W2sgSlurmConf,
+    W2sgSlurmLauncher,
+    _error_line,
+    shared_stage_groups,
+)
+from w2sg.app import cli
+from w2sg.core import plan as planning
+from w2sg.core.errors import W2SGError
+from w2sg.core.store import Store
+from w2sg.ml.train import Preempted
+from w2sg.results import report
 
 GRID = ["sweep=tiny_grid", "logger=none"]
 PAIRS = [(w, s) for w in ("tiny_random", "tiny_random_l2") for s in ("tiny_random_l3", "tiny_random_l4")]
@@ -39,9 +45,9 @@ def test_unknown_shared_stages_value_names_the_valid_ones():
 def test_a_failed_job_is_summed_up_by_its_exception_line():
     trace = ("Job (task=0) failed during processing with trace:\n----------------------\n"
              "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
-             "w2sg.errors.W2SGError: need n_train >= 2\n\n----------------------\n"
+             "w2sg.core.errors.W2SGError: need n_train >= 2\n\n----------------------\n"
              "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - a.err\n  - a.out")
-    assert _error_line(trace) == "w2sg.errors.W2SGError: need n_train >= 2"  # submitit's FailedJobError
+    assert _error_line(trace) == "w2sg.core.errors.W2SGError: need n_train >= 2"  # submitit's FailedJobError
     assert _error_line("task 'x': need n_train >= 2\nmore") == "task 'x': need n_train >= 2"  # Hydra's JobReturn
 
 
@@ -54,14 +60,14 @@ def test_every_slurm_profile_uses_the_default_shared_stages():
 def test_stage_names_are_checked_naming_the_valid_ones(store):
     [cfg] = grid_configs(PAIRS[:1], ["stages=[weak,wieght]"])
     with pytest.raises(W2SGError, match=r"stages: no stage named 'wieght'.*valid: weak, weak_labels, ceiling, w2s"):
-        experiment.select(cfg, experiment.plan(cfg))
+        planning.select(cfg, planning.plan(cfg))
     [cfg] = grid_configs(PAIRS[:1], ["stages=[]"])
     with pytest.raises(W2SGError, match="stages: empty list"):
-        experiment.select(cfg, experiment.plan(cfg))
+        planning.select(cfg, planning.plan(cfg))
     [cfg] = grid_configs(PAIRS[:1], ["stages=[w2s]"])  # w2s needs the weak labels, which need the weak model
-    assert list(experiment.select(cfg, experiment.plan(cfg))) == ["weak", "weak_labels", "w2s"]
+    assert list(planning.select(cfg, planning.plan(cfg))) == ["weak", "weak_labels", "w2s"]
     [cfg] = grid_configs(PAIRS[:1])
-    assert list(experiment.select(cfg, experiment.plan(cfg))) == ["weak", "weak_labels", "ceiling", "w2s"]
+    assert list(planning.select(cfg, planning.plan(cfg))) == ["weak", "weak_labels", "ceiling", "w2s"]
 
 
 def test_shared_stage_groups_dedupe_by_key(store):
@@ -100,7 +106,7 @@ def test_a_subset_run_writes_metrics_without_pgr_that_reports_skip(tmp_path, sto
 def _store_all(cfg):
     """Every stage of the run's plan as stored (stand-ins: the launcher only asks whether they are done)."""
     store = Store(cfg.store_dir)
-    for stage in experiment.plan(cfg).values():
+    for stage in planning.plan(cfg).values():
         store.compute(stage.key, {"kind": stage.kind}, lambda out: out.write_json("metrics.json", {}))
 
 
@@ -172,7 +178,7 @@ def test_a_wandb_service_stopped_with_the_job_leaves_no_traceback(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, subprocess, time
         from omegaconf import OmegaConf
-        from w2sg.tracking import Tracker
+        from w2sg.run.tracking import Tracker
 
         tracker = Tracker(OmegaConf.create({{"project": "t", "mode": "offline", "dir": {str(tmp_path)!r}}}), None)
         with tracker.stage_run("k" * 24, "weak:x", "weak", {{}}) as run:

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from w2sg.errors import W2SGError
-from w2sg.losses import LOSSES, harden_balanced, make_loss, validate_loss
+from w2sg.core.errors import W2SGError
+from w2sg.ml.losses import LOSSES, harden_balanced, make_loss, validate_loss
 
 
 def test_registry_holds_the_documented_losses():

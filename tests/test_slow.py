@@ -1,7 +1,6 @@
 """Slow: the default experiment on the real pretrained MiniLM (minutes on 2 cores). Run with -m slow."""
 
 import pytest
-
 from helpers import check_results, metrics_files, run_config, run_w2sg, task_test_labels
 
 pytestmark = pytest.mark.slow

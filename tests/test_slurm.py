@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import run_w2sg
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(shutil.which("sbatch") is None,

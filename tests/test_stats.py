@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from w2sg import stats
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
+from w2sg.results import stats
 
 
 def rows_for(pgrs_by_loss, task="t", seeds=None):

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
 from helpers import TINY, compose
-from w2sg import status
-from w2sg.experiment import plan
-from w2sg.store import Store
+
+from w2sg.app import status
+from w2sg.core.plan import plan
+from w2sg.core.store import Store
 
 PROBE_LM = TINY + ["train.mode=probe", "generative=lm"]  # a plan with every stage kind: train, labels, features, lm
 

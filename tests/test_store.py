@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import CONF, TINY, metrics_files, run_w2sg
-from w2sg.experiment import plan
-from w2sg.store import Store
+
+from w2sg.core.plan import plan
+from w2sg.core.store import Store
 
 # enough steps to interrupt: 200 examples per half, batch 4 -> 50 steps per epoch
 LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "task.n_test=64", "train.batch_size=4",
@@ -20,7 +20,7 @@ LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "tas
 
 
 def keys(overrides=(), conf=CONF):
-    from w2sg.status import compose as w2sg_compose
+    from w2sg.app.status import compose as w2sg_compose
 
     return {name: s.key for name, s in plan(w2sg_compose(overrides, conf_dir=conf)).items()}
 

@@ -25,7 +25,7 @@ def hydra_loader():
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from w2sg.schema import register
+    from w2sg.app.config import register
 
     register()
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -66,9 +66,9 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
     from types import SimpleNamespace
 
     from hydra_plugins.w2sg_launcher.w2sg_launcher import W2sgSlurmLauncher
-    from w2sg import experiment
-    from w2sg.stages import memoized_specs
-    from w2sg.store import Store
+    from w2sg.core import plan as planning
+    from w2sg.core.graph import memoized_specs
+    from w2sg.core.store import Store
 
     loader, master = hydra_loader
     store_dir = tmp_path / "store"
@@ -90,7 +90,7 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
     assert launcher_path() == one_by_one() == [False] * len(jobs), "an empty store: every job is submitted"
     store = Store(store_dir)
     for job in jobs[:3] + jobs[4:5]:  # seed 0 (both losses), seed 1 xent, seed 2 xent: every stage stored
-        for stage in experiment.plan(loader.load_sweep_config(master, job)).values():
+        for stage in planning.plan(loader.load_sweep_config(master, job)).values():
             store.compute(stage.key, {"kind": stage.kind}, lambda out: out.write_json("metrics.json", {}))
     expected = [True, True, True, False, True, False, False, False, False, True]
     assert one_by_one() == expected, "seed 2 logconf needs its own w2s; recompute=[w2s] trains; a subset is stored"
@@ -98,7 +98,7 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
 
 
 def test_no_report_is_written_for_a_sweep_submitted_without_waiting(tmp_path):
-    from w2sg.report import ReportCallback
+    from w2sg.results.report import ReportCallback
 
     def end(wait: bool, sweep_dir):
         sweep_dir.mkdir()

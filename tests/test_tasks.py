@@ -3,11 +3,11 @@
 import random
 
 import pytest
-
 from helpers import FIXTURES, compose, fixture_task
-from w2sg.errors import W2SGError
-from w2sg.task_formats import FORMATTERS
-from w2sg.tasks import load_task
+
+from w2sg.core.errors import W2SGError
+from w2sg.data.formats import FORMATTERS
+from w2sg.data.tasks import load_task
 
 HUB_TASKS = ["sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh", "sst2",
              # the EleutherAI/w2s task registry

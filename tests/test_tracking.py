@@ -4,8 +4,14 @@ import csv
 import json
 
 import pytest
-
-from helpers import TINY, check_results, metrics_files, run_config, run_w2sg, task_test_labels
+from helpers import (
+    TINY,
+    check_results,
+    metrics_files,
+    run_config,
+    run_w2sg,
+    task_test_labels,
+)
 from wandb_offline import read_run, read_runs
 
 
@@ -132,12 +138,12 @@ def test_report_command_on_a_sweep_and_on_the_store(tmp_path, store):
     assert "tiny_random -> tiny_random_l3" in proc.stdout
     run_w2sg(["report", str(store), "--out", str(tmp_path / "b")], tmp_path)
     a, b = ([dict(r) for r in csv.DictReader(open(tmp_path / d / "results.csv"))] for d in ("a", "b"))
-    from w2sg import diagnostics, stats
+    from w2sg.results import diagnostics, stats
 
     run_only = {*stats.ci_columns({}), *diagnostics.KEYS}  # need each run's test labels: written by runs only
     assert run_only & set(a[0]) and not run_only & set(b[0])
     assert [{k: v for k, v in r.items() if k not in run_only} for r in a] == b, "the store alone rebuilds the table"
-    from w2sg.report import write_report
+    from w2sg.results.report import write_report
 
     curves = write_report(sweep_dir, tmp_path / "c")["curves"]
     # one PGR curve per weak model with a PGR for some strong model (one seed: the median is that PGR)

@@ -1,6 +1,6 @@
 """w2sg: declarative experiment sweeps for weak-to-strong generalization."""
 
-from w2sg import run_id as _run_id
+from w2sg.app import run_id as _run_id
 
 __version__ = "0.1.0"
 

@@ -9,9 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from w2sg.losses import register_loss
-from w2sg.models import register_pooling
-from w2sg.task_formats import register_formatter
+from w2sg.extensions import register_formatter, register_loss, register_pooling  # the public API
 
 
 @register_loss("ext_scaled_xent")

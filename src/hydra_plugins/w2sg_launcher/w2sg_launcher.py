@@ -31,7 +31,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 log = logging.getLogger("w2sg.launcher")
 
@@ -77,8 +77,8 @@ def _shareable(stage: Any) -> bool:
 def shared_stage_groups(cfgs: Sequence[Any]) -> List[SharedGroup]:
     """The missing shared stages of these jobs' plans, one group per ground-truth training (by stage key, so a
     model that is the weak model of one pair and the strong model of another trains once)."""
-    from w2sg.experiment import plan, select
-    from w2sg.store import Store
+    from w2sg.core.plan import plan, select
+    from w2sg.core.store import Store
 
     stores: Dict[str, Any] = {}
     plans = [select(cfg, plan(cfg)) for cfg in cfgs]
@@ -165,7 +165,10 @@ class SweepConfigs:
     def __call__(self, sweep_overrides: Sequence[str], shared: bool = False) -> Any:
         import copy
 
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+        from hydra._internal.config_loader_impl import (
+            ConfigLoaderImpl,
+            get_overrides_dirname,
+        )
 
         parsed = self.parser.parse_overrides(list(sweep_overrides))
         groups = tuple(o.input_line for o in parsed if self._shapes_defaults(o))
@@ -258,8 +261,8 @@ class W2sgSlurmLauncher(SlurmLauncher):
         """Whether the job would only read the store: every stage it runs (``stages=``) is stored and none is to
         be recomputed (``recompute=``); such a job runs here instead of on Slurm. ``stores``: the Store of each
         store_dir met so far (one per sweep, usually); a store with no stage at all is not planned against."""
-        from w2sg.experiment import plan, select
-        from w2sg.store import Store
+        from w2sg.core.plan import plan, select
+        from w2sg.core.store import Store
 
         stores = {} if stores is None else stores
         if str(cfg.store_dir) not in stores:
@@ -333,7 +336,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
     def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str], bool]:
         """Wait for a job: (its JobReturn or None, None if it succeeded else the line saying what went wrong,
         whether it was stopped by a signal after saving a checkpoint: cancelled or preempted, not failed)."""
-        from w2sg.train import Preempted
+        from w2sg.ml.train import Preempted
 
         try:
             ret = job.results()[0]
@@ -379,7 +382,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
         return results
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from w2sg.stages import memoized_specs
+        from w2sg.core.graph import memoized_specs
 
         with memoized_specs():  # every job's plan reads each model's and data file's fingerprint once
             return self._launch(job_overrides, initial_job_idx)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from w2sg.extensions import record
+from w2sg.core.registry import record
 
 Row = Dict[str, Any]
 Example = Tuple[Any, int]  # (text, class index); pairwise tasks give a (text, text) pair instead of one text

@@ -13,19 +13,19 @@ model is smaller than the strong one (``weak_params < strong_params``) and with 
 * ``median``: the median PGR of one task and loss over the models' pairs and seeds (openai/weak-to-strong).
   Ours, per group of settings (the report's setting columns): for each seed, the median PGR over the pairs run
   with that seed; then the median of those over seeds, with the percentile bootstrap CI over seeds of
-  :func:`w2sg.stats.summarize_ci` (95%, 10000 resamples; with one pair this is ``summary_ci.csv``'s
+  :func:`w2sg.results.stats.summarize_ci` (95%, 10000 resamples; with one pair this is ``summary_ci.csv``'s
   ``pgr_ci_low``/``pgr_ci_high``). Verdicts, in this order:
 
   - ``no anchor figure``: the source gives no number for this row (ours is still shown);
   - ``no CI``: fewer than 3 seeds (no CI over seeds);
-  - ``too noisy``: our CI is wider than 1 (``w2sg.stats.WIDE_PGR``: it spans "no gain" to "gap closed");
+  - ``too noisy``: our CI is wider than 1 (``w2sg.results.stats.WIDE_PGR``: it spans "no gain" to "gap closed");
   - ``reproduced``: the anchor lies inside our CI (ends included);
   - ``differs``: it lies outside.
 
 * ``wins``: a cross-task count, ``loss`` beating ``baseline`` on ``count`` of ``n`` data sets (EleutherAI/w2s).
   Ours, per group of settings: the median PGR over seeds of every (task, weak, strong) unit run with both losses;
   the share of units where ``loss``'s median is higher (ties count as not higher), with its exact
-  (Clopper-Pearson) 95% CI, and beside it our paired tests (:func:`w2sg.stats.paired_comparison` on the units:
+  (Clopper-Pearson) 95% CI, and beside it our paired tests (:func:`w2sg.results.stats.paired_comparison` on the units:
   two-sided Wilcoxon and sign test; plus the one-sided Wilcoxon signed-rank p of ``loss > baseline``, the test
   the anchor reports). Verdicts: ``no CI`` with fewer than 3 units; ``too noisy`` when the share's CI is wider
   than 0.5 (it cannot tell "wins most" from "loses most"); ``reproduced`` when their share ``count / n`` lies
@@ -44,9 +44,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
-ANCHOR_DIR = Path(__file__).resolve().parent / "conf" / "sweep" / "anchors"
+ANCHOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "sweep" / "anchors"
 FIELDS = ["source", "sweep", "kind", "task", "loss", "baseline", "models", "metric", "statistic", "value", "count",
           "n", "p_value", "test", "verified", "note"]
 KINDS = ("median", "wins")
@@ -140,7 +140,7 @@ def _base(anchor: Dict[str, Any], settings_label: str) -> Dict[str, Any]:
 def median_verdict(theirs: Optional[float], low: Optional[float], high: Optional[float],
                    wide: Optional[float] = None) -> str:
     """The verdict of a figure against our CI (see the module docstring); ``wide``: default ``stats.WIDE_PGR``."""
-    from w2sg.stats import WIDE_PGR
+    from w2sg.results.stats import WIDE_PGR
 
     wide = WIDE_PGR if wide is None else wide
     if theirs is None:
@@ -158,7 +158,7 @@ def _float(v: Any) -> Optional[float]:
 
 
 def _compare_median(anchor: Dict[str, Any], rows: List[Dict[str, Any]], settings: Sequence[str]) -> List[Dict]:
-    from w2sg.stats import MIN_SEEDS, summarize_ci
+    from w2sg.results.stats import MIN_SEEDS, summarize_ci
 
     out = []
     for group in _by_settings(_matching(rows, anchor, [anchor["loss"]]), settings).values():
@@ -192,7 +192,7 @@ def wins_verdict(theirs: float, low: Optional[float], high: Optional[float], n_u
 def _compare_wins(anchor: Dict[str, Any], rows: List[Dict[str, Any]], settings: Sequence[str]) -> List[Dict]:
     from scipy.stats import binomtest, wilcoxon
 
-    from w2sg.stats import paired_comparison
+    from w2sg.results.stats import paired_comparison
 
     a, b = anchor["baseline"], anchor["loss"]
     shared = [c for c in settings if not c.startswith("loss.")]  # a loss's own parameters differ between the two
@@ -239,7 +239,7 @@ def compare(rows: List[Dict[str, Any]], settings: Optional[Sequence[str]] = None
             anchors: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     """One comparison row (``COLUMNS``) per anchor and group of settings that the report's rows cover.
 
-    ``rows``: the report's rows (w2sg.report.collect); ``settings``: the columns that tell experiments apart
+    ``rows``: the report's rows (w2sg.results.report.collect); ``settings``: the columns that tell experiments apart
     (default: every setting column of the rows); ``anchors``: default :func:`load`."""
     anchors = load() if anchors is None else anchors
     settings = sorted({c for r in rows for c in r if _is_setting(c)}) if settings is None else list(settings)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -229,7 +229,7 @@ class Validation:
     keep_best: Optional[str] = None  # a key of BEST_METRICS
 
     def evaluate(self, model: torch.nn.Module, pad_id: int, batch_size: int, policy: Any = None) -> Dict[str, float]:
-        from w2sg.metrics import accuracy, auroc
+        from w2sg.ml.metrics import accuracy, auroc
 
         probs = predict(model, self.data, batch_size=batch_size, pad_id=pad_id, progress=False, policy=policy)
         hard = self.labels.argmax(-1).tolist()
@@ -290,11 +290,11 @@ def train_model(
     Each optimizer step sees ``batch_size`` examples, in forward passes of ``minibatch_size`` (gradient
     accumulation). Each epoch's order comes from (seed, epoch), so a run resumed from a checkpoint (model,
     optimiser, schedule, RNG state, position, best weights so far) continues exactly as the uninterrupted run.
-    ``policy`` (w2sg.device): where batches go and the autocast precision, with a gradient scaler for fp16.
+    ``policy`` (w2sg.run.device): where batches go and the autocast precision, with a gradient scaler for fp16.
     """
     from transformers import get_scheduler
 
-    from w2sg.device import CPU
+    from w2sg.run.device import CPU
 
     policy = policy or CPU
     scaler = policy.grad_scaler()
@@ -418,7 +418,7 @@ def _map_batches(fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: An
                  progress: bool, desc: str, policy: Any = None) -> List[np.ndarray]:
     """Apply ``fn`` to length-sorted batches under inference_mode on the policy's device and precision; one
     output row (a CPU float32 array) per example, in input order."""
-    from w2sg.device import CPU
+    from w2sg.run.device import CPU
 
     policy = policy or CPU
     order = sorted(range(len(data)), key=data.length)

@@ -16,7 +16,7 @@ label, model, task, seed, loss, accuracy, time), so ``w2sg status`` lists a larg
 Weights are the bulk of a store. ``store.keep_weights`` (needed | all | none) frees a trained model's weights
 once no stage needs them (a weak model's, once its labels are stored); ``w2sg gc`` does the same for the whole
 store. A stage whose weights were freed keeps its metrics and predictions and a ``weights_freed.json`` note; a
-later stage that needs the weights trains it again (w2sg.stages.Runner) and checks the predictions match.
+later stage that needs the weights trains it again (w2sg.run.runner.Runner) and checks the predictions match.
 
 The lock is an OS file lock (released by the kernel when its holder dies), so a second process needing the
 same stage waits, then finds it done and reuses it; ``w2sg status`` shows a stage whose lock is held as running.
@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 FORMAT = 1  # bump when the stored layout changes; older stages are then reported and recomputed
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a train stage's trained weights
@@ -114,7 +114,7 @@ class Store:
             raise self._unwritable(e) from None
 
     def _unwritable(self, e: OSError) -> Exception:
-        from w2sg.errors import W2SGError
+        from w2sg.core.errors import W2SGError
 
         return W2SGError(
             f"store {str(self.root)!r} cannot be created or written ({e.strerror or type(e).__name__}: "

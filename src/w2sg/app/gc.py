@@ -25,9 +25,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--store", help="the store (default: W2SG_STORE / store_dir of the config)")
     args = parser.parse_args(argv)
 
-    from w2sg.errors import W2SGError
-    from w2sg.status import default_store_dir
-    from w2sg.store import Store, human_bytes
+    from w2sg.app.status import default_store_dir
+    from w2sg.core.errors import W2SGError
+    from w2sg.core.store import Store, human_bytes
 
     try:
         store = Store(args.store or default_store_dir())

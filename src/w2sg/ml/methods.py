@@ -6,7 +6,7 @@ model's frozen features, after EleutherAI/w2s) and ``ensemble`` (the average sof
 supervisors). ``budget=`` mixes n weak and m ground-truth labels (Mallen & Belrose 2024). Both make one stored
 stage (kind ``transform``, plan name ``train_labels``) whose output is a training set: soft labels plus the rows of
 the weak-label half they belong to, so two w2s runs (e.g. two losses) share it. ``s2s=N`` (strong-to-strong
-iterations) needs no method of its own: it chains ordinary train and labels stages (w2sg.experiment.plan).
+iterations) needs no method of its own: it chains ordinary train and labels stages (w2sg.core.plan.plan).
 
 Order inside the stage: average the ensemble's labels, draw the budget's rows (ground truth first, then weak),
 apply the method to the weak-labelled rows, add the ground-truth rows with one-hot labels.
@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from w2sg.errors import W2SGError
-from w2sg.extensions import check_choice
+from w2sg.core.errors import W2SGError
+from w2sg.core.registry import check_choice
 
 Result = Tuple[np.ndarray, np.ndarray]
 METHODS: Dict[str, Callable[..., Result]] = {}
@@ -221,9 +221,9 @@ def model_config(name: str) -> Any:
     """A model of conf/model by name, merged into its schema as Hydra would (for ``labels.models``)."""
     from omegaconf import OmegaConf
 
-    from w2sg.schema import ModelConfig
+    from w2sg.app.config import ModelConfig
 
-    folder = Path(__file__).resolve().parent / "conf" / "model"
+    folder = Path(__file__).resolve().parents[1] / "conf" / "model"
     path = folder / f"{name}.yaml"
     if not path.is_file():
         valid = sorted(p.stem for p in folder.glob("*.yaml"))
@@ -287,7 +287,7 @@ def training_set_metrics(ts: TrainingSet, before: np.ndarray, truth: Sequence[in
     """How good the training labels are against the (hidden) ground truth: ``acc`` of every training row,
     ``acc_weak_rows`` of the weak-labelled ones, ``acc_weak_rows_before`` of the rows the method was given, with
     the labels it was given (so a filter's gain is the difference)."""
-    from w2sg.metrics import accuracy
+    from w2sg.ml.metrics import accuracy
 
     y = np.asarray(truth)
     weak = ~ts.ground_truth

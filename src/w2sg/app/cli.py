@@ -17,16 +17,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from w2sg import hydra_compat
-from w2sg.errors import W2SGError
-from w2sg.schema import register
+from w2sg.app import hydra_compat
+from w2sg.app.config import register
+from w2sg.core.errors import W2SGError
 
 log = logging.getLogger("w2sg")
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 register()
 # Hydra 1.3 deep-copies the whole ConfigStore once per config group it lists (~120 times for --help, ~2.4 s);
-# backport of the upstream fix (see w2sg.hydra_compat).
+# backport of the upstream fix (see w2sg.app.hydra_compat).
 hydra_compat.install()
 # config groups that only other configs use (schemas; the models chains pick): left out of `w2sg --help`
 HIDDEN_GROUPS = ("schema", "model")
@@ -62,13 +62,13 @@ def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None
 
     ``overrides``: the job's command-line overrides (default: Hydra's, when it runs the job).
     """
-    from w2sg.extensions import load as load_extensions
+    from w2sg.core.registry import load as load_extensions
 
     load_extensions(cfg.extensions)  # first: the names they register are valid below
-    from w2sg.losses import validate_loss
-    from w2sg.models import POOLINGS, check_model_path
-    from w2sg.tasks import validate_task
-    from w2sg.train import check_train_settings
+    from w2sg.data.tasks import validate_task
+    from w2sg.ml.losses import validate_loss
+    from w2sg.ml.models import POOLINGS, check_model_path
+    from w2sg.ml.train import check_train_settings
 
     validate_objective(cfg)
     validate_loss(cfg.loss)
@@ -76,12 +76,12 @@ def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None
     t = cfg.train
     check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, float(t.val_frac), t.val_labels,
                          int(t.batch_size), t.minibatch_size)
-    from w2sg.device import check_settings
+    from w2sg.run.device import check_settings
 
     check_settings(t.device, t.precision, t.device_map, t.mode)
     g = cfg.generative
     if g.enabled:
-        from w2sg.generative import OBJECTIVES
+        from w2sg.ml.generative import OBJECTIVES
 
         if g.objective not in OBJECTIVES:
             raise W2SGError(f"unknown generative.objective {g.objective!r}; valid: {', '.join(OBJECTIVES)}")
@@ -168,11 +168,10 @@ def returned_objective(cfg: DictConfig, metrics: Dict[str, Any]) -> float:
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Validate, run every stage of this experiment through the store, write metrics.json, print the table."""
-    from w2sg import experiment
-    from w2sg.stages import Runner
-    from w2sg.store import Store
-
-    from w2sg.tracking import Tracker
+    from w2sg.core.store import Store
+    from w2sg.run import experiment
+    from w2sg.run.runner import Runner
+    from w2sg.run.tracking import Tracker
 
     validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
@@ -180,7 +179,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     metrics = experiment.run(cfg, runner)
     metrics["output_dir"] = str(out_dir)
     if cfg.extensions:  # the users' code this run loaded, with the versions in its stage keys
-        from w2sg.extensions import load as load_extensions
+        from w2sg.core.registry import load as load_extensions
 
         metrics["extensions"] = load_extensions(cfg.extensions)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -210,7 +209,7 @@ def _is_multirun() -> bool:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` (what a tuning sweeper such as Optuna optimises)."""
-    from w2sg.train import Preempted
+    from w2sg.ml.train import Preempted
 
     try:
         metrics = run(cfg)
@@ -227,7 +226,7 @@ def _hydra_entry(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
-SUBCOMMANDS = {"status": "w2sg.status", "report": "w2sg.report", "gc": "w2sg.gc"}
+SUBCOMMANDS = {"status": "w2sg.app.status", "report": "w2sg.results.report", "gc": "w2sg.app.gc"}
 
 
 def print_multirun_configs(argv: List[str]) -> int:
@@ -235,7 +234,7 @@ def print_multirun_configs(argv: List[str]) -> int:
     from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
-    from w2sg.status import compose, expand_sweep
+    from w2sg.app.status import compose, expand_sweep
 
     args = get_args_parser().parse_args(argv)
     if args.cfg != "job":

@@ -2,7 +2,7 @@
 
 A task config names a data set (hub id or a builder such as ``json``/``csv``/``parquet`` with local
 ``data_files``), its splits, and a formatter from ``FORMATTERS``. The generic ``template`` formatter makes a
-new classification task one YAML file; the formatters live in ``w2sg.task_formats``.
+new classification task one YAML file; the formatters live in ``w2sg.data.formats``.
 
 Every task yields three disjoint sets: the ground-truth train half (weak and ceiling models train on it),
 the weak-label train half (the weak model labels it, w2s models train on those labels), and test.
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from w2sg.errors import W2SGError
-from w2sg.paths import resolve_path
-from w2sg.task_formats import FORMATTERS, Example
+from w2sg.core.errors import W2SGError
+from w2sg.core.paths import resolve_path
+from w2sg.data.formats import FORMATTERS, Example
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def validate_task(cfg: Any) -> None:
 def data_fingerprints(cfg: Any, cache_dir: Optional[str] = None) -> Dict[str, str]:
     """{split: content hash} of the task's local data files (a file, a directory or a glob pattern; pkg:// too).
 
-    Stage keys use these instead of the paths (see w2sg.stages.task_spec); URLs are kept as they are."""
-    from w2sg.fingerprint import file_fingerprint, files_fingerprint
+    Stage keys use these instead of the paths (see w2sg.core.graph.task_spec); URLs are kept as they are."""
+    from w2sg.core.fingerprint import file_fingerprint, files_fingerprint
 
     out: Dict[str, str] = {}
     for split, spec in cfg.data_files.items():

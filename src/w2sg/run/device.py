@@ -18,7 +18,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -3,7 +3,7 @@
 The paper finetunes the strong model generatively on task text before the supervised stages, so that the task's
 concepts are salient to it. This stage does that for any model: masked LM for encoders (BERT-style; 15% of
 tokens masked), causal LM for decoders, over the texts of both training halves (never the test set, and never
-their labels). It has no labels, so it has its own short loop (an optimizer and schedule as in w2sg.train);
+their labels). It has no labels, so it has its own short loop (an optimizer and schedule as in w2sg.ml.train);
 its result is the backbone's weights, which the supervised stages of that model start from. Like any stage it
 is keyed by what it uses and stored once.
 """
@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 OBJECTIVES = ("auto", "mlm", "clm")
 
@@ -27,7 +27,10 @@ def resolve_objective(objective: str, hf_config: Any) -> str:
         raise W2SGError(f"unknown generative.objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if objective != "auto":
         return objective
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if hf_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False):
         return "mlm"
@@ -41,8 +44,8 @@ def build_lm(cfg: Any, objective: str, seed: int, policy: Any = None):
     (every weight trains) on the policy's device."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from w2sg.device import CPU
-    from w2sg.models import init_device, load_kwargs, model_config
+    from w2sg.ml.models import init_device, load_kwargs, model_config
+    from w2sg.run.device import CPU
 
     policy = policy or CPU
     torch.manual_seed(seed)
@@ -65,8 +68,8 @@ def finetune_lm(cfg: Any, tokenizer: Any, texts: Sequence[str], *, objective: st
     """Train the LM objective on ``texts``; return the backbone's state dict and a per-epoch loss history."""
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
-    from w2sg.device import CPU
-    from w2sg.models import enable_gradient_checkpointing
+    from w2sg.ml.models import enable_gradient_checkpointing
+    from w2sg.run.device import CPU
 
     policy = policy or CPU
     lm, objective = build_lm(cfg, objective, seed, policy)

@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 EPS = 1e-12  # floor for probabilities inside logarithms
 KEYS = ("misfit_sq", "misfit_kl", "misfit_disagreement", "gain_sq", "gain_xent", "gain_acc",
@@ -127,7 +127,7 @@ def for_run(runner: Any, keys: Dict[str, str], n_boot: int = 2000, seed: int = 0
 
     keys: store keys of its ``weak``, ``weak_labels``, ``ceiling`` and ``w2s`` stages. A w2s stage stored
     before students' transfer-set predictions were kept gives the test-set numbers only (with a note)."""
-    from w2sg import stats
+    from w2sg.results import stats
 
     sd = {name: runner.store.get(key) for name, key in keys.items()}
     test_y = [y for _, y in runner.data.test]

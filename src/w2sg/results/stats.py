@@ -6,7 +6,7 @@ Two sources of noise, two intervals:
   examples for the weak, ceiling and w2s models (paired), and recomputes their accuracies and PGR. It needs
   per-example correctness, which the experiment has (every train stage stores its test predictions).
 * over seeds (a group of runs): :func:`summarize_ci` takes a results table (one row per experiment and seed,
-  the columns of ``w2sg.report``: task, weak, weak_params, strong, strong_params, loss, seed, acc_weak,
+  the columns of ``w2sg.results.report``: task, weak, weak_params, strong, strong_params, loss, seed, acc_weak,
   acc_ceiling, acc_w2s, pgr) and gives, per group, the median (or mean) over seeds with a percentile
   bootstrap CI. With fewer than ``MIN_SEEDS`` seeds it gives no CI and says so.
 
@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 METRICS = ("acc_weak", "acc_ceiling", "acc_w2s", "pgr")
 GROUP = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
@@ -38,7 +38,7 @@ LEVEL = 0.95
 N_BOOT = 2000
 CHUNK = 500  # resamples per batch, bounding memory at CHUNK x n_test indices
 
-Table = Any  # a pandas DataFrame, or a list of row dicts as w2sg.report builds them
+Table = Any  # a pandas DataFrame, or a list of row dicts as w2sg.results.report builds them
 
 
 def _frame(rows: Table):
@@ -199,7 +199,7 @@ def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequen
     missing = [m for m in metrics if m not in df.columns]
     if missing or "seed" not in df.columns:
         raise W2SGError(f"results table lacks column(s) {missing + ([] if 'seed' in df.columns else ['seed'])}; "
-                        f"it has {list(df.columns)} (one row per experiment and seed, as w2sg.report writes)")
+                        f"it has {list(df.columns)} (one row per experiment and seed, as w2sg.results.report writes)")
     out = []
     for key, g in df.groupby(group, sort=True, dropna=False) if group else [((), df)]:
         key = key if isinstance(key, tuple) else (key,)
@@ -361,7 +361,7 @@ def write_stats(rows: Table, out: Union[str, Path], seed: int = 0, settings: Seq
     columns): groups and pairs are never formed across different settings."""
     from itertools import combinations
 
-    from w2sg import diagnostics
+    from w2sg.results import diagnostics
 
     df, out = _frame(rows), Path(out)
     written: List[Path] = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
 PKG_SCHEME = "pkg://"
 

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from w2sg.errors import W2SGError
+from w2sg.core.errors import W2SGError
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose(overrides: Iterable[str] = (), with_hydra: bool = False, conf_dir: Path = CONF_DIR):
@@ -30,7 +30,7 @@ def compose(overrides: Iterable[str] = (), with_hydra: bool = False, conf_dir: P
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from w2sg.schema import register
+    from w2sg.app.config import register
 
     register()
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
@@ -70,7 +70,7 @@ STATES = ("done", "missing", "running", "interrupted", "invalid")
 
 
 def role_of(kind: str, label: str) -> str:
-    """A stage's role from its kind and label, as ``w2sg.stages.Stage.role`` gives it (without importing it)."""
+    """A stage's role from its kind and label, as ``w2sg.core.graph.Stage.role`` gives it (without importing it)."""
     if kind in ("features", "lm"):
         return kind
     prefix = label.split(":")[0]
@@ -113,7 +113,7 @@ def _read_json(path: str) -> Any:
 def _done_row(store, key: str, now: float) -> Dict[str, Any]:
     """A stored stage's row from its DONE marker alone; stages stored before the marker held a summary (or
     broken ones) are read in full."""
-    from w2sg.store import FORMAT, summary
+    from w2sg.core.store import FORMAT, summary
 
     path = f"{store.root}/stages/{key}"
     marker = _read_json(f"{path}/DONE")
@@ -154,7 +154,7 @@ def stage_rows(store) -> Iterable[Dict[str, Any]]:
 
 
 def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
-    from w2sg.experiment import plan
+    from w2sg.core.plan import plan
 
     cfg = compose(overrides)
     rows = []
@@ -195,7 +195,7 @@ def render(rows: List[Dict[str, Any]], columns: List[str]) -> str:
 
 def store_size_line(store) -> str:
     """The store's size on disk, the part that is weights, and how many stages' weights were freed (w2sg gc)."""
-    from w2sg.store import human_bytes
+    from w2sg.core.store import human_bytes
 
     sizes = store.sizes()
     freed = f"; weights of {sizes['freed']} stages freed" if sizes["freed"] else ""
@@ -220,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a run or sweep")
     args = parser.parse_args(argv)
 
-    from w2sg.store import Store
+    from w2sg.core.store import Store
 
     try:
         if args.multirun or args.plan or args.overrides:

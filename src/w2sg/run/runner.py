@@ -1,38 +1,21 @@
-"""The stage graph: train(model, data, labels) -> weights + test predictions; labels(trained model) -> soft labels.
-
-A stage's key is a hash of the fully resolved values it uses plus its inputs' keys. Values that cannot change
-a result (names and size labels, progress bars, launcher, tracker, paths) stay out of the key, so the weak
-model of a pair is the same stage as the weak model of every other pair with the same task, seed and training
-settings, and a grid trains each weak and ceiling model once.
-"""
+"""Executes stages against the store: loads the task once, keeps fresh models in memory, and runs each
+stage kind's body (train, labels, features, lm, transform)."""
 
 from __future__ import annotations
 
-import copy
-import functools
-import hashlib
-import json
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional
 
 from omegaconf import OmegaConf
 
-from w2sg.errors import W2SGError
-from w2sg.store import Store, StageDir
-from w2sg.tracking import Tracker
+from w2sg.core.errors import W2SGError
+from w2sg.core.graph import Stage
+from w2sg.core.store import StageDir, Store
+from w2sg.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-GT_LOSS = {"name": "xent"}  # stages that train on ground truth never use auxiliary terms
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _load_safetensors(model: Any, path: str, device: str) -> None:
@@ -48,206 +31,6 @@ def _load_safetensors(model: Any, path: str, device: str) -> None:
         load_model(model, path)
 
 
-def fingerprint_cache(cfg: Any) -> Optional[str]:
-    """Where content fingerprints are cached: <store>/fingerprints, when the store exists (see w2sg.fingerprint)."""
-    store_dir = cfg.get("store_dir") if OmegaConf.is_config(cfg) else None
-    if store_dir and Path(str(store_dir)).expanduser().is_dir():
-        return str(Path(str(store_dir)).expanduser() / "fingerprints")
-    return None
-
-
-_SPECS: Optional[Dict[tuple, Any]] = None  # model and task specs by config, while planning many jobs
-
-
-@contextmanager
-def memoized_specs() -> Iterator[None]:
-    """Within it, model and task specs (content fingerprints of model and data files) are computed once per
-    distinct config: a launcher planning a thousand jobs reads each file's fingerprint once, not per job. Files
-    are taken as unchanged while it lasts."""
-    global _SPECS
-    outer = _SPECS
-    _SPECS = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _SPECS = outer
-
-
-def _memoized(fn: Callable[[Any, Optional[str]], Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
-    @functools.wraps(fn)
-    def spec(node: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
-        if _SPECS is None:
-            return fn(node, cache_dir)
-        key = (fn.__name__, json.dumps(_plain(node), sort_keys=True, default=str), cache_dir)
-        if key not in _SPECS:
-            _SPECS[key] = fn(node, cache_dir)
-        return copy.deepcopy(_SPECS[key])
-
-    return spec
-
-
-@_memoized
-def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
-    """What of a model config changes results (not its name, size label or parameter count).
-
-    ``path`` becomes the content hash of a local model directory (w2sg.fingerprint.model_source), so new weights at
-    the same path get new keys and the same weights elsewhere reuse stages."""
-    from w2sg.fingerprint import model_source
-
-    m = _plain(model)
-    spec = {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
-    spec["path"] = model_source(model, cache_dir)
-    # newer fields enter only when set, so that the keys of models without them stay as they were
-    spec.update({k: m[k] for k in ("revision", "tokenizer") if m.get(k) is not None})
-    if m.get("random_init") is not None and m.get("arch") is not None:  # a random model built from arch alone
-        spec["arch"] = m["arch"]
-    return spec
-
-
-@_memoized
-def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
-    """The task's values, with local data files (and pkg:// files) replaced by the hash of their bytes.
-
-    Edited data under the same path gets new keys; the same data at another path reuses stages. A hub data set
-    is keyed by its name, subset and ``load_kwargs`` (which hold its ``revision`` when one is pinned)."""
-    from w2sg.tasks import data_fingerprints
-
-    t = dict(_plain(task))
-    t.pop("name", None)
-    t["data_files"] = data_fingerprints(task, cache_dir)
-    return t
-
-
-def train_spec(train: Any, model: Any) -> Dict[str, Any]:
-    from w2sg.device import key_precision
-
-    t = dict(_plain(train))
-    # evaluation batching, checkpoints, the device and memory savers do not change results; the precision does
-    for k in ("eval_batch_size", "checkpoint_every", "device", "precision", "gradient_checkpointing", "device_map"):
-        t.pop(k, None)
-    t.update(key_precision(train))
-    t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
-    if t.get("mode") != "lora":
-        t.pop("lora", None)  # adapter settings matter only when adapters are trained
-    elif t["lora"].get("target_modules") is None and model.get("lora_targets") is not None:
-        t["lora"] = {**t["lora"], "target_modules": list(model.lora_targets)}  # the model's own default
-    if not t.get("val_frac"):
-        for k in ("val_labels", "eval_every", "keep_best"):  # no validation set: nothing to validate
-            t.pop(k, None)
-    return t
-
-
-@dataclass
-class Stage:
-    kind: str  # "train" or "labels"
-    spec: Dict[str, Any]  # resolved values the stage uses
-    inputs: Dict[str, "Stage"] = field(default_factory=dict)
-    model: Any = None  # the model config (for building; its result-relevant part is in spec)
-    label: str = ""  # human-readable name, e.g. "weak:minilm_l1"
-
-    def __post_init__(self) -> None:
-        from w2sg.extensions import versions_used
-
-        used = versions_used(self.spec)  # the version of users' code (extensions:) that this stage runs
-        if used:
-            self.spec["extensions"] = used
-
-    @property
-    def role(self) -> str:
-        """weak, ceiling, w2s, link or labels: the W&B job type and the kind shown to users."""
-        prefix = self.label.split(":")[0]
-        if self.kind in ("features", "lm"):
-            return self.kind
-        return "labels" if prefix.endswith("labels") else prefix.rstrip("0123456789")
-
-    @cached_property
-    def key(self) -> str:
-        payload = {"kind": self.kind, "spec": self.spec, "inputs": {k: v.key for k, v in sorted(self.inputs.items())}}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _precision(cfg: Any) -> Dict[str, str]:
-    from w2sg.device import key_precision
-
-    return key_precision(cfg.train)
-
-
-def lm_stage(cfg: Any, model: Any) -> Stage:
-    """Generative finetuning of a model on the task's unlabelled training text (w2sg.generative)."""
-    g = _plain(cfg.generative)
-    cache = fingerprint_cache(cfg)
-    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length),
-            "generative": {k: g[k] for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")},
-            **_precision(cfg)}
-    return Stage("lm", spec, {}, model, f"lm:{model.name}")
-
-
-def init_inputs(cfg: Any, model: Any, side: str) -> Dict[str, Stage]:
-    """The generatively finetuned weights a model starts from, when generative finetuning applies to its side."""
-    if cfg.generative.enabled and side in cfg.generative.sides:
-        return {"init": lm_stage(cfg, model)}
-    return {}
-
-
-def features_stage(cfg: Any, model: Any, side: str) -> Stage:
-    """Probe mode: the frozen model's pooled features of every part of the task, computed once and reused."""
-    cache = fingerprint_cache(cfg)
-    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length), **_precision(cfg)}
-    return Stage("features", spec, init_inputs(cfg, model, side), model, f"features:{model.name}")
-
-
-def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label: str) -> Stage:
-    inputs: Dict[str, Stage] = {"labels": labels} if labels is not None else {}
-    side = "weak" if label.startswith("weak:") else "strong"  # ceiling, w2s and chain links train strong-side models
-    if cfg.train.mode == "probe":
-        inputs["features"] = features_stage(cfg, model, side)
-    else:
-        inputs.update(init_inputs(cfg, model, side))
-    tspec = train_spec(cfg.train, model)
-    if labels is None:
-        tspec.pop("val_labels", None)  # ground-truth stages validate against ground truth whatever it says
-    cache = fingerprint_cache(cfg)
-    spec = {
-        "model": model_spec(model, cache),
-        "task": task_spec(cfg.task, cache),
-        "train": tspec,
-        "seed": int(cfg.seed),
-        "loss": _plain(loss) if labels is not None else GT_LOSS,
-        "labels": "weak" if labels is not None else "ground_truth",
-    }
-    return Stage("train", spec, inputs, model, label)
-
-
-def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
-    spec = {"task": task_spec(cfg.task, fingerprint_cache(cfg)), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length), **_precision(cfg)}
-    return Stage("labels", spec, {"model": trained}, trained.model, label)
-
-
-def member_stage(cfg: Any, model: Any, seed: int) -> Stage:
-    """An ensemble member (w2sg.methods): a weak model trained on ground truth with its own model seed (weights
-    initialisation and data order; the data split stays the run's). The run's own weak model and seed is the
-    run's weak stage itself, so it is shared."""
-    if seed == int(cfg.seed):
-        return train_stage(cfg, model, None, None, f"weak:{model.name}")
-    stage = train_stage(cfg, model, None, None, f"weak:{model.name}@seed{seed}")
-    return Stage(stage.kind, {**stage.spec, "model_seed": int(seed)}, stage.inputs, stage.model, stage.label)
-
-
-def transform_stage(cfg: Any, labels: Dict[str, Stage], features: Optional[Stage], label: str) -> Stage:
-    """The training set of the w2s stage (w2sg.methods): the weak labels after ``labels=`` and ``budget=``.
-    Inputs: ``labels`` (or ``member<i>`` for an ensemble's members) and the strong model's ``features`` for probes."""
-    from w2sg.methods import budget_spec, method_spec
-
-    spec = {"method": method_spec(_plain(cfg.labels)), "budget": budget_spec(cfg.budget), "seed": int(cfg.seed),
-            "task": task_spec(cfg.task)}
-    inputs = dict(labels, **({"features": features} if features is not None else {}))
-    return Stage("transform", spec, inputs, cfg.weak, label)
-
-
 @dataclass
 class Outcome:
     key: str
@@ -260,7 +43,7 @@ class Runner:
     """Executes stages against the store, loading the task once and keeping fresh models in memory."""
 
     def __init__(self, cfg: Any, store: Store, tracker: Optional[Tracker] = None):
-        from w2sg.schema import check_ranges
+        from w2sg.app.config import check_ranges
 
         check_ranges(cfg)  # before anything is loaded or trained
         store.check_writable()
@@ -276,9 +59,9 @@ class Runner:
 
     @property
     def policy(self):
-        """Device and precision of every stage of this process (w2sg.device), resolved once."""
+        """Device and precision of every stage of this process (w2sg.run.device), resolved once."""
         if self._policy is None:
-            from w2sg.device import runtime_policy
+            from w2sg.run.device import runtime_policy
 
             self._policy = runtime_policy(self.cfg.train)
         return self._policy
@@ -289,11 +72,11 @@ class Runner:
         return min(int(self.cfg.train.eval_batch_size), int(cap)) if cap else int(self.cfg.train.eval_batch_size)
 
     def check_memory(self, stage: "Stage", mode: str, batch: int) -> None:
-        """Before loading onto a GPU: the memory estimate against what the device has (w2sg.device)."""
+        """Before loading onto a GPU: the memory estimate against what the device has (w2sg.run.device)."""
         if self.policy.device == "cpu":
             return
-        from w2sg.device import check_memory, estimate_memory
-        from w2sg.models import hidden_size, model_config
+        from w2sg.ml.models import hidden_size, model_config
+        from w2sg.run.device import check_memory, estimate_memory
 
         hf = model_config(stage.model)[1]
         layers = next((getattr(hf, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(hf, k)), 1)
@@ -306,7 +89,7 @@ class Runner:
     @property
     def data(self):
         if self._data is None:
-            from w2sg.tasks import load_task
+            from w2sg.data.tasks import load_task
 
             self._data = load_task(self.cfg.task, int(self.cfg.seed))
         return self._data
@@ -317,7 +100,7 @@ class Runner:
         return {"n_train": len(d.gt) + len(d.weak), "n_test": len(d.test), "gt": len(d.gt), "weak": len(d.weak)}
 
     def tokenizer(self, model: Any):
-        from w2sg.models import load_tokenizer, resolve_path
+        from w2sg.ml.models import load_tokenizer, resolve_path
 
         path = resolve_path(model.path)
         if path not in self._tokenizers:
@@ -326,8 +109,8 @@ class Runner:
 
     def encode(self, model: Any, part: str):
         """Token ids of one part of the task (gt, weak or test), computed once per tokenizer and part."""
-        from w2sg.models import resolve_path
-        from w2sg.train import Encoded
+        from w2sg.ml.models import resolve_path
+        from w2sg.ml.train import Encoded
 
         key = (resolve_path(model.path), part)
         if key not in self._encoded:
@@ -377,12 +160,12 @@ class Runner:
 
     @property
     def pairwise(self) -> bool:
-        """Reward modeling: each example is a pair of texts (see w2sg.models.Classifier)."""
+        """Reward modeling: each example is a pair of texts (see w2sg.ml.models.Classifier)."""
         return bool(self.data.gt) and isinstance(self.data.gt[0][0], tuple)
 
     def inputs_of(self, stage: Stage, part: str):
         """What a model of this stage reads for one part of the task: token ids, or stored features (probe)."""
-        from w2sg.train import Features
+        from w2sg.ml.train import Features
 
         if "features" in stage.inputs:
             sd = self.store.get(stage.inputs["features"].key)
@@ -392,7 +175,12 @@ class Runner:
 
     def _build(self, stage: Stage):
         """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe)."""
-        from w2sg.models import add_lora, build_head, build_model, enable_gradient_checkpointing
+        from w2sg.ml.models import (
+            add_lora,
+            build_head,
+            build_model,
+            enable_gradient_checkpointing,
+        )
 
         cfg, num_classes, tspec = self.cfg, int(self.cfg.task.num_classes), stage.spec["train"]
         seed = self._model_seed(stage)
@@ -416,7 +204,7 @@ class Runner:
         ``rows``: the rows of the part that ``data`` holds (a transformed training set), None for all."""
         import numpy as np
 
-        from w2sg.train import Validation
+        from w2sg.ml.train import Validation
 
         tspec = stage.spec["train"]
         n_val = int(round(float(tspec["val_frac"]) * len(soft)))
@@ -434,10 +222,10 @@ class Runner:
     def _compute_train(self, stage: Stage, out: StageDir) -> None:
         import numpy as np
 
-        from w2sg.losses import make_loss
-        from w2sg.metrics import accuracy, auroc
-        from w2sg.models import count_params, merge_lora
-        from w2sg.train import Checkpointer, predict, train_model
+        from w2sg.ml.losses import make_loss
+        from w2sg.ml.metrics import accuracy, auroc
+        from w2sg.ml.models import count_params, merge_lora
+        from w2sg.ml.train import Checkpointer, predict, train_model
 
         cfg, data = self.cfg, self.data
         num_classes = int(cfg.task.num_classes)
@@ -477,7 +265,7 @@ class Runner:
                             batch_size=self.eval_batch_size(stage.model), pad_id=pad_id, progress=bool(cfg.progress),
                             desc=f"{stage.label} test", policy=self.policy)
             transfer_probs = None
-            if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.diagnostics)
+            if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.results.diagnostics)
                 transfer_probs = predict(model, self.inputs_of(stage, "weak"),
                                          batch_size=self.eval_batch_size(stage.model), pad_id=pad_id,
                                          progress=bool(cfg.progress), desc=f"{stage.label} transfer",
@@ -512,10 +300,10 @@ class Runner:
         return sd.read_array("probs"), rows
 
     def _compute_transform(self, stage: Stage, out: StageDir) -> None:
-        """The w2s stage's training set (w2sg.methods): averaged members, budget rows, the labels= method."""
+        """The w2s stage's training set (w2sg.ml.methods): averaged members, budget rows, the labels= method."""
         import numpy as np
 
-        from w2sg.methods import average, build_training_set, training_set_metrics
+        from w2sg.ml.methods import average, build_training_set, training_set_metrics
 
         members = [self.store.get(dep.key).read_array("probs") for name, dep in sorted(stage.inputs.items())
                    if name == "labels" or name.startswith("member")]
@@ -557,8 +345,8 @@ class Runner:
 
     def _compute_features(self, stage: Stage, out: StageDir) -> None:
         """Pooled last-layer features of the frozen model for gt, weak and test (and each pair's second text)."""
-        from w2sg.models import build_model
-        from w2sg.train import extract_features
+        from w2sg.ml.models import build_model
+        from w2sg.ml.train import extract_features
 
         self.check_memory(stage, "inference", self.eval_batch_size(stage.model))
         model = build_model(stage.model, int(self.cfg.task.num_classes), int(self.cfg.seed), policy=self.policy,
@@ -592,7 +380,7 @@ class Runner:
     def _compute_lm(self, stage: Stage, out: StageDir) -> None:
         from safetensors.torch import save_file
 
-        from w2sg.generative import finetune_lm
+        from w2sg.ml.generative import finetune_lm
 
         texts = [t for part in (self.data.gt, self.data.weak) for x, _ in part
                  for t in (x if isinstance(x, tuple) else (x,))]
@@ -613,16 +401,16 @@ class Runner:
 
     def _load_trained(self, stage: Stage):
         """A trained model from the store (or this process); weights freed by store.keep_weights are recomputed."""
-        from w2sg.store import WEIGHT_FILES
+        from w2sg.core.store import WEIGHT_FILES
 
         if stage.key not in self._models and not any(
                 self.store.get(stage.key).file(n).exists() for n in WEIGHT_FILES):
             self._restore_weights(stage)
         if stage.key in self._models:
             return self._models[stage.key]
-        from safetensors.torch import load_file, load_model
+        from safetensors.torch import load_file
 
-        from w2sg.models import add_lora, build_head, build_model, merge_lora
+        from w2sg.ml.models import add_lora, build_head, build_model, merge_lora
 
         num_classes, seed = int(self.cfg.task.num_classes), self._model_seed(stage)  # as built for training
         tspec = stage.spec["train"]
@@ -658,7 +446,7 @@ class Runner:
 
         import numpy as np
 
-        from w2sg.store import WEIGHT_FILES
+        from w2sg.core.store import WEIGHT_FILES
 
         note = self.store.weights_freed(stage.key) or {}
         log.warning("%s: its weights were freed (%s); training it again to recover them", stage.label,
@@ -689,7 +477,7 @@ class Runner:
         """store.keep_weights after a run: ``needed`` frees the weights of each train stage whose labels stage is
         stored (every stage of the plan that reads them has run); ``none`` frees every train stage's weights;
         ``all`` keeps them. Returns the bytes freed."""
-        from w2sg.store import human_bytes
+        from w2sg.core.store import human_bytes
 
         policy = str(OmegaConf.select(self.cfg, "store.keep_weights", default="needed"))
         if policy == "all":
@@ -714,8 +502,8 @@ class Runner:
         return freed
 
     def _compute_labels(self, stage: Stage, out: StageDir) -> None:
-        from w2sg.metrics import accuracy, auroc
-        from w2sg.train import predict
+        from w2sg.ml.metrics import accuracy, auroc
+        from w2sg.ml.train import predict
 
         trained = stage.inputs["model"]
         model = self._load_trained(trained)

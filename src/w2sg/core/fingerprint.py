@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from w2sg.paths import resolve_path
+from w2sg.core.paths import resolve_path
 
 _MEMO: Dict[Tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, for this process
 _CHUNK = 1 << 20

@@ -5,7 +5,7 @@ Every loss is ``fn(logits [B, C], labels [B, C] soft targets, step_frac in [0, 1
 ``@register_loss("name")`` plus one YAML file under conf/loss/ holding ``name`` and the keyword arguments.
 
 Auxiliary terms (the student's own predictions) make sense only when the labels come from another model,
-so stages that train on ground truth always use ``xent`` (see w2sg.stages).
+so stages that train on ground truth always use ``xent`` (see w2sg.run.runner).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping
 import torch
 import torch.nn.functional as F
 
-from w2sg.extensions import check_choice, record
+from w2sg.core.registry import check_choice, record
 
 LossFn = Callable[..., torch.Tensor]
 LOSSES: Dict[str, LossFn] = {}

@@ -8,9 +8,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from w2sg.errors import W2SGError
-from w2sg.extensions import record
-from w2sg.paths import PKG_SCHEME, resolve_path  # noqa: F401  (resolve_path: part of this module's API)
+from w2sg.core.errors import W2SGError
+from w2sg.core.paths import PKG_SCHEME, resolve_path  # noqa: F401  (resolve_path: part of this module's API)
+from w2sg.core.registry import record
 
 
 def check_model_path(cfg: Any) -> None:
@@ -175,7 +175,7 @@ def load_kwargs(cfg: Any, policy: Any, trainable: bool, pretrained: bool) -> Dic
     """from_pretrained / from_config keyword arguments: dtype, attention kernel, placement, revision.
 
     On the CPU in fp32 with the default attention this is empty: models build exactly as before the policy."""
-    from w2sg.device import attn_implementation
+    from w2sg.run.device import attn_implementation
 
     kwargs: Dict[str, Any] = {}
     dtype = policy.load_dtype(trainable)
@@ -216,7 +216,7 @@ def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, p
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    from w2sg.device import CPU
+    from w2sg.run.device import CPU
 
     policy = policy or CPU
     hf_logging.set_verbosity_error()  # truncation leaves unused layer weights: expected, not worth a warning

@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from w2sg import anchors, diagnostics, stats
+from w2sg.results import anchors, diagnostics, stats
 
-log = logging.getLogger("w2sg.report")
+log = logging.getLogger("w2sg.results.report")
 
 BASE = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
 METRICS = ["acc_weak", "acc_ceiling", "acc_w2s", "pgr"]
@@ -88,7 +88,7 @@ def experiment_settings(weak: Any, w2s: Any, spec_of: Callable[[Any], Dict],
 
 
 def settings_of_stages(stages: Dict[str, Any]) -> Dict[str, Any]:
-    """experiment_settings of a run's planned stages (w2sg.experiment.plan)."""
+    """experiment_settings of a run's planned stages (w2sg.core.plan.plan)."""
     return experiment_settings(stages["weak"], stages["w2s"], lambda s: s.spec, lambda s: s.inputs)
 
 
@@ -247,8 +247,8 @@ def _ceiling_match(spec: Dict[str, Any], inputs: Dict[str, str]) -> str:
 
 def rows_from_store(root: Path) -> List[Dict[str, Any]]:
     """Rows rebuilt from a store alone: each w2s stage, its weak model (through its labels) and its ceiling."""
-    from w2sg.metrics import pgr
-    from w2sg.store import Store
+    from w2sg.core.store import Store
+    from w2sg.ml.metrics import pgr
 
     store = Store(root)
     stages: Dict[str, Dict[str, Any]] = {}
@@ -265,7 +265,7 @@ def rows_from_store(root: Path) -> List[Dict[str, Any]]:
         if m["kind"] != "train" or m["spec"]["labels"] != "weak":
             continue
         labels = stages.get(m["inputs"]["labels"])
-        weak_key = labels["inputs"].get("model") if labels else None  # none for a transform stage (w2sg.methods)
+        weak_key = labels["inputs"].get("model") if labels else None  # none for a transform stage (w2sg.ml.methods)
         weak = stages.get(weak_key) if weak_key else None
         ceiling = ceilings.get(_ceiling_match(m["spec"], m["inputs"]))
         if weak is None or ceiling is None or weak["spec"]["labels"] != "ground_truth":
@@ -324,7 +324,6 @@ def plot(summary: List[Dict[str, Any]], out: Path, curves: Optional[Dict[str, Li
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     def size_axis(ax, sizes) -> None:
@@ -483,7 +482,7 @@ def log_sweep_to_wandb(logger_cfg: Any, group: str, report: Dict[str, Any], swee
     table and the PGR / accuracy curves (as line plots and PNGs)."""
     import wandb
 
-    from w2sg.tracking import Tracker
+    from w2sg.run.tracking import Tracker
 
     tracker = Tracker(logger_cfg, group)
     if not tracker.enabled or not report["rows"]:

@@ -45,8 +45,8 @@ class ModelConfig:
     arch: Optional[Dict[str, Any]] = None
     attn_implementation: str = "auto"  # auto (flash-attention 2 when installed on a GPU, else SDPA) | sdpa | eager | ...
     eval_batch_size: Optional[int] = None  # caps train.eval_batch_size for this model (large models; null: no cap)
-    lora_targets: Optional[List[str]] = None  # default LoRA target modules (null: per family, w2sg.models.LORA_TARGETS)
-    # estimated GPU memory (GiB) in bf16 at minibatch 8 x length 512, per mode (w2sg.device.estimate_memory)
+    lora_targets: Optional[List[str]] = None  # default LoRA target modules (null: per family, w2sg.ml.models.LORA_TARGETS)
+    # estimated GPU memory (GiB) in bf16 at minibatch 8 x length 512, per mode (w2sg.run.device.estimate_memory)
     memory_gb: Optional[Dict[str, float]] = None
     resources: Resources = field(default_factory=lambda: Resources())
 
@@ -63,7 +63,7 @@ class DataFiles:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    # formatter from w2sg.task_formats.FORMATTERS: "template" (generic: text template over the columns),
+    # formatter from w2sg.data.formats.FORMATTERS: "template" (generic: text template over the columns),
     # "pairwise" (reward modeling: chosen/rejected pairs), or a data set's own format ("sciq", "boolq", "piqa", ...)
     kind: str = "template"
     # first argument of datasets.load_dataset: a hub id ("sciq"), or a builder ("csv", "json", "parquet")
@@ -89,7 +89,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # module names to adapt; null: the defaults for the model family (w2sg.models.LORA_TARGETS)
+    # module names to adapt; null: the defaults for the model family (w2sg.ml.models.LORA_TARGETS)
     target_modules: Optional[List[str]] = None
 
 
@@ -116,7 +116,7 @@ class TrainConfig:
     keep_best: Optional[str] = None  # acc | auroc | loss: keep the weights with the best validation value
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval_batch_size: int = 64
-    # where and in which precision every stage computes (w2sg.device): auto | cpu | cuda (auto: the GPU when
+    # where and in which precision every stage computes (w2sg.run.device): auto | cpu | cuda (auto: the GPU when
     # there is one); auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp16 with a gradient
     # scaler; fp32 on CPU). The device never enters a stage key; a precision other than fp32 does.
     device: str = "auto"
@@ -148,7 +148,7 @@ class GenerativeConfig:
 
 @dataclass
 class BudgetConfig:
-    """A label budget for the w2s stage (w2sg.methods): n weak-labelled plus m ground-truth examples, both drawn
+    """A label budget for the w2s stage (w2sg.ml.methods): n weak-labelled plus m ground-truth examples, both drawn
     (disjoint, seeded) from the weak-label half. null n_weak: every row of that half not given ground truth;
     null n_gt: none. Both null (or n_gt 0 with n_weak null): the plain run, same stage keys."""
 
@@ -171,7 +171,7 @@ class LoggerConfig:
 
 @dataclass
 class StoreConfig:
-    # which trained weights the store keeps (w2sg.store): needed (default: free a model's weights once every stage
+    # which trained weights the store keeps (w2sg.core.store): needed (default: free a model's weights once every stage
     # reading them is stored, e.g. the weak model's once its labels are), all, or none (free every train stage's
     # weights after its run); a stage whose weights were freed keeps its results and is trained again if needed
     keep_weights: str = "needed"
@@ -182,14 +182,14 @@ class Config:
     weak: ModelConfig = MISSING
     strong: ModelConfig = MISSING
     task: TaskConfig = MISSING
-    # {name: <key of w2sg.losses.LOSSES>, <keyword arguments of that loss>...}: the schema of a loss is its
+    # {name: <key of w2sg.ml.losses.LOSSES>, <keyword arguments of that loss>...}: the schema of a loss is its
     # function's signature, checked before anything runs, so a new loss is one function plus one YAML file
     loss: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     chain: Optional[ChainConfig] = None
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # {name: <key of w2sg.methods.METHODS>, <its parameters>...}: how the weak labels are transformed before the
+    # {name: <key of w2sg.ml.methods.METHODS>, <its parameters>...}: how the weak labels are transformed before the
     # w2s stage (filtered, relabelled by a probe, averaged over an ensemble); checked against the method's
     # signature like a loss. none: the weak labels as they are.
     labels: Any = MISSING
@@ -205,7 +205,7 @@ class Config:
     # writes no PGR and marks its metrics.json as a subset, which reports skip (null: all stages, a full result)
     stages: Optional[List[str]] = None
     # what the Hydra task function returns, for tuning sweepers (hydra/sweeper=optuna): a metric of metrics.json,
-    # one of w2sg.cli.OBJECTIVES (pgr, acc.w2s, auroc.w2s, ...); it does not change any result
+    # one of w2sg.app.cli.OBJECTIVES (pgr, acc.w2s, auroc.w2s, ...); it does not change any result
     objective: str = "pgr"
     # Python modules imported before the config is checked, whose registered losses, task formats and poolings then
     # work like the built-in ones: [my_project.w2s_methods] or [{module: my_project.w2s_methods, version: "2"}]
@@ -228,13 +228,13 @@ RANGES: Dict[str, tuple] = {
     "generative.lr": (0, None, False, True), "generative.mlm_probability": (0, 1, False, False),
 }
 MODEL_RANGES = {"lr": (0, None, False, True), "num_layers": (1, None, True, True)}
-# loss parameters by name, whichever loss has them (w2sg.losses)
+# loss parameters by name, whichever loss has them (w2sg.ml.losses)
 # (product's alpha/beta: any real exponent is defined)
 LOSS_RANGES = {"aux_coef": (0, 1, True, True), "warmup_frac": (0, 1, True, True), "radius": (0, None, False, True)}
 
 
 def _check_range(key: str, value: Any, bounds: tuple) -> None:
-    from w2sg.errors import W2SGError
+    from w2sg.core.errors import W2SGError
 
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
@@ -263,10 +263,10 @@ def check_ranges(cfg: Any) -> None:
         for key, bounds in MODEL_RANGES.items():
             if model is not None:
                 _check_range(f"{where}.{key}", model.get(key), bounds)
-    from w2sg.errors import W2SGError
+    from w2sg.core.errors import W2SGError
 
     keep = OmegaConf.select(cfg, "store.keep_weights", default="needed")
-    if keep not in ("needed", "all", "none"):  # w2sg.store.KEEP_WEIGHTS
+    if keep not in ("needed", "all", "none"):  # w2sg.core.store.KEEP_WEIGHTS
         raise W2SGError(f"store.keep_weights: unknown value {keep!r}; valid: needed, all, none "
                         "(e.g. store.keep_weights=all to keep every trained model)")
     loss = cfg.get("loss")
@@ -291,7 +291,7 @@ def register() -> None:
 
 def _loss_hint(cfg: Any, key: str) -> str:
     """For ``loss.<param>``: the parameters of the chosen loss (its function's signature) and the losses taking it."""
-    from w2sg.losses import LOSSES, loss_params
+    from w2sg.ml.losses import LOSSES, loss_params
 
     name = cfg.loss.get("name")
     param = key.split(".", 1)[1]
