@@ -18,10 +18,18 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false"]
 
 
-def compose(overrides: List[str] = ()):
+def compose_raw(overrides: List[str] = ()):
+    """Hydra's composed config (a DictConfig), as the entry receives it."""
     from w2sg.app.status import compose as w2sg_compose
 
     return w2sg_compose(overrides, conf_dir=CONF)
+
+
+def compose(overrides: List[str] = ()):
+    """The typed config every layer below the entry receives (w2sg.app.config.resolve of Hydra's)."""
+    from w2sg.app.config import resolve
+
+    return resolve(compose_raw(overrides))
 
 
 def fixture_task(task: str) -> List[str]:
@@ -90,17 +98,21 @@ def metrics_files(cwd: Path) -> List[dict]:
 
 
 def run_config(m: Dict[str, Any]):
-    """The config a finished run saved beside its metrics.json (Hydra's .hydra/config.yaml)."""
+    """The typed config a finished run saved beside its metrics.json (Hydra's .hydra/config.yaml)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(Path(m["output_dir"]) / ".hydra" / "config.yaml")
+    from w2sg.app.config import resolve
+    from w2sg.core.config import Config
+
+    saved = OmegaConf.load(Path(m["output_dir"]) / ".hydra" / "config.yaml")
+    return resolve(OmegaConf.merge(OmegaConf.structured(Config), saved))
 
 
 def task_test_labels(cfg: Any) -> List[int]:
     """The ground-truth labels of the task's test set, loaded afresh from cfg (task and seed)."""
     from w2sg.data.tasks import load_task
 
-    return [y for _, y in load_task(cfg.task, int(cfg.seed)).test]
+    return [y for _, y in load_task(cfg.task, cfg.seed).test]
 
 
 def check_results(m: Dict[str, Any], store: Path, labels: Sequence[int]) -> None:

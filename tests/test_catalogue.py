@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from helpers import CONF, compose
-from omegaconf import OmegaConf, open_dict
 
 from w2sg.ml.models import add_lora, arch_config, build_model, count_params, hidden_size
 from w2sg.run.device import GIB, estimate_memory
@@ -35,7 +34,7 @@ def test_params_match_the_full_size_architecture(name):
     with torch.device("meta"):
         from transformers import AutoModel
 
-        backbone = AutoModel.from_config(arch_config(OmegaConf.to_container(cfg.arch)))
+        backbone = AutoModel.from_config(arch_config(cfg.arch))
     hidden = hidden_size(backbone.config)
     assert count_params(backbone) + hidden * 2 + 2 == cfg.params  # the backbone and a 2-class head
 
@@ -43,7 +42,7 @@ def test_params_match_the_full_size_architecture(name):
 @pytest.mark.parametrize("name", CATALOGUE)
 def test_memory_estimate_is_the_formula(name):
     cfg = model(name)
-    hf = arch_config(OmegaConf.to_container(cfg.arch))
+    hf = arch_config(cfg.arch)
     layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
     for mode, gb in cfg.memory_gb.items():
         parts = estimate_memory(cfg.params, "bf16", mode, 8, 512, hidden_size(hf), layers)
@@ -54,11 +53,10 @@ def test_memory_estimate_is_the_formula(name):
 def test_a_shrunk_random_model_of_each_architecture_trains(name):
     """Forward and backward through the classifier, fully and with the model's LoRA targets."""
     cfg = model(name)
-    with open_dict(cfg):
-        cfg.random_init = {k: v for k, v in SHRINK.items() if k in cfg.arch}
+    cfg.random_init = {k: v for k, v in SHRINK.items() if k in cfg.arch}
     for lora in (False, True):
         clf = build_model(cfg, 2, 0)
-        assert type(clf.backbone).__name__.lower().startswith(cfg.arch.model_type.replace("_", ""))
+        assert type(clf.backbone).__name__.lower().startswith(cfg.arch["model_type"].replace("_", ""))
         assert hidden_size(clf.backbone.config) == 64
         if lora:
             add_lora(clf, 4, 8.0, 0.0, list(cfg.lora_targets))
@@ -76,8 +74,8 @@ def test_a_shrunk_random_model_of_each_architecture_trains(name):
 
 def test_shrunk_architecture_uses_the_real_config_class():
     cfg = model("llama3_1_8b")
-    assert type(arch_config(OmegaConf.to_container(cfg.arch))).__name__ == "LlamaConfig"
-    assert type(arch_config(OmegaConf.to_container(model("pythia_70m").arch))).__name__ == "GPTNeoXConfig"
+    assert type(arch_config(cfg.arch)).__name__ == "LlamaConfig"
+    assert type(arch_config(model("pythia_70m").arch)).__name__ == "GPTNeoXConfig"
 
 
 def test_gpu_launcher_takes_resources_from_the_strong_model():

@@ -12,11 +12,11 @@ from w2sg.core.plan import plan
 from w2sg.ml.losses import make_loss
 from w2sg.ml.models import build_model
 from w2sg.ml.train import Encoded, predict, train_model
+from w2sg.core.graph import key_precision
 from w2sg.run import device as dev
 from w2sg.run.device import (
     Policy,
     estimate_memory,
-    key_precision,
     resolve_precision,
     runtime_policy,
 )
@@ -224,7 +224,7 @@ def test_memory_estimate_counts_weights_gradients_optimizer_and_activations():
 
 def test_a_model_too_large_fails_before_loading_naming_need_and_have(monkeypatch):
     gib = dev.GIB
-    monkeypatch.setattr(dev, "available_memory", lambda policy: (20 * gib, 24 * gib, "NVIDIA A10"))
+    monkeypatch.setattr("w2sg.ml.device.available_memory", lambda policy: (20 * gib, 24 * gib, "NVIDIA A10"))
     parts = estimate_memory(1_500_000_000, "bf16", "full", 8, 512, 1536, 28)
     with pytest.raises(W2SGError, match=r"ceiling:q needs about 2\d\.\d GiB of GPU memory \(weights 5\.6, gradients "
                                         r"5\.6, optimizer 11\.2, activations .*\) but NVIDIA A10 has 20\.0 GiB free "

@@ -21,17 +21,23 @@ def isolated(monkeypatch):
     """Registries and loaded extensions as they were before the test (an extension's import is process-wide)."""
     from w2sg.data.formats import FORMATTERS
     from w2sg.ml.losses import LOSSES
-    from w2sg.ml.models import POOLINGS
+    from w2sg.ml.poolings import POOLINGS
 
-    saved = [(d, dict(d)) for d in (LOSSES, POOLINGS, FORMATTERS, extensions._REGISTRATIONS, extensions._LOADED)]
+    extensions.labels_methods()  # the built-in methods, before the snapshot
+    saved = [(d, dict(d)) for d in (LOSSES, POOLINGS, FORMATTERS, extensions.METHODS, extensions._REGISTRATIONS,
+                                    extensions._LOADED)]
+    features = set(extensions.NEEDS_FEATURES)
     modules = set(sys.modules)
     monkeypatch.syspath_prepend(str(EXT_DIR))
     yield
     for d, copy in saved:
         d.clear()
         d.update(copy)
-    for name in set(sys.modules) - modules:
-        del sys.modules[name]
+    extensions.NEEDS_FEATURES.clear()
+    extensions.NEEDS_FEATURES.update(features)
+    for name in set(sys.modules) - modules:  # the extensions' modules (not libraries they imported first: numpy
+        if name.startswith("w2sg_test"):   # and torch cannot be imported twice in one process)
+            del sys.modules[name]
 
 
 def keys(overrides):
@@ -59,6 +65,24 @@ def test_only_stages_using_an_extensions_names_carry_its_version(isolated):
     assert version.startswith("src-")  # no __version__: a hash of its source
     assert {k for k, s in used.items() if s.spec.get("extensions") == {EXT: version}} == {"ceiling", "w2s"}
     assert used["weak"].key == plain["weak"].key and used["weak_labels"].key == plain["weak_labels"].key
+
+
+def test_an_extensions_labels_method_transforms_the_weak_labels_and_enters_the_key(isolated):
+    import numpy as np
+
+    from w2sg.ml.methods import build_training_set
+
+    method = ["labels.name=ext_keep_confident", "+labels.threshold=0.7"]
+    with pytest.raises(W2SGError, match="unknown labels method 'ext_keep_confident'; valid: confidence_filter"):
+        keys(["pair=tiny", *method])
+    stages = keys(["pair=tiny", f"extensions=[{EXT}]", *method])
+    spec = stages["train_labels"].spec
+    assert spec["method"] == {"name": "ext_keep_confident", "threshold": 0.7}
+    assert spec["extensions"] == {EXT: extensions._LOADED[EXT].version}
+    assert "extensions" not in stages["weak"].spec and stages["w2s"].inputs["labels"] is stages["train_labels"]
+    probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.35, 0.65]], dtype=np.float32)
+    ts = build_training_set(spec, probs, None, [0, 1, 1, 1])
+    assert ts.rows.tolist() == [0, 2] and np.array_equal(ts.probs, probs[[0, 2]]) and ts.n_dropped == 2
 
 
 def test_a_version_given_in_the_config_replaces_the_hash(isolated):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from w2sg.app.config import resolve
 from w2sg.app.status import compose
 from w2sg.core.errors import W2SGError
 from w2sg.core.store import FREED, Store
@@ -19,7 +20,7 @@ TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "pro
 
 
 def run(store_dir, *overrides):
-    cfg = compose(TINY + [f"store_dir={store_dir}", *overrides], conf_dir=CONF)
+    cfg = resolve(compose(TINY + [f"store_dir={store_dir}", *overrides], conf_dir=CONF))
     runner = Runner(cfg, Store(cfg.store_dir))
     return experiment.run(cfg, runner), runner
 

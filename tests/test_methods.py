@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from w2sg.core.errors import W2SGError
 from w2sg.core.plan import plan
 from w2sg.core.store import Store
+from w2sg.core import methods as method_specs
 from w2sg.ml import methods
 
 
@@ -118,18 +119,18 @@ def test_training_set_mixes_weak_and_one_hot_ground_truth_rows():
 
 
 def test_method_spec_keeps_only_the_parameters_a_method_uses():
-    assert methods.method_spec({"name": "probe_filter", "probe": "knn", "k": 50, "C": 1.0, "contamination": 0.1}) == {
+    assert method_specs.method_spec({"name": "probe_filter", "probe": "knn", "k": 50, "C": 1.0, "contamination": 0.1}) == {
         "name": "probe_filter", "probe": "knn", "k": 50, "contamination": 0.1}
-    assert methods.method_spec({"name": "probe_relabel", "probe": "logreg", "k": 50, "C": 2.0}) == {
+    assert method_specs.method_spec({"name": "probe_relabel", "probe": "logreg", "k": 50, "C": 2.0}) == {
         "name": "probe_relabel", "probe": "logreg", "C": 2.0}
     with pytest.raises(W2SGError, match="no parameter 'k'; valid: drop_frac"):
-        methods.validate_labels({"name": "confidence_filter", "k": 5})
+        method_specs.validate_labels({"name": "confidence_filter", "k": 5})
     with pytest.raises(W2SGError, match="unknown labels method 'knn'; valid: confidence_filter, ensemble, none"):
-        methods.validate_labels({"name": "knn"})
-    with pytest.raises(W2SGError, match="valid: knn, logreg"):
-        methods.validate_labels({"name": "probe_filter", "probe": "topo"})
+        method_specs.validate_labels({"name": "knn"})
+    with pytest.raises(W2SGError, match="valid: knn, logreg, topo"):
+        method_specs.validate_labels({"name": "probe_filter", "probe": "svm"})
     with pytest.raises(W2SGError, match=r"contamination=1.5: must be in \[0, 1\)"):
-        methods.validate_labels({"name": "probe_filter", "contamination": 1.5})
+        method_specs.validate_labels({"name": "probe_filter", "contamination": 1.5})
 
 
 # --- config and plan -----------------------------------------------------------------------------------------
@@ -207,6 +208,7 @@ def test_validation_against_ground_truth_follows_the_training_sets_rows(tmp_path
     from w2sg.core.store import Store
     from w2sg.data.tasks import TaskData
     from w2sg.ml.train import Features
+    from w2sg.run import bodies
     from w2sg.run.runner import Runner
 
     cfg = compose(["train.val_frac=0.5", "train.val_labels=ground_truth"])
@@ -216,7 +218,7 @@ def test_validation_against_ground_truth_follows_the_training_sets_rows(tmp_path
                                       "keep_best": None}})
     rows = np.array([1, 2, 3, 5])  # odd rows have class 1
     soft = np.full((4, 2), 0.5, dtype=np.float32)
-    _, _, val = runner._validation(stage, Features(torch.zeros(4, 3)), soft, "weak", rows)
+    _, _, val = bodies.validation_split(runner, stage, Features(torch.zeros(4, 3)), soft, "weak", rows)
     perm = np.random.RandomState(0).permutation(4)
     expected = [runner._data.weak[rows[i]][1] for i in sorted(perm[:2].tolist())]
     assert val.labels.argmax(1).tolist() == expected
@@ -268,10 +270,87 @@ def test_ensemble_budget_and_s2s_end_to_end(tmp_path, store):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["labels=probe_filter", "labels.probe=topo"], "labels.probe='topo': unknown probe; valid: knn, logreg"),
+    (["labels=probe_filter", "labels.probe=svm"], "labels.probe='svm': unknown probe; valid: knn, logreg, topo"),
     (["budget=mixed", "budget.n_gt=40", "budget.n_weak=40"], "the weak-label half has 32 (task.n_train=64)"),
 ])
 def test_bad_method_settings_fail_before_anything_runs(tmp_path, store, overrides, message):
     proc = run_w2sg([*TINY, *overrides], tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not list(store.glob("stages/*"))
+
+
+# --- TopoFilter (EleutherAI/w2s w2s/topo.py), against its torch code on the same data ----------------------------
+
+def _eleuther_topo_cc(x, y, k):
+    """EleutherAI/w2s topo_cc and lcc_mask, as published (torch, binary labels y in [0, 1])."""
+    import torch
+    from scipy.sparse.csgraph import connected_components
+
+    def lcc_mask(adj):
+        num, cmps = connected_components(adj.cpu().numpy(), connection="strong")
+        return torch.from_numpy(cmps == np.bincount(cmps, minlength=num).argmax())
+
+    dists = torch.cdist(x, x).fill_diagonal_(torch.inf)
+    indices = dists.topk(k, largest=False).indices
+    adj = indices.new_zeros(len(x), len(x), dtype=torch.bool)
+    adj.scatter_(1, indices, True)
+    cls_mask = y[:, None] > 0.5
+    return lcc_mask(adj & cls_mask) | lcc_mask(adj & ~cls_mask)
+
+
+def _eleuther_topofilter(x, y, contamination, k_cc, k_zeta):
+    import torch
+
+    C = _eleuther_topo_cc(x, y, k_cc)
+    x_C, y_C = x[C], y[C]
+    dists = torch.cdist(x_C, x_C).fill_diagonal_(torch.inf)
+    indices = dists.topk(k_zeta, largest=False).indices
+    dists = torch.abs(y_C - y_C[indices].float().mean(1))
+    n = max(round(len(x) * contamination) - (len(x) - len(x_C)), 0)
+    return np.delete(C.nonzero().squeeze(1).numpy(), dists.topk(n).indices.numpy())
+
+
+def _noisy_clusters(seed, n=300, flip=0.15):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(-1.5, 1, (n // 2, 6)), rng.normal(1.5, 1, (n - n // 2, 6))]).astype(np.float32)
+    y = np.array([0] * (n // 2) + [1] * (n - n // 2))
+    noisy = y.copy()
+    flipped = rng.choice(n, int(flip * n), replace=False)
+    noisy[flipped] = 1 - noisy[flipped]
+    soft = np.clip(noisy * 0.8 + 0.1 + rng.normal(0, 0.05, n), 0.01, 0.99).astype(np.float32)  # p(class 1)
+    return x, y, np.stack([1 - soft, soft], 1), set(flipped.tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topo_filter_keeps_the_rows_eleuthers_topofilter_keeps(seed):
+    import torch
+
+    x, _, probs, _ = _noisy_clusters(seed)
+    ours = methods.topo_filter(x, probs, 0.1, k_cc=8, k_zeta=8)
+    theirs = _eleuther_topofilter(torch.from_numpy(x), torch.from_numpy(probs[:, 1]), 0.1, 8, 8)
+    assert ours.tolist() == sorted(theirs.tolist())
+    cc = methods.topo_cc(x, probs.argmax(1), 8)
+    assert cc.tolist() == _eleuther_topo_cc(torch.from_numpy(x), torch.from_numpy(probs[:, 1]), 8).tolist()
+
+
+def test_topo_filter_drops_mostly_flipped_labels_and_topo_relabel_repairs_them():
+    x, truth, probs, flipped = _noisy_clusters(3, n=400)
+    new, kept = methods.METHODS["probe_filter"](probs, x, probe="topo", contamination=0.15, k_cc=10, k_zeta=10)
+    dropped = set(range(len(x))) - set(kept.tolist())
+    assert len(dropped) >= round(0.15 * len(x)) and len(dropped & flipped) >= 0.8 * len(flipped)
+    assert np.array_equal(new, probs[kept])
+    relabelled, rows = methods.METHODS["probe_relabel"](probs, x, probe="topo", k_cc=10, k_zeta=10)
+    assert rows.tolist() == list(range(len(x)))
+    assert (relabelled.argmax(1) == truth).mean() > (probs.argmax(1) == truth).mean() + 0.1
+
+
+def test_the_topo_probe_spec_keeps_its_own_parameters_only():
+    assert method_specs.method_spec({"name": "probe_filter", "probe": "topo", "k": 50, "C": 1.0, "k_cc": 20,
+                                     "k_zeta": 30, "contamination": 0.2}) == {
+        "name": "probe_filter", "probe": "topo", "k_cc": 20, "k_zeta": 30, "contamination": 0.2}
+    # knn's spec is as before the topo probe existed: stage keys of knn and logreg runs do not change
+    assert method_specs.method_spec({"name": "probe_filter", "probe": "knn", "k": 50, "C": 1.0, "k_cc": 20,
+                                     "k_zeta": 30, "contamination": 0.1}) == {
+        "name": "probe_filter", "probe": "knn", "k": 50, "contamination": 0.1}
+    with pytest.raises(W2SGError, match="labels.k_cc=0: need at least 1 neighbour"):
+        method_specs.validate_labels({"name": "probe_filter", "probe": "topo", "k_cc": 0})

@@ -8,6 +8,7 @@ import torch
 from helpers import FIXTURES, TINY, check_results, compose, task_test_labels
 
 from w2sg.core.errors import W2SGError
+from w2sg.core.options import check_train_settings
 from w2sg.core.store import Store
 from w2sg.ml.losses import make_loss
 from w2sg.ml.models import Head, add_lora, build_model, merge_lora
@@ -15,7 +16,6 @@ from w2sg.ml.train import (
     Encoded,
     Features,
     Validation,
-    check_train_settings,
     predict,
     train_model,
 )

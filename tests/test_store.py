@@ -20,9 +20,10 @@ LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "tas
 
 
 def keys(overrides=(), conf=CONF):
+    from w2sg.app.config import resolve
     from w2sg.app.status import compose as w2sg_compose
 
-    return {name: s.key for name, s in plan(w2sg_compose(overrides, conf_dir=conf)).items()}
+    return {name: s.key for name, s in plan(resolve(w2sg_compose(overrides, conf_dir=conf))).items()}
 
 
 def test_pinned_keys_of_the_default_experiment():

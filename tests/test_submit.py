@@ -66,6 +66,7 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
     from types import SimpleNamespace
 
     from hydra_plugins.w2sg_launcher.w2sg_launcher import W2sgSlurmLauncher
+    from w2sg.app.config import resolve
     from w2sg.core import plan as planning
     from w2sg.core.graph import memoized_specs
     from w2sg.core.store import Store
@@ -90,7 +91,7 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
     assert launcher_path() == one_by_one() == [False] * len(jobs), "an empty store: every job is submitted"
     store = Store(store_dir)
     for job in jobs[:3] + jobs[4:5]:  # seed 0 (both losses), seed 1 xent, seed 2 xent: every stage stored
-        for stage in planning.plan(loader.load_sweep_config(master, job)).values():
+        for stage in planning.plan(resolve(loader.load_sweep_config(master, job))).values():
             store.compute(stage.key, {"kind": stage.kind}, lambda out: out.write_json("metrics.json", {}))
     expected = [True, True, True, False, True, False, False, False, False, True]
     assert one_by_one() == expected, "seed 2 logconf needs its own w2s; recompute=[w2s] trains; a subset is stored"

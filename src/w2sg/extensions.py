@@ -16,7 +16,7 @@ from typing import Any
 _WHERE = {
     "register_loss": "w2sg.ml.losses",  # fn(logits [B, C], soft labels [B, C], step_frac, **params) -> scalar
     "register_method": "w2sg.ml.methods",  # fn(probs [N, C], features [N, H] | None, **params) -> (probs, kept)
-    "register_pooling": "w2sg.ml.models",  # fn(last_hidden_state [B, T, H], attention_mask [B, T]) -> [B, H]
+    "register_pooling": "w2sg.ml.poolings",  # fn(last_hidden_state [B, T, H], attention_mask [B, T]) -> [B, H]
     "register_formatter": "w2sg.data.formats",  # fn(row, rng, task cfg) -> (text, class index) | None
 }
 __all__ = list(_WHERE)

@@ -1,6 +1,6 @@
 """A user's own methods, outside the w2sg package (tests/test_extensions.py lists it in ``extensions:``).
 
-Registers a loss, a model pooling and a task format. The loss appends one line per call to the file named by
+Registers a loss, a model pooling, a task format and a weak-label method. The loss appends one line per call to the file named by
 ``W2SG_TEST_EXT_CALLS`` (when set), so a test can see which stage trained with it and with which parameter.
 """
 
@@ -9,7 +9,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from w2sg.extensions import register_formatter, register_loss, register_pooling  # the public API
+import numpy as np
+
+from w2sg.extensions import register_formatter, register_loss, register_method, register_pooling  # the public API
 
 
 @register_loss("ext_scaled_xent")
@@ -32,3 +34,10 @@ def max_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def format_upper(row, rng, cfg):
     """The template formatter's text, upper-cased."""
     return cfg.template.format(**row).upper(), int(row[cfg.label_column])
+
+
+@register_method("ext_keep_confident")
+def keep_confident(probs: np.ndarray, features, threshold: float = 0.6):
+    """Keep the rows whose weak label's top class probability is at least ``threshold``."""
+    keep = np.flatnonzero(np.asarray(probs).max(axis=1) >= threshold)
+    return probs[keep], keep

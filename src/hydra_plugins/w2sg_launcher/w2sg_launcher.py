@@ -66,29 +66,24 @@ class SharedGroup:
     jobs: List[int] = field(default_factory=list)
 
 
-def _shareable(stage: Any) -> bool:
-    """A ground-truth training (weak, ceiling) or the labels of one (weak_labels): stages other pairs share."""
-    if stage.kind == "train":
-        return stage.spec["labels"] == "ground_truth"
-    model = stage.inputs.get("model")
-    return model is not None and _shareable(model)
-
-
 def shared_stage_groups(cfgs: Sequence[Any]) -> List[SharedGroup]:
     """The missing shared stages of these jobs' plans, one group per ground-truth training (by stage key, so a
     model that is the weak model of one pair and the strong model of another trains once)."""
+    from w2sg.app.config import resolve
+    from w2sg.core.graph import Kind
     from w2sg.core.plan import plan, select
     from w2sg.core.store import Store
 
     stores: Dict[str, Any] = {}
+    cfgs = [resolve(cfg) for cfg in cfgs]
     plans = [select(cfg, plan(cfg)) for cfg in cfgs]
     groups: Dict[str, SharedGroup] = {}  # key of the ground-truth training -> its group
     for pos, (cfg, stages) in enumerate(zip(cfgs, plans)):
         store = stores.setdefault(str(cfg.store_dir), Store(cfg.store_dir))
         for stage in stages.values():
-            if not _shareable(stage) or store.status(stage.key) == "done":
+            if not stage.shared() or store.status(stage.key) == "done":
                 continue
-            root = stage if stage.kind == "train" else stage.inputs["model"]
+            root = stage if stage.kind is Kind.TRAIN else stage.inputs["model"]
             group = groups.setdefault(root.key, SharedGroup(root.key, set(), []))
             if stage.key not in group.keys:
                 group.keys.add(stage.key)
@@ -258,10 +253,12 @@ class W2sgSlurmLauncher(SlurmLauncher):
 
     @staticmethod
     def _all_done(cfg, stores: Optional[Dict[str, Any]] = None) -> bool:
-        """Whether the job would only read the store: every stage it runs (``stages=``) is stored and none is to
-        be recomputed (``recompute=``); such a job runs here instead of on Slurm. ``stores``: the Store of each
-        store_dir met so far (one per sweep, usually); a store with no stage at all is not planned against."""
-        from w2sg.core.plan import plan, select
+        """Whether the job would only read the store: nothing of it is pending (w2sg.core.plan.pending: every stage
+        it runs, ``stages=``, is stored and none is to be recomputed, ``recompute=``); such a job runs here instead
+        of on Slurm. ``stores``: the Store of each store_dir met so far (one per sweep, usually); a store with no
+        stage at all is not planned against."""
+        from w2sg.app.config import resolve
+        from w2sg.core.plan import pending
         from w2sg.core.store import Store
 
         stores = {} if stores is None else stores
@@ -271,10 +268,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
         store = stores[str(cfg.store_dir)]
         if store is None:  # an empty store: every job has stages to compute
             return False
-        stages = select(cfg, plan(cfg))
-        if set(cfg.recompute) & set(stages):
-            return False
-        return all(store.status(s.key) == "done" for s in stages.values())
+        return not pending(resolve(cfg), store)
 
     def _executor(self, after: Sequence[Any] = (), shared: bool = False):
         """A Slurm executor with the profile's parameters; ``after``: jobs that must succeed first (afterok)."""
@@ -336,7 +330,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
     def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str], bool]:
         """Wait for a job: (its JobReturn or None, None if it succeeded else the line saying what went wrong,
         whether it was stopped by a signal after saving a checkpoint: cancelled or preempted, not failed)."""
-        from w2sg.ml.train import Preempted
+        from w2sg.core.errors import Preempted
 
         try:
             ret = job.results()[0]

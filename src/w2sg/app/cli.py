@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from w2sg.app import hydra_compat
-from w2sg.app.config import register
+from w2sg.app.config import register, resolve
+from w2sg.core.config import Config
 from w2sg.core.errors import W2SGError
 
 log = logging.getLogger("w2sg")
@@ -57,35 +58,32 @@ def _command_line_keys(overrides: Optional[Sequence[str]]) -> List[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.endswith("=null")]
 
 
-def validate(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> None:
-    """Cheap checks before any stage runs; each error names the bad value and the valid ones.
-
-    ``overrides``: the job's command-line overrides (default: Hydra's, when it runs the job).
-    """
+def validate(cfg: Config, overrides: Optional[Sequence[str]] = None) -> None:
+    """Cheap checks of the typed config before any stage runs (no torch); each error names the bad value and the
+    valid ones. ``overrides``: the job's command-line overrides (default: Hydra's, when it runs the job)."""
+    from w2sg.core.methods import validate_labels
+    from w2sg.core.options import GENERATIVE_OBJECTIVES, GENERATIVE_SIDES, check_device_settings, check_train_settings
+    from w2sg.core.paths import check_model_path
     from w2sg.core.registry import load as load_extensions
 
     load_extensions(cfg.extensions)  # first: the names they register are valid below
     from w2sg.data.tasks import validate_task
     from w2sg.ml.losses import validate_loss
-    from w2sg.ml.models import POOLINGS, check_model_path
-    from w2sg.ml.train import check_train_settings
+    from w2sg.ml.poolings import POOLINGS
 
     validate_objective(cfg)
     validate_loss(cfg.loss)
+    validate_labels(cfg.labels)
     validate_task(cfg.task)
     t = cfg.train
-    check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, float(t.val_frac), t.val_labels,
-                         int(t.batch_size), t.minibatch_size)
-    from w2sg.run.device import check_settings
-
-    check_settings(t.device, t.precision, t.device_map, t.mode)
+    check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, t.val_frac, t.val_labels, t.batch_size,
+                         t.minibatch_size)
+    check_device_settings(t.device, t.precision, t.device_map, t.mode)
     g = cfg.generative
     if g.enabled:
-        from w2sg.ml.generative import OBJECTIVES
-
-        if g.objective not in OBJECTIVES:
-            raise W2SGError(f"unknown generative.objective {g.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        bad = sorted(set(g.sides) - {"weak", "strong"})
+        if g.objective not in GENERATIVE_OBJECTIVES:
+            raise W2SGError(f"unknown generative.objective {g.objective!r}; valid: {', '.join(GENERATIVE_OBJECTIVES)}")
+        bad = sorted(set(g.sides) - set(GENERATIVE_SIDES))
         if bad:
             raise W2SGError(f"generative.sides: unknown side {', '.join(map(repr, bad))}; valid: weak, strong")
     models = [cfg.weak, cfg.strong] + (list(cfg.chain.models.values()) if cfg.chain is not None else [])
@@ -114,7 +112,7 @@ OBJECTIVES = ("pgr", "acc.w2s", "acc.weak", "acc.ceiling", "auroc.w2s", "auroc.w
               "weak_label_acc", "chain.end_to_end.pgr", "chain.end_to_end.acc", "chain.bootstrap_minus_direct")
 
 
-def validate_objective(cfg: DictConfig) -> None:
+def validate_objective(cfg: Config) -> None:
     name = cfg.objective
     if name not in OBJECTIVES:
         import difflib
@@ -143,7 +141,7 @@ def _sweeper_reads_return_value() -> bool:
     return not target.endswith("BasicSweeper")
 
 
-def returned_objective(cfg: DictConfig, metrics: Dict[str, Any]) -> float:
+def returned_objective(cfg: Config, metrics: Dict[str, Any]) -> float:
     """``cfg.objective`` as a float for Hydra; a null one is NaN, or an error under a tuning sweeper.
 
     hydra-optuna-sweeper (1.3, optuna 2.10) cannot record a NaN: optuna's ``tell`` refuses it, and the sweeper's
@@ -166,17 +164,19 @@ def returned_objective(cfg: DictConfig, metrics: Dict[str, Any]) -> float:
                                               if cfg.objective == "pgr" else ""))
 
 
-def run(cfg: DictConfig) -> Dict[str, Any]:
-    """Validate, run every stage of this experiment through the store, write metrics.json, print the table."""
+def run(composed: DictConfig) -> Dict[str, Any]:
+    """The entry: resolve Hydra's config into the typed one, validate it, run every stage of the experiment
+    through the store, write metrics.json (and the store's record of the experiment), print the table."""
     from w2sg.core.store import Store
     from w2sg.run import experiment
     from w2sg.run.runner import Runner
     from w2sg.run.tracking import Tracker
 
+    cfg = resolve(composed)
     validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
-    runner = Runner(cfg, Store(cfg.store_dir), Tracker(cfg.logger, sweep_name()))
-    metrics = experiment.run(cfg, runner)
+    tracker = Tracker(cfg.logger, sweep_name())
+    metrics = experiment.run(cfg, Runner(cfg, Store(cfg.store_dir), tracker), tracker)
     metrics["output_dir"] = str(out_dir)
     if cfg.extensions:  # the users' code this run loaded, with the versions in its stage keys
         from w2sg.core.registry import load as load_extensions
@@ -209,7 +209,7 @@ def _is_multirun() -> bool:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float:
     """Run one experiment; returns ``cfg.objective`` (what a tuning sweeper such as Optuna optimises)."""
-    from w2sg.ml.train import Preempted
+    from w2sg.core.errors import Preempted
 
     try:
         metrics = run(cfg)

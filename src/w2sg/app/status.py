@@ -156,7 +156,9 @@ def stage_rows(store) -> Iterable[Dict[str, Any]]:
 def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
     from w2sg.core.plan import plan
 
-    cfg = compose(overrides)
+    from w2sg.app.config import resolve
+
+    cfg = resolve(compose(overrides))
     rows = []
     named = list(plan(cfg).values())
     seen = {stage.key for stage in named}

@@ -96,3 +96,31 @@ def model_source(cfg: Any, cache_dir: Optional[str] = None) -> str:
              if f.is_file() and not f.name.startswith(".") and not f.name.endswith(".md")
              and not (cfg.random_init is not None and f.name.endswith(WEIGHT_SUFFIXES))]
     return "sha256:" + files_fingerprint(files, cache_dir)
+
+
+def data_fingerprints(cfg: Any, cache_dir: Optional[str] = None) -> Dict[str, str]:
+    """{split: content hash} of the task's local data files (a file, a directory or a glob pattern; pkg:// too).
+
+    Stage keys use these instead of the paths (see w2sg.core.graph.task_spec); URLs are kept as they are."""
+    import glob
+
+    from w2sg.core.errors import W2SGError
+
+    out: Dict[str, str] = {}
+    for split, spec in vars(cfg.data_files).items():
+        if spec is None:
+            continue
+        path = resolve_path(str(spec))
+        if "://" in path:
+            out[split] = path
+            continue
+        p = Path(path).expanduser()
+        if p.is_file():
+            out[split] = "sha256:" + file_fingerprint(p, cache_dir)
+            continue
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
+            sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise W2SGError(f"task {cfg.name!r}: data file {path!r} (task.data_files.{split}) does not exist")
+        out[split] = "sha256:" + files_fingerprint([(f"{i}:{f.name}", f) for i, f in enumerate(files)], cache_dir)
+    return out

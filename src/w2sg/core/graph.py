@@ -1,9 +1,15 @@
 """The stage graph: a Stage (kind, role, side, spec, inputs) and the specs that make its key.
 
-A stage's key is a hash of the fully resolved values it uses plus its inputs' keys. Values that cannot change
-a result (names and size labels, progress bars, launcher, tracker, paths) stay out of the key, so the weak
-model of a pair is the same stage as the weak model of every other pair with the same task, seed and training
-settings, and a grid trains each weak and ceiling model once. No torch here.
+A stage's key is a hash of its kind, the fully resolved values it uses (its spec) and its inputs' keys. Values
+that cannot change a result (names and size labels, progress bars, launcher, tracker, paths, the device) stay
+out of the key, so the weak model of a pair is the same stage as the weak model of every other pair with the
+same task, seed and training settings, and a grid trains each weak and ceiling model once. A stage's ``role``
+(its part in an experiment) and ``side`` (the weak or the strong model's) are fields, never in its key: the same
+training serves as the weak model of one pair and the ceiling of another.
+
+Builders take the typed config (w2sg.core.config.Config). No torch here.
+
+Adding a stage kind: a member of ``Kind``, a builder here (its spec), and its body in w2sg.run.bodies.
 """
 
 from __future__ import annotations
@@ -14,22 +20,71 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, TypedDict
 
-from omegaconf import OmegaConf
+from w2sg.core.config import Config, ModelConfig, TrainConfig, plain
 
 GT_LOSS = {"name": "xent"}  # stages that train on ground truth never use auxiliary terms
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+class Kind(str, Enum):
+    """What a stage computes (its bodies: w2sg.run.bodies). A str, so it is written and hashed as its value."""
+
+    TRAIN = "train"  # a model trained on labels -> weights, test predictions, metrics
+    LABELS = "labels"  # a trained model's soft labels of the weak-label half
+    FEATURES = "features"  # a frozen model's pooled features of every part of the task (probe mode)
+    LM = "lm"  # generative finetuning on the task's unlabelled text
+    TRANSFORM = "transform"  # the w2s stage's training set: weak labels after labels= / budget= (w2sg.ml.methods)
+
+    def __str__(self) -> str:
+        return self.value
 
 
-def fingerprint_cache(cfg: Any) -> Optional[str]:
-    """Where content fingerprints are cached: <store>/fingerprints, when the store exists (see w2sg.core.fingerprint)."""
-    store_dir = cfg.get("store_dir") if OmegaConf.is_config(cfg) else None
+class Role(str, Enum):
+    """A stage's part in an experiment: the W&B job type, ``w2sg status --role``, and how reports read it."""
+
+    WEAK = "weak"  # the weak model, trained on ground truth (also an ensemble's members)
+    CEILING = "ceiling"  # a strong model trained on ground truth
+    W2S = "w2s"  # the strong model trained on weak labels
+    LINK = "link"  # a bootstrap chain's link: a student trained on its teacher's labels
+    S2S = "s2s"  # a strong-to-strong iteration
+    LABELS = "labels"  # soft labels of a trained model (and the transformed training set of w2s)
+    FEATURES = "features"
+    LM = "lm"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Side(str, Enum):
+    """Whose model a stage belongs to: generative finetuning applies per side (generative.sides)."""
+
+    WEAK = "weak"
+    STRONG = "strong"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TrainSpec(TypedDict, total=False):
+    """The spec of a ``train`` stage: what other modules (reports, launchers) may read of it."""
+
+    model: Dict[str, Any]  # model_spec
+    task: Dict[str, Any]  # task_spec
+    train: Dict[str, Any]  # train_spec
+    seed: int
+    loss: Dict[str, Any]  # {name, parameters}; xent for ground truth
+    labels: str  # "ground_truth" | "weak" (any teacher's labels)
+    model_seed: int  # an ensemble member's own initialisation seed
+    extensions: Dict[str, str]  # versions of users' code the stage runs
+
+
+def fingerprint_cache(cfg: Config) -> Optional[str]:
+    """Where content fingerprints are cached: <store>/fingerprints, when the store exists (w2sg.core.fingerprint)."""
+    store_dir = cfg.store_dir
     if store_dir and Path(str(store_dir)).expanduser().is_dir():
         return str(Path(str(store_dir)).expanduser() / "fingerprints")
     return None
@@ -57,7 +112,7 @@ def _memoized(fn: Callable[[Any, Optional[str]], Dict[str, Any]]) -> Callable[..
     def spec(node: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
         if _SPECS is None:
             return fn(node, cache_dir)
-        key = (fn.__name__, json.dumps(_plain(node), sort_keys=True, default=str), cache_dir)
+        key = (fn.__name__, json.dumps(plain(node), sort_keys=True, default=str), cache_dir)
         if key not in _SPECS:
             _SPECS[key] = fn(node, cache_dir)
         return copy.deepcopy(_SPECS[key])
@@ -66,20 +121,19 @@ def _memoized(fn: Callable[[Any, Optional[str]], Dict[str, Any]]) -> Callable[..
 
 
 @_memoized
-def model_spec(model: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+def model_spec(model: ModelConfig, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """What of a model config changes results (not its name, size label or parameter count).
 
-    ``path`` becomes the content hash of a local model directory (w2sg.core.fingerprint.model_source), so new weights at
-    the same path get new keys and the same weights elsewhere reuse stages."""
+    ``path`` becomes the content hash of a local model directory (w2sg.core.fingerprint.model_source), so new
+    weights at the same path get new keys and the same weights elsewhere reuse stages."""
     from w2sg.core.fingerprint import model_source
 
-    m = _plain(model)
-    spec = {k: m.get(k) for k in ("path", "num_layers", "pooling", "random_init")}
-    spec["path"] = model_source(model, cache_dir)
+    spec: Dict[str, Any] = {"path": model_source(model, cache_dir), "num_layers": model.num_layers,
+                            "pooling": model.pooling, "random_init": plain(model.random_init)}
     # newer fields enter only when set, so that the keys of models without them stay as they were
-    spec.update({k: m[k] for k in ("revision", "tokenizer") if m.get(k) is not None})
-    if m.get("random_init") is not None and m.get("arch") is not None:  # a random model built from arch alone
-        spec["arch"] = m["arch"]
+    spec.update({k: getattr(model, k) for k in ("revision", "tokenizer") if getattr(model, k) is not None})
+    if model.random_init is not None and model.arch is not None:  # a random model built from arch alone
+        spec["arch"] = plain(model.arch)
     return spec
 
 
@@ -89,28 +143,36 @@ def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
 
     Edited data under the same path gets new keys; the same data at another path reuses stages. A hub data set
     is keyed by its name, subset and ``load_kwargs`` (which hold its ``revision`` when one is pinned)."""
-    from w2sg.data.tasks import data_fingerprints
+    from w2sg.core.fingerprint import data_fingerprints
 
-    t = dict(_plain(task))
+    t = plain(task)
     t.pop("name", None)
     t["data_files"] = data_fingerprints(task, cache_dir)
     return t
 
 
-def train_spec(train: Any, model: Any) -> Dict[str, Any]:
-    from w2sg.run.device import key_precision
+def key_precision(train: TrainConfig) -> Dict[str, str]:
+    """What of the precision enters a stage key: {} for fp32 (keys as before mixed precision), else its name.
+    ``train.precision`` is resolved at the entry (w2sg.app.config.resolve: auto -> this node's precision)."""
+    if train.precision == "auto":
+        from w2sg.core.errors import W2SGError
 
-    t = dict(_plain(train))
+        raise W2SGError("train.precision is still 'auto': plan from a resolved config (w2sg.app.config.resolve)")
+    return {} if train.precision == "fp32" else {"precision": train.precision}
+
+
+def train_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, Any]:
+    t = plain(train)
     # evaluation batching, checkpoints, the device and memory savers do not change results; the precision does
     for k in ("eval_batch_size", "checkpoint_every", "device", "precision", "gradient_checkpointing", "device_map"):
         t.pop(k, None)
     t.update(key_precision(train))
-    t["lr"] = float(t["lr"] if t.get("lr") is not None else model.lr)
-    if t.get("mode") != "lora":
+    t["lr"] = float(train.lr if train.lr is not None else model.lr)
+    if train.mode != "lora":
         t.pop("lora", None)  # adapter settings matter only when adapters are trained
-    elif t["lora"].get("target_modules") is None and model.get("lora_targets") is not None:
-        t["lora"] = {**t["lora"], "target_modules": list(model.lora_targets)}  # the model's own default
-    if not t.get("val_frac"):
+    elif train.lora.target_modules is None and model.lora_targets is not None:
+        t["lora"]["target_modules"] = list(model.lora_targets)  # the model's own default
+    if not train.val_frac:
         for k in ("val_labels", "eval_every", "keep_best"):  # no validation set: nothing to validate
             t.pop(k, None)
     return t
@@ -118,69 +180,79 @@ def train_spec(train: Any, model: Any) -> Dict[str, Any]:
 
 @dataclass
 class Stage:
-    kind: str  # "train" or "labels"
-    spec: Dict[str, Any]  # resolved values the stage uses
+    kind: Kind
+    spec: Dict[str, Any]  # resolved values the stage uses (a train stage's: TrainSpec)
     inputs: Dict[str, "Stage"] = field(default_factory=dict)
     model: Any = None  # the model config (for building; its result-relevant part is in spec)
-    label: str = ""  # human-readable name, e.g. "weak:minilm_l1"
+    label: str = ""  # human-readable name, e.g. "weak:minilm_l1" (display only: never parsed)
+    role: Role = Role.WEAK  # its part in the experiment (not in the key)
+    side: Side = Side.WEAK  # whose model (not in the key)
 
     def __post_init__(self) -> None:
         from w2sg.core.registry import versions_used
 
+        self.kind, self.role, self.side = Kind(self.kind), Role(self.role), Side(self.side)
         used = versions_used(self.spec)  # the version of users' code (extensions:) that this stage runs
         if used:
             self.spec["extensions"] = used
 
-    @property
-    def role(self) -> str:
-        """weak, ceiling, w2s, link or labels: the W&B job type and the kind shown to users."""
-        prefix = self.label.split(":")[0]
-        if self.kind in ("features", "lm"):
-            return self.kind
-        return "labels" if prefix.endswith("labels") else prefix.rstrip("0123456789")
-
     @cached_property
     def key(self) -> str:
-        payload = {"kind": self.kind, "spec": self.spec, "inputs": {k: v.key for k, v in sorted(self.inputs.items())}}
+        payload = {"kind": self.kind.value, "spec": self.spec,
+                   "inputs": {k: v.key for k, v in sorted(self.inputs.items())}}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
+    @property
+    def on_ground_truth(self) -> bool:
+        """A training on ground truth (a weak model or a ceiling): the stages pairs of a grid share."""
+        return self.kind is Kind.TRAIN and self.spec["labels"] == "ground_truth"
 
-def _precision(cfg: Any) -> Dict[str, str]:
-    from w2sg.run.device import key_precision
+    def shared(self) -> bool:
+        """A ground-truth training or the labels of one: stages other experiments of a sweep need too."""
+        if self.kind is Kind.TRAIN:
+            return self.on_ground_truth
+        model = self.inputs.get("model")
+        return self.kind is Kind.LABELS and model is not None and model.shared()
 
-    return key_precision(cfg.train)
+    def describe(self) -> Dict[str, Any]:
+        """What the store records of a stage besides its spec (meta.json, the DONE summary)."""
+        return {"kind": self.kind.value, "role": self.role.value, "side": self.side.value, "label": self.label,
+                "spec": self.spec, "inputs": {k: v.key for k, v in self.inputs.items()},
+                "model_name": self.model.name}
 
 
-def lm_stage(cfg: Any, model: Any) -> Stage:
+def lm_stage(cfg: Config, model: ModelConfig, side: Side) -> Stage:
     """Generative finetuning of a model on the task's unlabelled training text (w2sg.ml.generative)."""
-    g = _plain(cfg.generative)
+    g = cfg.generative
     cache = fingerprint_cache(cfg)
-    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length),
-            "generative": {k: g[k] for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")},
-            **_precision(cfg)}
-    return Stage("lm", spec, {}, model, f"lm:{model.name}")
+    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": cfg.seed,
+            "max_length": cfg.train.max_length,
+            "generative": {k: getattr(g, k) for k in ("objective", "epochs", "batch_size", "lr", "mlm_probability")},
+            **key_precision(cfg.train)}
+    return Stage(Kind.LM, spec, {}, model, f"lm:{model.name}", Role.LM, side)
 
 
-def init_inputs(cfg: Any, model: Any, side: str) -> Dict[str, Stage]:
+def init_inputs(cfg: Config, model: ModelConfig, side: Side) -> Dict[str, Stage]:
     """The generatively finetuned weights a model starts from, when generative finetuning applies to its side."""
-    if cfg.generative.enabled and side in cfg.generative.sides:
-        return {"init": lm_stage(cfg, model)}
+    if cfg.generative.enabled and side.value in cfg.generative.sides:
+        return {"init": lm_stage(cfg, model, side)}
     return {}
 
 
-def features_stage(cfg: Any, model: Any, side: str) -> Stage:
+def features_stage(cfg: Config, model: ModelConfig, side: Side) -> Stage:
     """Probe mode: the frozen model's pooled features of every part of the task, computed once and reused."""
     cache = fingerprint_cache(cfg)
-    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length), **_precision(cfg)}
-    return Stage("features", spec, init_inputs(cfg, model, side), model, f"features:{model.name}")
+    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": cfg.seed,
+            "max_length": cfg.train.max_length, **key_precision(cfg.train)}
+    return Stage(Kind.FEATURES, spec, init_inputs(cfg, model, side), model, f"features:{model.name}", Role.FEATURES,
+                 side)
 
 
-def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label: str) -> Stage:
+def train_stage(cfg: Config, model: ModelConfig, labels: Optional[Stage], loss: Any, label: str, role: Role,
+                side: Side) -> Stage:
+    """A model trained on ground truth (``labels`` None) or on a teacher's labels with ``loss``."""
     inputs: Dict[str, Stage] = {"labels": labels} if labels is not None else {}
-    side = "weak" if label.startswith("weak:") else "strong"  # ceiling, w2s and chain links train strong-side models
     if cfg.train.mode == "probe":
         inputs["features"] = features_stage(cfg, model, side)
     else:
@@ -189,39 +261,40 @@ def train_stage(cfg: Any, model: Any, labels: Optional[Stage], loss: Any, label:
     if labels is None:
         tspec.pop("val_labels", None)  # ground-truth stages validate against ground truth whatever it says
     cache = fingerprint_cache(cfg)
-    spec = {
+    spec: TrainSpec = {
         "model": model_spec(model, cache),
         "task": task_spec(cfg.task, cache),
         "train": tspec,
-        "seed": int(cfg.seed),
-        "loss": _plain(loss) if labels is not None else GT_LOSS,
+        "seed": cfg.seed,
+        "loss": plain(loss) if labels is not None else GT_LOSS,
         "labels": "weak" if labels is not None else "ground_truth",
     }
-    return Stage("train", spec, inputs, model, label)
+    return Stage(Kind.TRAIN, dict(spec), inputs, model, label, role, side)
 
 
-def labels_stage(cfg: Any, trained: Stage, label: str) -> Stage:
-    spec = {"task": task_spec(cfg.task, fingerprint_cache(cfg)), "seed": int(cfg.seed),
-            "max_length": int(cfg.train.max_length), **_precision(cfg)}
-    return Stage("labels", spec, {"model": trained}, trained.model, label)
+def labels_stage(cfg: Config, trained: Stage, label: str) -> Stage:
+    """A trained model's soft labels of the weak-label half."""
+    spec = {"task": task_spec(cfg.task, fingerprint_cache(cfg)), "seed": cfg.seed,
+            "max_length": cfg.train.max_length, **key_precision(cfg.train)}
+    return Stage(Kind.LABELS, spec, {"model": trained}, trained.model, label, Role.LABELS, trained.side)
 
 
-def member_stage(cfg: Any, model: Any, seed: int) -> Stage:
+def member_stage(cfg: Config, model: ModelConfig, seed: int) -> Stage:
     """An ensemble member (w2sg.ml.methods): a weak model trained on ground truth with its own model seed (weights
     initialisation and data order; the data split stays the run's). The run's own weak model and seed is the
     run's weak stage itself, so it is shared."""
-    if seed == int(cfg.seed):
-        return train_stage(cfg, model, None, None, f"weak:{model.name}")
-    stage = train_stage(cfg, model, None, None, f"weak:{model.name}@seed{seed}")
-    return Stage(stage.kind, {**stage.spec, "model_seed": int(seed)}, stage.inputs, stage.model, stage.label)
+    if seed == cfg.seed:
+        return train_stage(cfg, model, None, None, f"weak:{model.name}", Role.WEAK, Side.WEAK)
+    stage = train_stage(cfg, model, None, None, f"weak:{model.name}@seed{seed}", Role.WEAK, Side.WEAK)
+    return Stage(stage.kind, {**stage.spec, "model_seed": int(seed)}, stage.inputs, stage.model, stage.label,
+                 stage.role, stage.side)
 
 
-def transform_stage(cfg: Any, labels: Dict[str, Stage], features: Optional[Stage], label: str) -> Stage:
-    """The training set of the w2s stage (w2sg.ml.methods): the weak labels after ``labels=`` and ``budget=``.
-    Inputs: ``labels`` (or ``member<i>`` for an ensemble's members) and the strong model's ``features`` for probes."""
-    from w2sg.ml.methods import budget_spec, method_spec
-
-    spec = {"method": method_spec(_plain(cfg.labels)), "budget": budget_spec(cfg.budget), "seed": int(cfg.seed),
-            "task": task_spec(cfg.task)}
+def transform_stage(cfg: Config, labels: Dict[str, Stage], features: Optional[Stage], label: str,
+                    method: Dict[str, Any], budget: Optional[Dict[str, Any]]) -> Stage:
+    """The training set of the w2s stage (w2sg.ml.methods): the weak labels after ``labels=`` and ``budget=``
+    (``method``, ``budget``: their specs, w2sg.core.methods). Inputs: ``labels`` (or ``member<i>`` for an
+    ensemble's members) and the strong model's ``features`` for probes."""
+    spec = {"method": method, "budget": budget, "seed": cfg.seed, "task": task_spec(cfg.task)}
     inputs = dict(labels, **({"features": features} if features is not None else {}))
-    return Stage("transform", spec, inputs, cfg.weak, label)
+    return Stage(Kind.TRANSFORM, spec, inputs, cfg.weak, label, Role.LABELS, Side.WEAK)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from w2sg.core.errors import W2SGError
 
@@ -28,3 +29,16 @@ def resolve_path(spec: str) -> str:
     if not path.exists():
         raise W2SGError(f"{spec!r}: {path} does not exist in the installed package {package!r}")
     return str(path)
+
+
+def check_model_path(cfg: Any) -> None:
+    """Fail early, with the path, when a model is neither a local directory nor (offline) a cached hub id."""
+    if cfg.random_init is not None:
+        return
+    path = resolve_path(cfg.path)
+    if Path(path).is_dir():
+        return
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local:
+        raise W2SGError(f"model {cfg.name!r}: path {path!r} does not exist")
+    # A hub id: transformers raises its own error when it is neither cached nor reachable.

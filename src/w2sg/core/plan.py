@@ -1,64 +1,68 @@
 """The plan of one experiment: its named stages (a pair, weak-label methods, strong-to-strong iterations, a
-bootstrap chain plus the direct run), the subset a run selects, and what is still pending. No torch here.
+bootstrap chain plus the direct run), the subset a run selects, and what of it is still to compute (``pending``,
+which the Slurm launcher and ``w2sg status`` use too). Works on the typed config; no torch here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Dict, List
 
+from w2sg.core.config import Config, ModelConfig
 from w2sg.core.errors import W2SGError
-from w2sg.core.graph import (
-    Stage,
-    _plain,
-    features_stage,
-    labels_stage,
-    member_stage,
-    train_stage,
-    transform_stage,
-)
+from w2sg.core.graph import (Role, Side, Stage, features_stage, labels_stage, member_stage, train_stage,
+                             transform_stage)
+from w2sg.core.methods import budget_spec, ensemble_members, method_spec, needs_features
 from w2sg.core.registry import load as load_extensions
 
 
-def chain_models(cfg: Any) -> List[Any]:
+def chain_models(cfg: Config) -> List[ModelConfig]:
     return list(cfg.chain.models.values())
 
 
-def plan(cfg: Any) -> Dict[str, Stage]:
+def _require_typed(cfg: object) -> None:
+    if not isinstance(cfg, Config):
+        raise TypeError(f"plan() takes the typed config (w2sg.app.config.resolve), not {type(cfg).__name__}")
+
+
+def plan(cfg: Config) -> Dict[str, Stage]:
     """Named stages of this run, in execution order. Keys make shared stages the same object in the store."""
-    load_extensions(cfg.get("extensions") or [])  # their code versions enter the keys (status, launchers plan too)
-    weak = train_stage(cfg, cfg.weak, None, None, f"weak:{cfg.weak.name}")
-    weak_labels = labels_stage(cfg, weak, f"weak_labels:{cfg.weak.name}")
-    stages = {"weak": weak, "weak_labels": weak_labels}
+    _require_typed(cfg)
+    load_extensions(cfg.extensions)  # their code versions enter the keys (status, launchers plan too)
+    weak, strong = cfg.weak, cfg.strong
+    stages = {"weak": train_stage(cfg, weak, None, None, f"weak:{weak.name}", Role.WEAK, Side.WEAK)}
+    stages["weak_labels"] = labels_stage(cfg, stages["weak"], f"weak_labels:{weak.name}")
     train_labels = method_stages(cfg, stages)  # labels= / budget=: the weak labels, transformed (or as they are)
-    ceiling = train_stage(cfg, cfg.strong, None, None, f"ceiling:{cfg.strong.name}")
-    w2s = train_stage(cfg, cfg.strong, train_labels, cfg.loss, f"w2s:{cfg.weak.name}->{cfg.strong.name}")
-    stages.update(ceiling=ceiling, w2s=w2s)
+    stages["ceiling"] = train_stage(cfg, strong, None, None, f"ceiling:{strong.name}", Role.CEILING, Side.STRONG)
+    stages["w2s"] = train_stage(cfg, strong, train_labels, cfg.loss, f"w2s:{weak.name}->{strong.name}", Role.W2S,
+                                Side.STRONG)
     s2s_stages(cfg, stages)
     if cfg.chain is not None:
-        models = chain_models(cfg)
-        labels = train_labels  # the first link trains on what the direct w2s stage trains on
-        for i, (teacher, student) in enumerate(zip(models, models[1:]), start=1):
-            link = train_stage(cfg, student, labels, cfg.loss, f"link{i}:{teacher.name}->{student.name}")
-            stages[f"link{i}"] = link
-            if i < len(models) - 1:
-                stages[f"ceiling{i}"] = train_stage(cfg, student, None, None, f"ceiling:{student.name}")
-                labels = labels_stage(cfg, link, f"link{i}_labels:{student.name}")
-                stages[f"link{i}_labels"] = labels
+        chain_stages(cfg, stages, train_labels)
     return stages
 
 
-def method_stages(cfg: Any, stages: Dict[str, Stage]) -> Stage:
+def chain_stages(cfg: Config, stages: Dict[str, Stage], first_labels: Stage) -> None:
+    """A bootstrap chain M1 -> ... -> Mn: each link a student trained on its teacher's labels (the first on what
+    the direct w2s stage trains on), with each intermediate student's ceiling. Adds to ``stages``."""
+    models = chain_models(cfg)
+    labels = first_labels
+    for i, (teacher, student) in enumerate(zip(models, models[1:]), start=1):
+        link = train_stage(cfg, student, labels, cfg.loss, f"link{i}:{teacher.name}->{student.name}", Role.LINK,
+                           Side.STRONG)
+        stages[f"link{i}"] = link
+        if i < len(models) - 1:
+            stages[f"ceiling{i}"] = train_stage(cfg, student, None, None, f"ceiling:{student.name}", Role.CEILING,
+                                                Side.STRONG)
+            labels = labels_stage(cfg, link, f"link{i}_labels:{student.name}")
+            stages[f"link{i}_labels"] = labels
+
+
+def method_stages(cfg: Config, stages: Dict[str, Stage]) -> Stage:
     """The labels the w2s stage trains on: ``weak_labels`` itself unless ``labels=`` or ``budget=`` changes them,
     else a ``train_labels`` transform stage (w2sg.ml.methods) after its ensemble members. Adds to ``stages``."""
-    from w2sg.ml.methods import (
-        NEEDS_FEATURES,
-        budget_spec,
-        ensemble_members,
-        method_spec,
-    )
-
-    method = method_spec(_plain(cfg.labels))
-    if method["name"] == "none" and budget_spec(cfg.budget, int(cfg.task.n_train)) is None:
+    method = method_spec(cfg.labels)
+    budget = budget_spec(cfg.budget, cfg.task.n_train)
+    if method["name"] == "none" and budget is None:
         return stages["weak_labels"]
     if method["name"] == "ensemble":
         labels = {}
@@ -72,39 +76,40 @@ def method_stages(cfg: Any, stages: Dict[str, Stage]) -> Stage:
                 cfg, member, member.label.replace("weak:", "weak_labels:", 1))
     else:
         labels = {"labels": stages["weak_labels"]}
-    features = features_stage(cfg, cfg.strong, "strong") if method["name"] in NEEDS_FEATURES else None
-    stages["train_labels"] = transform_stage(cfg, labels, features, f"train_labels:{method['name']}")
+    features = features_stage(cfg, cfg.strong, Side.STRONG) if needs_features(method) else None
+    stages["train_labels"] = transform_stage(cfg, labels, features, f"train_labels:{method['name']}", method,
+                                             budget_spec(cfg.budget))
     return stages["train_labels"]
 
 
-def s2s_stages(cfg: Any, stages: Dict[str, Stage]) -> None:
+def s2s_stages(cfg: Config, stages: Dict[str, Stage]) -> None:
     """``s2s=N``: N strong-to-strong iterations after w2s, each a fresh strong model trained (with the run's loss)
     on the previous student's soft labels of the whole weak-label half (student labels cost no budget)."""
-    n = int(cfg.s2s)
-    if n < 0:
-        raise W2SGError(f"s2s={n}: the number of strong-to-strong iterations must be >= 0")
+    if cfg.s2s < 0:
+        raise W2SGError(f"s2s={cfg.s2s}: the number of strong-to-strong iterations must be >= 0")
     teacher, name = stages["w2s"], "w2s"
-    for i in range(1, n + 1):
+    for i in range(1, cfg.s2s + 1):
         labels = labels_stage(cfg, teacher, f"{name}_labels:{cfg.strong.name}")
         stages[f"{name}_labels"] = labels
-        teacher = name = f"s2s{i}"
-        teacher = stages[name] = train_stage(cfg, cfg.strong, labels, cfg.loss, f"s2s{i}:{cfg.strong.name}")
+        name = f"s2s{i}"
+        teacher = stages[name] = train_stage(cfg, cfg.strong, labels, cfg.loss, f"s2s{i}:{cfg.strong.name}",
+                                             Role.S2S, Side.STRONG)
 
 
-def size_warnings(cfg: Any) -> List[str]:
+def size_warnings(cfg: Config) -> List[str]:
     """A teacher larger than its student (by ``params``): legitimate as a reverse pair, but worth saying."""
     pairs = [("weak", cfg.weak, "strong", cfg.strong)]
     if cfg.chain is not None:
         models = chain_models(cfg)
         pairs += [(f"chain link {i}: teacher", t, "student", s) for i, (t, s) in enumerate(zip(models, models[1:]), 1)]
-    return [f"{a} model {t.name} ({int(t.params) / 1e6:.1f}M params) is larger than the {b} model {s.name} "
-            f"({int(s.params) / 1e6:.1f}M): a strong-to-weak run; check weak=/strong= if not meant"
-            for a, t, b, s in pairs if int(t.params) > int(s.params)]
+    return [f"{a} model {t.name} ({t.params / 1e6:.1f}M params) is larger than the {b} model {s.name} "
+            f"({s.params / 1e6:.1f}M): a strong-to-weak run; check weak=/strong= if not meant"
+            for a, t, b, s in pairs if t.params > s.params]
 
 
-def select(cfg: Any, stages: Dict[str, Stage]) -> Dict[str, Stage]:
+def select(cfg: Config, stages: Dict[str, Stage]) -> Dict[str, Stage]:
     """The stages this run executes: ``cfg.stages`` (names of the plan) and the stages they need; null: all."""
-    only = cfg.get("stages")
+    only = cfg.stages
     for option, names in (("recompute", cfg.recompute), ("stages", only or [])):
         unknown = sorted(set(names) - set(stages))
         if unknown:
@@ -125,3 +130,13 @@ def select(cfg: Any, stages: Dict[str, Stage]) -> Dict[str, Stage]:
     for name in only:
         need(stages[name])
     return {name: stage for name, stage in stages.items() if stage.key in keys}
+
+
+def pending(cfg: Config, store: object, stages: Dict[str, Stage] = None) -> Dict[str, Stage]:
+    """The selected stages of this run that it would compute: not stored yet, or named in ``recompute``.
+    ``store``: a w2sg.core.store.Store (or None: no store yet, everything is pending)."""
+    selected = select(cfg, plan(cfg) if stages is None else stages)
+    if store is None:
+        return dict(selected)
+    return {name: s for name, s in selected.items()
+            if name in cfg.recompute or store.status(s.key) != "done"}  # type: ignore[attr-defined]

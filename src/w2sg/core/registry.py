@@ -29,7 +29,19 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from w2sg.core.errors import W2SGError
 
 # The registries an extension may add to: kind -> where the name is used in a stage's spec.
-KINDS = ("loss", "task format", "pooling")
+KINDS = ("loss", "task format", "pooling", "labels method")
+# Weak-label methods (w2sg.ml.methods registers the built-in ones; extensions add theirs with
+# w2sg.extensions.register_method). The plan reads a method's parameters from its signature, so the registry lives
+# here, below the plan; ``labels_methods`` imports the built-in ones by name, as ``load`` imports an extension.
+METHODS: Dict[str, Callable[..., Any]] = {}
+NEEDS_FEATURES: set = set()  # methods that read the strong model's frozen features
+BUILTIN_METHODS = "w2sg.ml.methods"
+
+
+def labels_methods() -> Dict[str, Callable[..., Any]]:
+    """The registry of weak-label methods, with the built-in ones (numpy only) imported."""
+    importlib.import_module(BUILTIN_METHODS)
+    return METHODS
 
 
 @dataclass
@@ -185,7 +197,8 @@ def _function_hash(fn: Any) -> str:
 
 
 def names_used(spec: Dict[str, Any]) -> List[Tuple[str, str]]:
-    """The registered names a stage's spec uses: its loss, its task's format, its model's pooling."""
+    """The registered names a stage's spec uses: its loss, its task's format, its model's pooling, its labels
+    method."""
     used = []
     if isinstance(spec.get("loss"), dict) and spec["loss"].get("name"):
         used.append(("loss", str(spec["loss"]["name"])))
@@ -193,6 +206,8 @@ def names_used(spec: Dict[str, Any]) -> List[Tuple[str, str]]:
         used.append(("task format", str(spec["task"]["kind"])))
     if isinstance(spec.get("model"), dict) and spec["model"].get("pooling"):
         used.append(("pooling", str(spec["model"]["pooling"])))
+    if isinstance(spec.get("method"), dict) and spec["method"].get("name"):
+        used.append(("labels method", str(spec["method"]["name"])))
     return used
 
 

@@ -97,7 +97,8 @@ def summary(meta: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
     spec = meta.get("spec") or {}
     loss = spec.get("loss")
     acc = metrics.get("acc")
-    return {"format": FORMAT, "key": meta.get("key"), "kind": meta.get("kind"), "label": meta.get("label"),
+    return {"format": FORMAT, "key": meta.get("key"), "kind": meta.get("kind"), "role": meta.get("role"),
+            "side": meta.get("side"), "label": meta.get("label"),
             "model": meta.get("model_name"), "task": meta.get("task_name"), "seed": spec.get("seed"),
             "loss": loss.get("name") if isinstance(loss, dict) else None,
             "acc": acc if isinstance(acc, (int, float)) and math.isfinite(acc) else None,

@@ -10,14 +10,13 @@ the weak-label train half (the weak model labels it, w2s models train on those l
 
 from __future__ import annotations
 
-import glob
 import logging
 import random
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.paths import resolve_path
@@ -42,34 +41,8 @@ def validate_task(cfg: Any) -> None:
         raise W2SGError(f"task {cfg.name!r}: need n_train >= 2 and n_test >= 1, got {cfg.n_train}, {cfg.n_test}")
 
 
-def data_fingerprints(cfg: Any, cache_dir: Optional[str] = None) -> Dict[str, str]:
-    """{split: content hash} of the task's local data files (a file, a directory or a glob pattern; pkg:// too).
-
-    Stage keys use these instead of the paths (see w2sg.core.graph.task_spec); URLs are kept as they are."""
-    from w2sg.core.fingerprint import file_fingerprint, files_fingerprint
-
-    out: Dict[str, str] = {}
-    for split, spec in cfg.data_files.items():
-        if spec is None:
-            continue
-        path = resolve_path(str(spec))
-        if "://" in path:
-            out[split] = path
-            continue
-        p = Path(path).expanduser()
-        if p.is_file():
-            out[split] = "sha256:" + file_fingerprint(p, cache_dir)
-            continue
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else \
-            sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
-        if not files:
-            raise W2SGError(f"task {cfg.name!r}: data file {path!r} (task.data_files.{split}) does not exist")
-        out[split] = "sha256:" + files_fingerprint([(f"{i}:{f.name}", f) for i, f in enumerate(files)], cache_dir)
-    return out
-
-
 def _local_files(cfg: Any) -> Dict[str, str]:
-    return {k: resolve_path(str(v)) for k, v in cfg.data_files.items() if v is not None}
+    return {k: resolve_path(str(v)) for k, v in vars(cfg.data_files).items() if v is not None}
 
 
 def _load_split(cfg: Any, split: str):

@@ -45,7 +45,7 @@ def build_lm(cfg: Any, objective: str, seed: int, policy: Any = None):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from w2sg.ml.models import init_device, load_kwargs, model_config
-    from w2sg.run.device import CPU
+    from w2sg.ml.device import CPU
 
     policy = policy or CPU
     torch.manual_seed(seed)
@@ -69,7 +69,7 @@ def finetune_lm(cfg: Any, tokenizer: Any, texts: Sequence[str], *, objective: st
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
     from w2sg.ml.models import enable_gradient_checkpointing
-    from w2sg.run.device import CPU
+    from w2sg.ml.device import CPU
 
     policy = policy or CPU
     lm, objective = build_lm(cfg, objective, seed, policy)

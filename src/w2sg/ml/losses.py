@@ -13,12 +13,10 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Mapping
 
-import torch
-import torch.nn.functional as F
-
 from w2sg.core.registry import check_choice, record
+from w2sg.ml.lazy import F, torch  # imported at the first loss computed: the registry is checked without torch
 
-LossFn = Callable[..., torch.Tensor]
+LossFn = Callable[..., Any]  # fn(logits, labels, step_frac, **params) -> scalar tensor
 LOSSES: Dict[str, LossFn] = {}
 
 
@@ -42,7 +40,7 @@ def validate_loss(cfg: Mapping[str, Any]) -> None:
     check_choice("loss", LOSSES, cfg, loss_params)
 
 
-def make_loss(cfg: Mapping[str, Any]) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+def make_loss(cfg: Mapping[str, Any]) -> Callable[..., Any]:
     validate_loss(cfg)
     fn = LOSSES[cfg["name"]]
     params = {k: v for k, v in cfg.items() if k != "name"}

@@ -17,33 +17,29 @@ its keyword arguments (with defaults) are its parameters, checked before anythin
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from w2sg.core.errors import W2SGError
-from w2sg.core.registry import check_choice
+from w2sg.core.methods import PROBE_PARAMS
+from w2sg.core.registry import METHODS, NEEDS_FEATURES, record
 
 Result = Tuple[np.ndarray, np.ndarray]
-METHODS: Dict[str, Callable[..., Result]] = {}
-NEEDS_FEATURES = {"probe_relabel", "probe_filter"}  # methods that read the strong model's frozen features
 BUDGET_STREAM = 16  # the budget's random stream: numpy default_rng([seed, BUDGET_STREAM])
 
 
-def register_method(name: str) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
+def register_method(name: str, needs_features: bool = False) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
+    """Decorator: ``labels.name=<name>`` selects ``fn`` (also from a module listed in ``extensions:``).
+    ``needs_features``: the method reads the strong model's frozen features (its second argument)."""
     def deco(fn: Callable[..., Result]) -> Callable[..., Result]:
-        METHODS[name] = fn
+        record(METHODS, "labels method", name, fn)
+        if needs_features:
+            NEEDS_FEATURES.add(name)
         return fn
 
     return deco
-
-
-def method_params(fn: Callable[..., Result]) -> Dict[str, Any]:
-    """The keyword arguments of a method and their defaults."""
-    return {n: p.default for n, p in list(inspect.signature(fn).parameters.items())[2:]}
 
 
 def _all(probs: np.ndarray) -> np.ndarray:
@@ -98,16 +94,75 @@ def logreg_probe(x: np.ndarray, probs: np.ndarray, C: float = 1.0) -> np.ndarray
     return out
 
 
-PROBES: Dict[str, Tuple[Callable[..., np.ndarray], Tuple[str, ...]]] = {
-    "knn": (lambda x, p, k, C: knn_probe(x, p, k=k), ("k",)),
-    "logreg": (lambda x, p, k, C: logreg_probe(x, p, C=C), ("C",)),
+def _neighbours(x: np.ndarray, k: int, within: Optional[np.ndarray] = None, chunk: int = 1024) -> np.ndarray:
+    """[N, k] indices of each row's k nearest rows by Euclidean distance: among all rows but itself, or (``within``,
+    an index array) among those rows, itself included when it is one of them (as EleutherAI/w2s's topolabel)."""
+    x = np.asarray(x, dtype=np.float32)
+    pool = np.arange(len(x)) if within is None else np.asarray(within)
+    y = x[pool]
+    k = max(1, min(int(k), len(pool) - (1 if within is None else 0)))
+    sq_pool = (y * y).sum(1)
+    out = np.empty((len(x), k), dtype=np.int64)
+    for start in range(0, len(x), chunk):
+        block = x[start:start + chunk]
+        d = (block * block).sum(1)[:, None] - 2.0 * block @ y.T + sq_pool[None, :]
+        if within is None:
+            d[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf
+        out[start:start + chunk] = np.argpartition(d, k - 1, axis=1)[:, :k]
+    return pool[out]
+
+
+def topo_cc(x: np.ndarray, classes: np.ndarray, k: int = 50) -> np.ndarray:
+    """TopoCC (EleutherAI/w2s ``topo_cc``): a mask of the rows in the largest strongly connected component of each
+    class's kNN graph (edges from each row of the class to its k nearest rows)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(x)
+    nbr = _neighbours(x, k)
+    rows, cols = np.repeat(np.arange(n), nbr.shape[1]), nbr.ravel()
+    keep = np.zeros(n, dtype=bool)
+    for c in np.unique(classes):
+        edge = classes[rows] == c
+        adj = csr_matrix((np.ones(int(edge.sum()), dtype=bool), (rows[edge], cols[edge])), shape=(n, n))
+        count, component = connected_components(adj, directed=True, connection="strong")
+        keep |= component == np.bincount(component, minlength=count).argmax()
+    return keep
+
+
+def topo_filter(x: np.ndarray, probs: np.ndarray, contamination: float, k_cc: int = 50, k_zeta: int = 50) -> np.ndarray:
+    """TopoFilter (EleutherAI/w2s ``topofilter``): keep the rows of TopoCC, then drop those whose label is furthest
+    (total variation) from the mean label of their k_zeta nearest rows within it, until ``contamination`` of all
+    rows are gone (TopoCC may already have removed more). Returns the kept rows, ascending."""
+    probs = np.asarray(probs, dtype=np.float32)
+    inside = np.flatnonzero(topo_cc(x, probs.argmax(1), k_cc))
+    nbr = _neighbours(np.asarray(x)[inside], k_zeta)  # positions within ``inside``
+    distance = disagreement(probs[inside], probs[inside][nbr].mean(axis=1))
+    n_drop = max(int(round(len(x) * contamination)) - (len(x) - len(inside)), 0)
+    drop = np.argsort(-distance, kind="stable")[:n_drop]
+    return np.sort(np.delete(inside, drop))
+
+
+def topo_label(x: np.ndarray, probs: np.ndarray, k_cc: int = 50, k_zeta: int = 50) -> np.ndarray:
+    """TopoLabel (EleutherAI/w2s ``topolabel``): each row's new label is the mean label of its k_zeta nearest rows
+    among the rows of TopoCC."""
+    probs = np.asarray(probs, dtype=np.float32)
+    inside = np.flatnonzero(topo_cc(x, probs.argmax(1), k_cc))
+    return probs[_neighbours(x, k_zeta, within=inside)].mean(axis=1)
+
+
+PROBES: Dict[str, Callable[..., np.ndarray]] = {  # x, probs, params -> predictions; w2sg.core.methods.PROBE_PARAMS
+    "knn": lambda x, p, params: knn_probe(x, p, k=params["k"]),
+    "logreg": lambda x, p, params: logreg_probe(x, p, C=params["C"]),
+    "topo": lambda x, p, params: topo_label(x, p, k_cc=params["k_cc"], k_zeta=params["k_zeta"]),
 }
+assert set(PROBES) == set(PROBE_PARAMS)
 
 
-def _probe(features: Optional[np.ndarray], probs: np.ndarray, probe: str, k: int, C: float) -> np.ndarray:
+def _probe(features: Optional[np.ndarray], probs: np.ndarray, probe: str, **params: Any) -> np.ndarray:
     if features is None:
         raise W2SGError("probe methods need the strong model's features")
-    return PROBES[probe][0](features, probs, k, C)
+    return PROBES[probe](features, probs, params)
 
 
 # --- the methods ---------------------------------------------------------------------------------------------
@@ -125,18 +180,25 @@ def confidence_filter(probs: np.ndarray, features: Optional[np.ndarray], drop_fr
     return probs[keep], keep
 
 
-@register_method("probe_relabel")
+@register_method("probe_relabel", needs_features=True)
 def probe_relabel(probs: np.ndarray, features: Optional[np.ndarray], probe: str = "knn", k: int = 50,
-                  C: float = 1.0) -> Result:
-    """Replace every weak label by the probe's prediction."""
-    return _probe(features, probs, probe, k, C), _all(probs)
+                  C: float = 1.0, k_cc: int = 50, k_zeta: int = 50) -> Result:
+    """Replace every weak label by the probe's prediction (knn: k; logreg: C; topo: k_cc, k_zeta)."""
+    return _probe(features, probs, probe, k=k, C=C, k_cc=k_cc, k_zeta=k_zeta), _all(probs)
 
 
-@register_method("probe_filter")
+@register_method("probe_filter", needs_features=True)
 def probe_filter(probs: np.ndarray, features: Optional[np.ndarray], probe: str = "knn", k: int = 50,
-                 C: float = 1.0, contamination: float = 0.1) -> Result:
-    """Drop the ``contamination`` share of rows where the probe disagrees most with the weak label."""
-    keep = _drop(disagreement(_probe(features, probs, probe, k, C), probs), contamination)
+                 C: float = 1.0, contamination: float = 0.1, k_cc: int = 50, k_zeta: int = 50) -> Result:
+    """Drop the ``contamination`` share of rows where the probe disagrees most with the weak label; the topo probe
+    filters as TopoFilter does (topo_filter)."""
+    if probe == "topo":
+        if features is None:
+            raise W2SGError("probe methods need the strong model's features")
+        keep = topo_filter(features, probs, contamination, k_cc=k_cc, k_zeta=k_zeta)
+    else:
+        keep = _drop(disagreement(_probe(features, probs, probe, k=k, C=C, k_cc=k_cc, k_zeta=k_zeta), probs),
+                     contamination)
     return probs[keep], keep
 
 
@@ -150,87 +212,6 @@ def ensemble(probs: np.ndarray, features: Optional[np.ndarray], models: Optional
 def average(members: Sequence[np.ndarray]) -> np.ndarray:
     """The ensemble's soft labels: the mean of its members'."""
     return np.mean(np.stack([np.asarray(m, dtype=np.float32) for m in members]), axis=0)
-
-
-# --- config -> spec ----------------------------------------------------------------------------------------
-
-def validate_labels(cfg: Mapping[str, Any]) -> None:
-    """Check ``labels=`` (name + parameters) against the registry, naming what is valid."""
-    valid = check_choice("labels method", METHODS, cfg, method_params)
-    p = {**valid, **{k: v for k, v in cfg.items() if k != "name"}}
-    for frac in ("drop_frac", "contamination"):
-        if frac in p and not 0 <= float(p[frac]) < 1:
-            raise W2SGError(f"labels.{frac}={p[frac]}: must be in [0, 1)")
-    if "probe" in p and p["probe"] not in PROBES:
-        raise W2SGError(f"labels.probe={p['probe']!r}: unknown probe; valid: {', '.join(PROBES)}")
-    if "k" in p and int(p["k"]) < 1:
-        raise W2SGError(f"labels.k={p['k']}: need at least 1 neighbour")
-    if "C" in p and float(p["C"]) <= 0:
-        raise W2SGError(f"labels.C={p['C']}: the inverse regularisation strength must be positive")
-
-
-def method_spec(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """What of ``labels=`` changes the result: the name and the parameters the method uses (a knn probe's spec has
-    no C, a logreg probe's no k; an ensemble's members are the stage's inputs)."""
-    validate_labels(cfg)
-    name = cfg["name"]
-    params = {**method_params(METHODS[name]), **{k: v for k, v in cfg.items() if k != "name"}}
-    if "probe" in params:
-        unused = {"k", "C"} - set(PROBES[params["probe"]][1])
-        params = {k: v for k, v in params.items() if k not in unused}
-    if name == "ensemble":
-        params = {}
-    return {"name": name, **params}
-
-
-def budget_spec(budget: Any, n_train: Optional[int] = None) -> Optional[Dict[str, Optional[int]]]:
-    """The budget's spec; None when it changes nothing (all weak labels, no ground truth). ``n_train``: the task's,
-    to check the budget fits its weak-label half before anything runs (the stage checks the half it gets)."""
-    n_weak, n_gt = budget.n_weak, budget.n_gt
-    if n_train is not None and (n_weak or 0) + (n_gt or 0) > int(n_train) - int(n_train) // 2:
-        half = int(n_train) - int(n_train) // 2
-        raise W2SGError(f"budget: n_weak={n_weak} + n_gt={n_gt} rows, but the weak-label half has {half} "
-                        f"(task.n_train={n_train}); lower the budget or raise task.n_train")
-    for key, value in (("n_weak", n_weak), ("n_gt", n_gt)):
-        if value is not None and int(value) < 0:
-            raise W2SGError(f"budget.{key}={value}: must be >= 0 (or null)")
-    if n_weak is None and not n_gt:
-        return None
-    if n_weak is not None and int(n_weak) == 0 and not n_gt:
-        raise W2SGError("budget.n_weak=0 and no ground truth (budget.n_gt): nothing to train the w2s stage on")
-    return {"n_weak": None if n_weak is None else int(n_weak), "n_gt": int(n_gt or 0)}
-
-
-def ensemble_members(cfg: Any) -> List[Tuple[Any, int]]:
-    """(model config, model seed) of every ensemble member: models x seeds."""
-    labels = cfg.labels
-    names = labels.get("models")
-    models = [cfg.weak] if names is None else [model_config(n) for n in names]
-    seeds = [int(cfg.seed)] if labels.get("seeds") is None else [int(s) for s in labels.seeds]
-    members = [(m, s) for m in models for s in seeds]
-    seen = [(m.name, s) for m, s in members]
-    if len(set(seen)) < len(seen):
-        raise W2SGError(f"labels=ensemble: a member appears twice in {seen}; list each model and seed once")
-    if len(members) < 2:
-        raise W2SGError(f"labels=ensemble needs at least 2 members (models x seeds), got {len(members)}; "
-                        "set labels.seeds=[0,1,2] and/or labels.models=[<model>,<model>]")
-    return members
-
-
-def model_config(name: str) -> Any:
-    """A model of conf/model by name, merged into its schema as Hydra would (for ``labels.models``)."""
-    from omegaconf import OmegaConf
-
-    from w2sg.app.config import ModelConfig
-
-    folder = Path(__file__).resolve().parents[1] / "conf" / "model"
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        valid = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise W2SGError(f"labels.models: unknown model {name!r}; valid: {', '.join(valid)}")
-    values = OmegaConf.load(path)
-    values.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
 
 
 # --- the stage's computation --------------------------------------------------------------------------------

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.paths import PKG_SCHEME, resolve_path  # noqa: F401  (resolve_path: part of this module's API)
-from w2sg.core.registry import record
-
-
-def check_model_path(cfg: Any) -> None:
-    """Fail early, with the path, when a model is neither a local directory nor (offline) a cached hub id."""
-    if cfg.random_init is not None:
-        return
-    path = resolve_path(cfg.path)
-    if Path(path).is_dir():
-        return
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local:
-        raise W2SGError(f"model {cfg.name!r}: path {path!r} does not exist")
-    # A hub id: transformers raises its own error when it is neither cached nor reachable.
+from w2sg.ml.poolings import POOLINGS, register_pooling  # noqa: F401  (register_pooling: the old place)
 
 
 class Classifier(nn.Module):
@@ -73,37 +59,6 @@ class Head(nn.Module):
         return torch.cat([self.linear(features_b), self.linear(features)], dim=-1)
 
 
-def _mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def _cls(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return h[:, 0]
-
-
-def _last(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # last non-padding token (right padding)
-    idx = mask.sum(1).long().clamp(min=1) - 1
-    return h[torch.arange(h.shape[0]), idx]
-
-
-Pooling = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-POOLINGS: Dict[str, Pooling] = {"mean": _mean, "cls": _cls, "last": _last}
-
-
-def register_pooling(name: str) -> Callable[[Pooling], Pooling]:
-    """Decorator: ``model.pooling=<name>`` (``weak.pooling=``, ``strong.pooling=``) pools with ``fn``.
-
-    ``fn(last_hidden_state [B, T, H], attention_mask [B, T]) -> features [B, H]`` (the head is H wide).
-    """
-    def deco(fn: Pooling) -> Pooling:
-        record(POOLINGS, "pooling", name, fn)
-        return fn
-
-    return deco
-
-
 def _layer_key(config: Any) -> str:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if hasattr(config, key):
@@ -115,18 +70,18 @@ def load_tokenizer(cfg: Any):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_path(tokenizer_path(cfg)),
-                                        **({} if cfg.get("tokenizer") else _revision(cfg)))
+                                        **({} if cfg.tokenizer else _revision(cfg)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def tokenizer_path(cfg: Any) -> str:
-    return cfg.get("tokenizer") or cfg.path
+    return cfg.tokenizer or cfg.path
 
 
 def _revision(cfg: Any) -> Dict[str, Any]:
-    return {"revision": cfg.revision} if cfg.get("revision") else {}
+    return {"revision": cfg.revision} if cfg.revision else {}
 
 
 def arch_config(arch: Dict[str, Any]):
@@ -149,7 +104,7 @@ def model_config(cfg: Any):
     from transformers import AutoConfig
 
     path = resolve_path(cfg.path)
-    if cfg.random_init is not None and cfg.get("arch") is not None:
+    if cfg.random_init is not None and cfg.arch is not None:
         hf_config = arch_config(cfg.arch)
     else:
         try:
@@ -175,13 +130,13 @@ def load_kwargs(cfg: Any, policy: Any, trainable: bool, pretrained: bool) -> Dic
     """from_pretrained / from_config keyword arguments: dtype, attention kernel, placement, revision.
 
     On the CPU in fp32 with the default attention this is empty: models build exactly as before the policy."""
-    from w2sg.run.device import attn_implementation
+    from w2sg.ml.device import attn_implementation
 
     kwargs: Dict[str, Any] = {}
     dtype = policy.load_dtype(trainable)
     if dtype != torch.float32:
         kwargs[_dtype_key()] = dtype
-    attn = attn_implementation(cfg.get("attn_implementation"), policy)
+    attn = attn_implementation(cfg.attn_implementation, policy)
     if attn is not None:
         kwargs["attn_implementation"] = attn
     if pretrained:
@@ -216,7 +171,7 @@ def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, p
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    from w2sg.run.device import CPU
+    from w2sg.ml.device import CPU
 
     policy = policy or CPU
     hf_logging.set_verbosity_error()  # truncation leaves unused layer weights: expected, not worth a warning
@@ -236,7 +191,7 @@ def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, p
         raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
     except (ValueError, ImportError) as e:
         raise W2SGError(f"model {cfg.name!r}: {str(e).splitlines()[0]} (attn_implementation="
-                        f"{cfg.get('attn_implementation')!r}; try {cfg.name}.attn_implementation=sdpa or eager)") from None
+                        f"{cfg.attn_implementation!r}; try {cfg.name}.attn_implementation=sdpa or eager)") from None
     model = Classifier(backbone, hidden_size(hf_config), num_classes, cfg.pooling, pairwise)
     if policy.device_map:
         model.head.to(policy.input_device)  # the backbone's output returns to the input's device

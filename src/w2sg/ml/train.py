@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from w2sg.core.errors import W2SGError
+from w2sg.core import options
+from w2sg.core.errors import Preempted, W2SGError  # noqa: F401  (Preempted: raised here)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -109,28 +110,6 @@ class TrainResult:
     resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
 
 
-class Preempted(Exception):
-    """Raised after a checkpoint was saved because SIGTERM/SIGUSR1 asked the process to stop (``scancel``, a
-    preemption, a time limit). It survives pickling, so a Slurm job's result carries it back to the launcher."""
-
-    def __init__(self, signum: int, step: int, stage: str = "", checkpoint: Optional[str] = None):
-        self.signum, self.step, self.stage, self.checkpoint = signum, step, stage, checkpoint
-        where = f"{stage} " if stage else ""
-        super().__init__(f"{where}stopped by {self.signal_name} at step {step}; checkpoint saved")
-
-    @property
-    def signal_name(self) -> str:
-        import signal
-
-        try:
-            return signal.Signals(self.signum).name
-        except ValueError:
-            return f"signal {self.signum}"
-
-    def __reduce__(self):
-        return type(self), (self.signum, self.step, self.stage, self.checkpoint)
-
-
 class Checkpointer:
     """Periodic and on-signal training checkpoints in one file, written atomically.
 
@@ -216,7 +195,9 @@ OPTIMIZERS: Dict[str, Callable[[Any, float, float], torch.optim.Optimizer]] = {
     "adafactor": _adafactor,
 }
 # keep_best metric -> True when larger is better
-BEST_METRICS = {"acc": True, "auroc": True, "loss": False}
+BEST_METRICS = {"acc": True, "auroc": True, "loss": False}  # higher is better?
+assert tuple(SCHEDULES) == options.SCHEDULES and tuple(OPTIMIZERS) == options.OPTIMIZERS
+assert tuple(BEST_METRICS) == options.BEST_METRICS
 
 
 @dataclass
@@ -238,26 +219,6 @@ class Validation:
         return {"acc": accuracy(probs, hard), "auroc": au if au is not None else float("nan"), "loss": loss}
 
 
-def check_train_settings(mode: str, optimizer: str, schedule: str, keep_best: Optional[str], val_frac: float,
-                         val_labels: str, batch_size: int, minibatch_size: Optional[int]) -> None:
-    """Errors naming the bad value and the valid ones, before anything is loaded."""
-    choices = {"train.mode": (mode, MODES), "train.optimizer": (optimizer, OPTIMIZERS),
-               "train.schedule": (schedule, SCHEDULES), "train.val_labels": (val_labels, ("weak", "ground_truth"))}
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise W2SGError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
-    if keep_best is not None and keep_best not in BEST_METRICS:
-        raise W2SGError(f"unknown train.keep_best {keep_best!r}; valid: {', '.join(BEST_METRICS)} (or null)")
-    if keep_best is not None and not 0 < val_frac < 1:
-        raise W2SGError(f"train.keep_best={keep_best} needs a validation set: set 0 < train.val_frac < 1 "
-                        f"(now {val_frac})")
-    if not 0 <= val_frac < 1:
-        raise W2SGError(f"train.val_frac must be in [0, 1), got {val_frac}")
-    if minibatch_size is not None and (minibatch_size < 1 or batch_size % minibatch_size):
-        raise W2SGError(f"train.minibatch_size={minibatch_size} must divide train.batch_size={batch_size}")
-
-
-MODES = ("full", "probe", "lora")
 
 
 def train_model(
@@ -294,7 +255,7 @@ def train_model(
     """
     from transformers import get_scheduler
 
-    from w2sg.run.device import CPU
+    from w2sg.ml.device import CPU
 
     policy = policy or CPU
     scaler = policy.grad_scaler()
@@ -418,7 +379,7 @@ def _map_batches(fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: An
                  progress: bool, desc: str, policy: Any = None) -> List[np.ndarray]:
     """Apply ``fn`` to length-sorted batches under inference_mode on the policy's device and precision; one
     output row (a CPU float32 array) per example, in input order."""
-    from w2sg.run.device import CPU
+    from w2sg.ml.device import CPU
 
     policy = policy or CPU
     order = sorted(range(len(data)), key=data.length)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from w2sg.core.graph import _plain
+from w2sg.core.config import Config
+from w2sg.core.graph import Stage
+from w2sg.core.methods import budget_spec, ensemble_members, method_spec
 from w2sg.core.plan import chain_models, plan, select, size_warnings
 from w2sg.ml.metrics import pgr
 from w2sg.results import diagnostics
 from w2sg.run.runner import Outcome, Runner, task_sizes
+from w2sg.run.tracking import Tracker
 
 log = logging.getLogger("w2sg")
 
@@ -20,16 +23,28 @@ def _pgr_entry(weak: float, w2s: float, ceiling: float) -> Dict[str, Any]:
     return {"pgr": value, "pgr_reason": reason} if reason else {"pgr": value}
 
 
-def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
+def run(cfg: Config, runner: Runner, tracker: Optional[Tracker] = None) -> Dict[str, Any]:
+    """One experiment, in order: plan its stages, run the selected ones through the store, assemble its metrics
+    (metrics.json), and log it to ``tracker`` in one call (the stages' own runs are logged as they train)."""
     warnings = size_warnings(cfg)
     for warning in warnings:
         log.warning(warning)
     stages = plan(cfg)
     selected = select(cfg, stages)
-    subset = len(selected) < len(stages)  # stages=[...]: part of the experiment, not a result with PGR
     outcomes: Dict[str, Outcome] = {
         name: runner.run(stage, force=name in cfg.recompute) for name, stage in selected.items()}
     runner.release_weights(selected.values())  # store.keep_weights: e.g. the weak model's, once its labels are stored
+    metrics = experiment_metrics(cfg, runner, stages, selected, outcomes, warnings)
+    if tracker is not None and tracker.enabled and not metrics.get("subset"):
+        track_experiment(cfg, tracker, metrics, computed=any(not o.reused for o in runner.outcomes.values()))
+    return metrics
+
+
+def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], selected: Dict[str, Stage],
+                       outcomes: Dict[str, Outcome], warnings: List[str]) -> Dict[str, Any]:
+    """metrics.json of an experiment from its stages' outcomes: accuracies, PGR (with its CI over test examples),
+    diagnostics, method and chain results, and the settings that tell it apart in reports."""
+    subset = len(selected) < len(stages)  # stages=[...]: part of the experiment, not a result with PGR
 
     def ran(name: str, metric: str) -> Any:  # None for a stage that did not run
         return outcomes[name].metrics[metric] if name in outcomes else None
@@ -38,10 +53,10 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
     auroc = {k: ran(k, "auroc") for k in ("weak", "ceiling", "w2s")}
     metrics: Dict[str, Any] = {
         "task": cfg.task.name,
-        "loss": cfg.loss.name,
-        "seed": int(cfg.seed),
-        "weak": {"model": cfg.weak.name, "params": int(cfg.weak.params), "size": cfg.weak.size},
-        "strong": {"model": cfg.strong.name, "params": int(cfg.strong.params), "size": cfg.strong.size},
+        "loss": cfg.loss["name"],
+        "seed": cfg.seed,
+        "weak": {"model": cfg.weak.name, "params": cfg.weak.params, "size": cfg.weak.size},
+        "strong": {"model": cfg.strong.name, "params": cfg.strong.params, "size": cfg.strong.size},
         "acc": acc,
         "auroc": auroc,
         "weak_label_acc": ran("weak_labels", "acc"),
@@ -67,19 +82,17 @@ def run(cfg: Any, runner: Runner) -> Dict[str, Any]:
 
     metrics["settings"] = settings_of_stages(stages)  # what tells this experiment apart in reports
     metrics["settings"].update(method_settings(cfg))
-    if runner.tracker.enabled:
-        track_experiment(cfg, runner, metrics)
     return metrics
 
 
-def method_metrics(cfg: Any, outcomes: Dict[str, Outcome], acc: Dict[str, Any], auroc: Dict[str, Any],
+def method_metrics(cfg: Config, outcomes: Dict[str, Outcome], acc: Dict[str, Any], auroc: Dict[str, Any],
                    subset: bool) -> Dict[str, Any]:
     """labels= / budget=: the training set's size and label accuracy (``train_labels``); s2s=N: ``acc.s2s<i>``
     (added to ``acc`` and ``auroc``) and ``s2s`` with the last iteration's PGR."""
     out: Dict[str, Any] = {}
     if "train_labels" in outcomes:
         out["train_labels"] = outcomes["train_labels"].metrics
-    n = int(cfg.s2s)
+    n = cfg.s2s
     if n:
         for i in range(1, n + 1):
             o = outcomes.get(f"s2s{i}")
@@ -91,13 +104,11 @@ def method_metrics(cfg: Any, outcomes: Dict[str, Outcome], acc: Dict[str, Any], 
     return out
 
 
-def method_settings(cfg: Any) -> Dict[str, Any]:
+def method_settings(cfg: Config) -> Dict[str, Any]:
     """labels=, budget= and s2s= as report settings, only where they differ from the plain run (so the settings of
     plain runs are as before)."""
-    from w2sg.ml.methods import budget_spec, ensemble_members, method_spec
-
     out: Dict[str, Any] = {}
-    method = method_spec(_plain(cfg.labels))
+    method = method_spec(cfg.labels)
     if method["name"] != "none":
         out.update({f"labels.{k}": v for k, v in method.items()})
     if method["name"] == "ensemble":
@@ -105,12 +116,12 @@ def method_settings(cfg: Any) -> Dict[str, Any]:
     budget = budget_spec(cfg.budget)
     if budget is not None:
         out.update({f"budget.{k}": v for k, v in budget.items()})
-    if int(cfg.s2s):
-        out["s2s.iterations"] = int(cfg.s2s)
+    if cfg.s2s:
+        out["s2s.iterations"] = cfg.s2s
     return out
 
 
-def track_experiment(cfg: Any, runner: Runner, metrics: Dict[str, Any]) -> None:
+def track_experiment(cfg: Config, tracker: Tracker, metrics: Dict[str, Any], computed: bool) -> None:
     """The experiment's own W&B run (grouped with its stages' runs): accuracies, PGR and settings."""
     from w2sg.run.tracking import experiment_run_id
 
@@ -133,12 +144,11 @@ def track_experiment(cfg: Any, runner: Runner, metrics: Dict[str, Any]) -> None:
               "stage_keys": {name: s["key"] for name, s in metrics["stages"].items()}}
     name = (f"{metrics['weak']['model']}->{metrics['strong']['model']} {metrics['loss']} seed {metrics['seed']}"
             + (f" chain {cfg.chain.name}" if cfg.chain is not None else ""))
-    computed = any(not o.reused for o in runner.outcomes.values())
-    runner.tracker.experiment_run(experiment_run_id(s["key"] for s in metrics["stages"].values()), name, config,
-                                  summary, computed)
+    tracker.experiment_run(experiment_run_id(s["key"] for s in metrics["stages"].values()), name, config, summary,
+                           computed)
 
 
-def chain_report(cfg: Any, outcomes: Dict[str, Outcome], acc: Dict[str, float]) -> Dict[str, Any]:
+def chain_report(cfg: Config, outcomes: Dict[str, Outcome], acc: Dict[str, float]) -> Dict[str, Any]:
     """Per link: teacher, student, accuracies and PGR of the link; end to end vs the direct M1 -> Mn run."""
     models = chain_models(cfg)
     links = []

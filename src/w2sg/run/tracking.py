@@ -70,14 +70,19 @@ def _reinit() -> Any:
 
 class Tracker:
     def __init__(self, logger_cfg: Any, group: Optional[str]):
-        self.cfg = logger_cfg
-        self.enabled = bool(logger_cfg is not None and logger_cfg.get("enabled", True))
-        self.mode = resolve_mode(logger_cfg.get("mode")) if self.enabled else "disabled"
+        self.cfg = logger_cfg  # a LoggerConfig (w2sg.core.config)
+        self.enabled = bool(logger_cfg is not None and self._opt("enabled", True))
+        self.mode = resolve_mode(self._opt("mode")) if self.enabled else "disabled"
         if self.mode == "disabled":
             self.enabled = False
-        self.group = logger_cfg.get("group") or group if self.enabled else None
+        self.group = self._opt("group") or group if self.enabled else None
         self._failed = False
 
+
+    def _opt(self, name: str, default: Any = None) -> Any:
+        """A logger setting (``default`` when it is not set)."""
+        value = getattr(self.cfg, name, None)
+        return default if value is None else value
     def _call(self, fn) -> Any:
         if not self.enabled or self._failed:
             return None
@@ -94,10 +99,10 @@ class Tracker:
         import wandb
 
         return wandb.init(
-            project=self.cfg.project, entity=self.cfg.get("entity"), id=key, name=name, resume="allow",
-            group=self.group, job_type=job_type, config=config, tags=list(self.cfg.get("tags") or []),
-            mode=self.mode, dir=self.cfg.get("dir"), reinit=_reinit(),
-            settings=wandb.Settings(silent=True, init_timeout=float(self.cfg.get("init_timeout", 60))),
+            project=self.cfg.project, entity=self._opt("entity"), id=key, name=name, resume="allow",
+            group=self.group, job_type=job_type, config=config, tags=list(self._opt("tags") or []),
+            mode=self.mode, dir=self._opt("dir"), reinit=_reinit(),
+            settings=wandb.Settings(silent=True, init_timeout=float(self._opt("init_timeout", 60))),
         )
 
     @contextmanager
@@ -112,7 +117,7 @@ class Tracker:
     def has_local_run(self, run_id: str) -> bool:
         """Whether W&B's folder (``<logger.dir or $WANDB_DIR or .>/wandb``, or ``.wandb``) holds a run folder
         (offline or online) with this id."""
-        root = Path(self.cfg.get("dir") or os.environ.get("WANDB_DIR") or ".").expanduser()
+        root = Path(self._opt("dir") or os.environ.get("WANDB_DIR") or ".").expanduser()
         return any(p.is_dir() for sub in ("wandb", ".wandb") for p in (root / sub).glob(f"*run-*-{run_id}"))
 
     def experiment_run(self, run_id: str, name: str, config: Dict[str, Any], summary: Dict[str, Any],

@@ -1,0 +1,262 @@
+"""The body of each stage kind: what a stage computes once its inputs are stored (``BODIES``, by w2sg.core.graph.Kind).
+
+Each body is ``fn(runner, stage, out)``: it reads its inputs through the runner (the task's data, token ids,
+stored features, trained models) and writes its outputs (metrics.json, arrays, weights) into ``out``, a stage
+folder the store renames into place when the body returns. Adding a stage kind: a ``Kind`` member and a builder
+in w2sg.core.graph, and a body here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+from w2sg.core.graph import Kind, Stage
+from w2sg.core.store import StageDir
+
+if TYPE_CHECKING:
+    from w2sg.run.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+def build_model(runner: "Runner", stage: Stage):
+    """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe)."""
+    from w2sg.ml.models import (
+        add_lora,
+        build_head,
+        build_model,
+        enable_gradient_checkpointing,
+    )
+
+    num_classes, tspec = runner.cfg.task.num_classes, stage.spec["train"]
+    seed = runner.model_seed(stage)
+    if tspec["mode"] == "probe":
+        return runner.policy.place(build_head(stage.model, num_classes, seed, runner.pairwise))
+    if runner.policy.device != "cpu":
+        runner._models.clear()  # free the GPU of the last trained model (the store has it)
+    runner.check_memory(stage, tspec["mode"], int(tspec.get("minibatch_size") or tspec["batch_size"]))
+    model = build_model(stage.model, num_classes, seed, runner.pairwise, runner.policy,
+                        trainable=tspec["mode"] == "full")
+    runner.load_init(stage, model)
+    if runner.policy.gradient_checkpointing:
+        enable_gradient_checkpointing(model.backbone)
+    if tspec["mode"] == "lora":
+        lora = tspec["lora"]
+        add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
+    return model
+
+
+def validation_split(runner: "Runner", stage: Stage, data: Any, soft: Any, part: str, rows: Optional[Any] = None):
+    """Hold out ``val_frac`` of the training part (seeded); return (train data, train labels, Validation).
+    ``rows``: the rows of the part that ``data`` holds (a transformed training set), None for all."""
+    import numpy as np
+
+    from w2sg.ml.train import Validation
+
+    tspec = stage.spec["train"]
+    n_val = int(round(tspec["val_frac"] * len(soft)))
+    if n_val == 0:
+        return data, soft, None
+    perm = np.random.RandomState(runner.cfg.seed).permutation(len(soft))
+    val_idx, train_idx = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
+    val_y = soft[val_idx]
+    if part == "weak" and tspec["val_labels"] == "ground_truth":  # judge against ground truth (an oracle)
+        truth = [runner.data.weak[i if rows is None else int(rows[i])][1] for i in val_idx]
+        val_y = np.eye(runner.cfg.task.num_classes, dtype=np.float32)[truth]
+    validation = Validation(data.subset(val_idx), val_y, tspec["eval_every"], tspec["keep_best"])
+    return data.subset(train_idx), soft[train_idx], validation
+
+
+def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
+    import numpy as np
+
+    from w2sg.ml.losses import make_loss
+    from w2sg.ml.metrics import accuracy, auroc
+    from w2sg.ml.models import count_params, merge_lora
+    from w2sg.ml.train import Checkpointer, predict, train_model
+
+    cfg, data = runner.cfg, runner.data
+    num_classes = cfg.task.num_classes
+    rows = None  # the rows of the weak-label half a transformed training set holds (None: all)
+    if "labels" in stage.inputs:
+        part = "weak"
+        soft, rows = training_labels(runner, stage.inputs["labels"])
+    else:
+        part = "gt"
+        soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
+    model = build_model(runner, stage)
+    pad_id = runner.tokenizer(stage.model).pad_token_id
+    tspec = stage.spec["train"]
+    inputs = runner.inputs_of(stage, part)
+    inputs = inputs if rows is None else inputs.subset(rows.tolist())
+    train_data, train_y, validation = validation_split(runner, stage, inputs, soft, part, rows)
+    ckpt_path = runner.store.partial_dir(stage.key) / "checkpoint.pt"
+    with Checkpointer(str(ckpt_path), cfg.train.checkpoint_every) as ckpt, \
+            runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+        result = train_model(
+            model, train_data, train_y, make_loss(stage.spec["loss"]),
+            epochs=tspec["epochs"], batch_size=tspec["batch_size"], lr=tspec["lr"], pad_id=pad_id,
+            seed=runner.model_seed(stage), minibatch_size=tspec.get("minibatch_size"),
+            optimizer=tspec["optimizer"],
+            weight_decay=tspec["weight_decay"], warmup_frac=tspec["warmup_frac"],
+            schedule=tspec["schedule"], validation=validation,
+            eval_batch_size=runner.eval_batch_size(stage.model), progress=cfg.progress, desc=stage.label,
+            checkpointer=ckpt, on_log=wb.log, policy=runner.policy,
+        )
+        if result.resumed_from:
+            log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
+        trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        adapter = adapter_state(model) if tspec["mode"] == "lora" else None
+        merge_lora(model)
+        test_y = [y for _, y in data.test]
+        probs = predict(model, runner.inputs_of(stage, "test"),
+                        batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id, progress=cfg.progress,
+                        desc=f"{stage.label} test", policy=runner.policy)
+        transfer_probs = None
+        if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.results.diagnostics)
+            transfer_probs = predict(model, runner.inputs_of(stage, "weak"),
+                                     batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id,
+                                     progress=cfg.progress, desc=f"{stage.label} transfer",
+                                     policy=runner.policy)
+        metrics = {
+            "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
+            "n_test": len(test_y), "history": result.history, "trained_params": trained_params,
+            # the predicting model's size (a probe's backbone ran in the features stage)
+            "params": stage.model.params if tspec["mode"] == "probe" else count_params(model),
+            "resumed_from_step": result.resumed_from, "task_sizes": runner.task_sizes(),
+        }
+        if validation is not None:
+            metrics.update(n_val=len(validation.labels), val_labels=tspec.get("val_labels", "ground_truth"),
+                           evals=result.evals, best=result.best)
+        wb.log({"eval/acc": metrics["acc"], "eval/auroc": metrics["auroc"], "epoch": len(result.history)})
+        wb.summary({k: v for k, v in metrics.items() if k not in ("history", "evals")})
+    out.write_array("test_probs", probs)
+    if transfer_probs is not None:
+        out.write_array("transfer_probs", transfer_probs)
+    out.write_json("metrics.json", metrics)
+    save_weights(runner, stage, model, adapter, out)
+    runner._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+
+
+def training_labels(runner: "Runner", labels: Stage):
+    """(soft labels, rows of the weak-label half or None for all) of a labels or transform stage."""
+    sd = runner.store.get(labels.key)
+    rows = sd.read_array("rows") if sd.file("rows.npy").exists() else None
+    return sd.read_array("probs"), rows
+
+
+def transform(runner: "Runner", stage: Stage, out: StageDir) -> None:
+    """The w2s stage's training set (w2sg.ml.methods): averaged members, budget rows, the labels= method."""
+    import numpy as np
+
+    from w2sg.ml.methods import average, build_training_set, training_set_metrics
+
+    members = [runner.store.get(dep.key).read_array("probs") for name, dep in sorted(stage.inputs.items())
+               if name == "labels" or name.startswith("member")]
+    probs = members[0] if len(members) == 1 else average(members)
+    features = None
+    if "features" in stage.inputs:
+        sd = runner.store.get(stage.inputs["features"].key)
+        features = sd.read_array("weak")
+        if sd.file("weak_b.npy").exists():  # a pair's features: the difference of its two texts'
+            features = features - sd.read_array("weak_b")
+    truth = [y for _, y in runner.data.weak]
+    ts = build_training_set(stage.spec, probs, features, truth)
+    metrics = {"method": stage.spec["method"]["name"], **training_set_metrics(ts, probs, truth)}
+    with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+        wb.summary({f"label_{k}": v for k, v in metrics.items()})
+    out.write_array("probs", ts.probs)
+    out.write_array("rows", ts.rows.astype(np.int64))
+    out.write_array("ground_truth", ts.ground_truth)
+    out.write_json("metrics.json", metrics)
+
+
+def adapter_state(model: Any) -> Dict[str, Any]:
+    """LoRA: what training changed (the adapters and the head), before the adapters are merged."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_weights(runner: "Runner", stage: Stage, model: Any, adapter: Optional[Dict[str, Any]], out: StageDir) -> None:
+    """A train stage's weights: LoRA stores its adapters and head only (adapter.safetensors; _load_trained
+    rebuilds the base model and merges them, as training did); a full finetune stores the model with its
+    backbone in the compute dtype (fp32 on the CPU: as trained), and keeps that model for the labels stage, so
+    labels are the same whether they are computed now or from the store later; a probe stores its head."""
+    from safetensors.torch import save_file, save_model
+
+    if adapter is not None:
+        save_file(adapter, str(out.file("adapter.safetensors")))
+        return
+    if stage.spec["train"]["mode"] == "full" and runner.policy.precision != "fp32":
+        model.backbone.to(runner.policy.dtype)  # the master weights were fp32 for training only
+    save_model(model, str(out.file("model.safetensors")))
+
+
+def features(runner: "Runner", stage: Stage, out: StageDir) -> None:
+    """Pooled last-layer features of the frozen model for gt, weak and test (and each pair's second text)."""
+    from w2sg.ml.models import build_model
+    from w2sg.ml.train import extract_features
+
+    runner.check_memory(stage, "inference", runner.eval_batch_size(stage.model))
+    model = build_model(stage.model, runner.cfg.task.num_classes, runner.cfg.seed, policy=runner.policy,
+                        trainable=False)
+    runner.load_init(stage, model)
+    pad_id = runner.tokenizer(stage.model).pad_token_id
+    shapes = {}
+    for part in ("gt", "weak", "test"):
+        x, x_b = extract_features(model, runner.encode(stage.model, part), batch_size=runner.eval_batch_size(stage.model),
+                                  pad_id=pad_id, progress=runner.cfg.progress, desc=f"{stage.label} {part}",
+                                  policy=runner.policy)
+        out.write_array(part, x)
+        if x_b is not None:
+            out.write_array(f"{part}_b", x_b)
+        shapes[part] = list(x.shape)
+    out.write_json("metrics.json", {"shapes": shapes})
+
+
+def lm(runner: "Runner", stage: Stage, out: StageDir) -> None:
+    from safetensors.torch import save_file
+
+    from w2sg.ml.generative import finetune_lm
+
+    texts = [t for part in (runner.data.gt, runner.data.weak) for x, _ in part
+             for t in (x if isinstance(x, tuple) else (x,))]
+    g = stage.spec["generative"]
+    runner.check_memory(stage, "full", g["batch_size"])
+    with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+        result = finetune_lm(stage.model, runner.tokenizer(stage.model), texts, objective=g["objective"],
+                             epochs=g["epochs"], batch_size=g["batch_size"], lr=g["lr"],
+                             max_length=stage.spec["max_length"], mlm_probability=g["mlm_probability"],
+                             seed=runner.cfg.seed, progress=runner.cfg.progress, desc=stage.label,
+                             policy=runner.policy)
+        for entry in result["history"]:
+            wb.log({f"lm/{k}": v for k, v in entry.items()})
+        metrics = {"objective": result["objective"], "n_texts": len(texts), "history": result["history"]}
+        wb.summary({"objective": result["objective"], "final_loss": result["history"][-1]["loss"]})
+    save_file({k: v.contiguous() for k, v in result["state"].items()}, str(out.file("backbone.safetensors")))
+    out.write_json("metrics.json", metrics)
+
+
+def labels(runner: "Runner", stage: Stage, out: StageDir) -> None:
+    from w2sg.ml.metrics import accuracy, auroc
+    from w2sg.ml.train import predict
+
+    trained = stage.inputs["model"]
+    model = runner.load_trained(trained)
+    data = runner.data
+    probs = predict(model, runner.inputs_of(trained, "weak"), policy=runner.policy,
+                    batch_size=runner.eval_batch_size(trained.model),
+                    pad_id=runner.tokenizer(trained.model).pad_token_id, progress=runner.cfg.progress,
+                    desc=stage.label)
+    gt = [y for _, y in data.weak]
+    # how good the labels are against the (hidden) ground truth of that half
+    metrics = {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt)}
+    with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+        wb.summary({f"label_{k}": v for k, v in metrics.items()})
+    out.write_array("probs", probs)
+    out.write_json("metrics.json", metrics)
+
+
+BODIES: Dict[Kind, Callable[["Runner", Stage, StageDir], None]] = {
+    Kind.TRAIN: train, Kind.LABELS: labels, Kind.FEATURES: features, Kind.LM: lm, Kind.TRANSFORM: transform,
+}
