@@ -258,9 +258,11 @@ def _task_section(options: Sequence[Option], default: Tuple[Optional[str], str])
         b = o.body
         splits = b.get("splits") or {"train": "train", "test": "test"}
         split_text = ", ".join(f"{k}: {_value(v)}" for k, v in splits.items())
-        rows.append([f"`{o.name}`", _code(b.get("kind", "template")), _code(b.get("dataset")), _cell(split_text),
+        dataset = _code(b.get("dataset")) + "".join(
+            f" {k} {_code(b[k])}" for k in ("subset", "load_kwargs") if b.get(k) is not None)
+        rows.append([f"`{o.name}`", _code(b.get("kind", "template")), dataset, _cell(split_text),
                      _cell(describe(o.path))])
-    return lines + _table(["option", "kind", "dataset", "splits", "description"], rows)
+    return lines + _table(["option", "kind", "dataset (subset, load_kwargs)", "splits", "description"], rows)
 
 
 def _sweep_section(options: Sequence[Option], default: Tuple[Optional[str], str]) -> List[str]:
