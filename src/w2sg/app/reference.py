@@ -66,6 +66,7 @@ def _value(v: Any) -> str:
 
 
 def _code(v: Any) -> str:
+    """A config value as inline code, safe inside a table cell."""
     return f"`{_value(v)}`".replace("|", "\\|")
 
 
@@ -80,6 +81,7 @@ def _count(n: Any) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    """A Markdown table (cells already escaped)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -111,6 +113,7 @@ def describe(path: Path) -> str:
 
 
 def _flatten(node: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
+    """(dotted key, leaf value) pairs of a nested mapping; an empty mapping below the root is a leaf."""
     if isinstance(node, dict) and (node or not prefix):
         for k, v in node.items():
             yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
@@ -139,6 +142,7 @@ class Option:
 
     @classmethod
     def read(cls, group: str, path: Path) -> "Option":
+        """Read one option's YAML file as written (interpolations unresolved)."""
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         assert isinstance(raw, dict), path
         defaults = raw.pop("defaults", []) or []
@@ -233,10 +237,12 @@ def primary_defaults() -> Dict[str, Tuple[Optional[str], str]]:
 
 
 def _options_line(options: Sequence[Option]) -> str:
+    """The options of a group as inline code, comma-separated."""
     return ", ".join(f"`{o.name}`" for o in options)
 
 
 def _model_section(options: Sequence[Option], defaults: Dict[str, Tuple[Optional[str], str]]) -> List[str]:
+    """The model catalogue: weak= and strong= pick from the same files (conf/model/)."""
     weak, strong = defaults.get("weak", (None, ""))[0], defaults.get("strong", (None, ""))[0]
     lines = ["### `weak=`, `strong=`: the model catalogue (conf/model/)", "",
              f"Defaults: `weak={weak}`, `strong={strong}`. `weak/` and `strong/` link to conf/model/, so both groups "
@@ -252,6 +258,7 @@ def _model_section(options: Sequence[Option], defaults: Dict[str, Tuple[Optional
 
 
 def _task_section(options: Sequence[Option], default: Tuple[Optional[str], str]) -> List[str]:
+    """Tasks: where each loads its data from and its splits."""
     lines = ["### `task=` (conf/task/)", "", f"Default: `task={default[0]}`. Fields: `TaskConfig` below.", ""]
     rows = []
     for o in options:
@@ -266,6 +273,7 @@ def _task_section(options: Sequence[Option], default: Tuple[Optional[str], str])
 
 
 def _sweep_section(options: Sequence[Option], default: Tuple[Optional[str], str]) -> List[str]:
+    """Sweeps: each file's grid and the values it sets for every job."""
     lines = ["### `sweep=` (sweeps/, linked as conf/sweep)", "",
              "Use with `-m`: `w2sg -m sweep=<name> [overrides]`. A sweep file holds its grid in "
              "`hydra.sweeper.params`; any other values it sets apply to every job.", ""]
@@ -279,6 +287,7 @@ def _sweep_section(options: Sequence[Option], default: Tuple[Optional[str], str]
 
 
 def _generic_section(group: str, options: Sequence[Option], default: Tuple[Optional[str], str]) -> List[str]:
+    """Any other group: description and the values each option sets."""
     where = {"launcher": "launchers/, linked as conf/launcher"}.get(group, f"conf/{group}/")
     lines = [f"### `{group}=` ({where})", ""]
     choice, comment = default
@@ -295,6 +304,7 @@ def _generic_section(group: str, options: Sequence[Option], default: Tuple[Optio
 
 
 def groups_part() -> List[str]:
+    """The first part: a summary table of every group, then one section per group."""
     schema.register()  # the schema dataclasses in Hydra's ConfigStore (options are compared with them)
     found = groups()
     defaults = primary_defaults()
@@ -456,6 +466,7 @@ def schema_paths(root: type = schema.Config) -> Dict[str, List[str]]:
 
 
 def _schema_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's own default (``???`` when it has none)."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
@@ -472,6 +483,7 @@ def _range(key: str, field_name: str, cls_name: str) -> str:
 
 
 def _interval(bounds: tuple) -> str:
+    """(low, high, low inclusive, high inclusive) as an interval, e.g. ``range [0, 1)``."""
     low, high, low_in, high_in = bounds
     left = ("[" if low_in else "(") + ("-∞" if low is None else str(low))
     right = ("∞" if high is None else str(high)) + ("]" if high_in and high is not None else ")")
@@ -525,6 +537,7 @@ def _default_cell(key: str, f: dataclasses.Field, composed: Dict[str, Any], shar
 
 
 def options_part() -> List[str]:
+    """The second part: one table per schema dataclass, every field with its full key."""
     source = Path(schema.__file__).read_text(encoding="utf-8")
     classes = schema_classes(source)
     paths = schema_paths()
@@ -587,6 +600,7 @@ def render() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write docs/reference.md, or with --check say whether it is up to date (exit 1 if not)."""
     parser = argparse.ArgumentParser(prog="python -m w2sg.app.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: docs/reference.md)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from a fresh rendering")
