@@ -242,7 +242,7 @@ class Runner:
         inputs = self.inputs_of(stage, part)
         inputs = inputs if rows is None else inputs.subset(rows.tolist())
         train_data, train_y, validation = self._validation(stage, inputs, soft, part, rows)
-        ckpt_path = self.store.partial_dir(stage.key) / "checkpoint.pt"
+        ckpt_path = self.store.checkpoint_path(stage.key)
         with Checkpointer(str(ckpt_path), int(cfg.train.checkpoint_every)) as ckpt, \
                 self.tracker.stage_run(stage.key, stage.label, stage.role, self.tracker_config(stage)) as wb:
             result = train_model(
