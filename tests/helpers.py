@@ -143,3 +143,19 @@ def check_results(m: Dict[str, Any], store: Path, labels: Sequence[int]) -> None
     else:
         assert (m["pgr"], m["pgr_reason"]) == (
             None, f"ceiling ({ceiling:.4f}) does not exceed weak ({weak:.4f}): no gap to recover")
+
+
+def walked_sizes(root: Path) -> Dict[str, int]:
+    """The store's sizes measured file by file (what Store.sizes gives from the DONE markers)."""
+    from w2sg.core.store import BACKBONE_FILE, FREED, WEIGHT_FILES
+
+    total = weights = freed = 0
+    for dirpath, _, files in os.walk(root):
+        in_stage = os.path.dirname(dirpath) == str(root / "stages")
+        for name in files:
+            size = os.stat(os.path.join(dirpath, name)).st_size
+            total += size
+            weights += size if in_stage and name in WEIGHT_FILES + (BACKBONE_FILE,) else 0
+            freed += in_stage and name == FREED
+    return {"total": total, "weights": weights, "freed": freed}
+

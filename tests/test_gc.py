@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import walked_sizes
 from safetensors.torch import load_file
 
 from w2sg.app.config import resolve
@@ -100,12 +101,14 @@ def test_gc_frees_weights_no_stage_needs_and_reports_the_bytes(tmp_path, capsys)
     assert weak.exists(), "a dry run frees nothing"
     line = store_size_line(Store(store_dir))
     assert line.startswith("store size: ") and "of which weights" in line and "freed" not in line.split("(")[0]
+    assert Store(store_dir).sizes() == walked_sizes(store_dir)  # read from the DONE markers, equal to measuring
     assert gc(["--store", str(store_dir)]) == 0
     assert f"({size} bytes) of weights of 1 stages" in capsys.readouterr().out
     assert not weak.exists() and (weak.parent / "test_probs.npy").exists()
     for kept in ("ceiling", "w2s"):
         assert (stage_dir(store_dir, metrics, kept) / "model.safetensors").exists()
     assert "weights of 1 stages freed" in store_size_line(Store(store_dir))
+    assert Store(store_dir).sizes() == walked_sizes(store_dir)
     assert gc(["--store", str(store_dir)]) == 0 and "freed 0 B (0 bytes)" in capsys.readouterr().out
     again, _ = run(store_dir, "store.keep_weights=all")
     assert again["acc"] == metrics["acc"] and all(s["reused"] for s in again["stages"].values())

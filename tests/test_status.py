@@ -1,6 +1,9 @@
-"""`w2sg status`: running stages from their lock, seed and loss columns, one meaning of --kind, fast store view."""
+"""`w2sg status`: running stages from their lock, seed and loss columns, one meaning of --kind, roles as stored
+(or from the label, for older stages), fast store view without heavy imports, one line per run of a sweep."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from helpers import TINY, compose
@@ -115,16 +118,34 @@ def test_kind_is_the_stage_kind_in_both_views_and_role_the_part(store, capsys):
         status.main(["--kind", "w2s"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert "unknown kind 'w2s'; valid: train, labels, features, lm; 'w2s' is a role: use --role w2s" in err
+    assert "unknown kind 'w2s'; valid: train, labels, transform, features, lm; 'w2s' is a role: use --role w2s" in err
     with pytest.raises(SystemExit):
         status.main(["--role", "wek"])
-    assert "unknown role 'wek'; valid: weak, ceiling, w2s, link, labels, features, lm" in capsys.readouterr().err
+    assert ("unknown role 'wek'; valid: weak, ceiling, w2s, link, s2s, labels, transform, features, lm"
+            in capsys.readouterr().err)
 
 
 def test_roles_in_the_store_view_match_the_plan():
-    for overrides in (TINY + ["chain=tiny"], PROBE_LM):
+    for overrides in (TINY + ["chain=tiny"], TINY + ["s2s=2"], PROBE_LM):
         for stage in _stages(overrides).values():
             assert status.role_of(stage.kind, stage.label) == stage.role, stage.label
+
+
+def test_the_role_is_the_stored_one_and_from_the_label_only_for_stages_stored_without(store, capsys):
+    s = Store(store)
+    recorded = _store_fake(s, 0, "xent", 0.5, label="s2s1:tiny_random_l2")
+    done = store / "stages" / recorded / "DONE"
+    # as stages record their role: the summary's, not the label's (which would give s2s)
+    done.write_text(json.dumps({**json.loads(done.read_text()), "role": "w2s", "side": "strong"}))
+    older = _store_fake(s, 1, "xent", 0.6, label="ceiling2:tiny_random_l2")
+    marker = json.loads((store / "stages" / older / "DONE").read_text())
+    marker.pop("role", None), marker.pop("side", None)  # as stored before stages recorded their role
+    (store / "stages" / older / "DONE").write_text(json.dumps(marker))
+    rows = _rows(s)
+    assert (rows[recorded]["role"], rows[older]["role"]) == ("w2s", "ceiling")
+    assert status.main(["--role", "w2s"]) == 0
+    out = capsys.readouterr().out
+    assert recorded[:12] in out and older[:12] not in out and "1 stages: 1 done" in out
 
 
 def test_the_store_view_reads_the_done_marker_alone_and_older_stages_in_full(store, monkeypatch):
@@ -147,3 +168,85 @@ def test_the_store_view_resolves_the_store_as_a_run_does(store, monkeypatch):
     assert status.default_store_dir() == compose([]).store_dir == str(store)
     monkeypatch.delenv("W2SG_STORE")
     assert status.default_store_dir() == compose([]).store_dir
+
+
+def test_runs_shows_each_job_of_a_sweep_with_its_stage_counts(store, capsys):
+    sweep = ["-m", "--runs", "sweep=tiny_grid"]
+    jobs = {tuple(o for o in job if not o.startswith("sweep=")): job for job in status.expand_sweep(sweep[2:])}
+    stages = {job: plan(compose(full)) for job, full in jobs.items()}
+    first, running = ("weak=tiny_random", "strong=tiny_random_l3"), ("weak=tiny_random_l2", "strong=tiny_random_l4")
+    assert set(jobs) == {(f"weak={w}", f"strong={s}") for w in ("tiny_random", "tiny_random_l2")
+                         for s in ("tiny_random_l3", "tiny_random_l4")}
+    s = Store(store)
+    for stage in stages[first].values():  # the first job is complete: the others share its weak or ceiling stages
+        s.compute(stage.key, _meta(stage), lambda out: out.write_json("metrics.json", {"acc": 0.5}))
+
+    def table(*options):
+        assert status.main([*sweep, *options]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "overrides of every run: sweep=tiny_grid"
+        assert lines[1].split() == ["JOB", "STAGES", "DONE", "RUNNING", "INTERRUPTED", "MISSING", "OVERRIDES"]
+        rows = {tuple(line.split()[6:]): tuple(map(int, line.split()[1:6])) for line in lines[2:-2]}
+        return rows, lines[-1]
+
+    seen = {}
+
+    def while_running(out):  # the ceiling of tiny_random_l4, computed now (its lock held)
+        seen["all"], seen["running"] = table(), table("--state", "running")
+        out.write_json("metrics.json", {"acc": 0.5})
+
+    ceiling = stages[running]["ceiling"]
+    s.compute(ceiling.key, _meta(ceiling), while_running)
+    rows, last = seen["all"]
+    assert rows == {first: (4, 4, 0, 0, 0),  # stages, done, running, interrupted, missing
+                    ("weak=tiny_random", "strong=tiny_random_l4"): (4, 2, 1, 0, 1),
+                    ("weak=tiny_random_l2", "strong=tiny_random_l3"): (4, 1, 0, 0, 3),
+                    running: (4, 0, 1, 0, 3)}
+    assert last.startswith("4 runs: 1 complete, 3 partly done, 0 not started  (store: ")
+    assert set(seen["running"][0]) == {("weak=tiny_random", "strong=tiny_random_l4"), running}
+    rows, last = table("--role", "ceiling")  # the filters choose the stages counted
+    assert rows == {first: (1, 1, 0, 0, 0), ("weak=tiny_random", "strong=tiny_random_l4"): (1, 1, 0, 0, 0),
+                    ("weak=tiny_random_l2", "strong=tiny_random_l3"): (1, 1, 0, 0, 0), running: (1, 1, 0, 0, 0)}
+    assert last.startswith("4 runs: 4 complete, 0 partly done, 0 not started")
+    with pytest.raises(SystemExit) as exit_:
+        status.main(["--runs"])
+    assert exit_.value.code == 2 and "--runs lists the runs of a sweep" in capsys.readouterr().err
+
+
+def test_help_documents_the_runs_view(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        status.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "w2sg status -m --runs <overrides incl. sweep=<name>>" in out and "--runs  " in out
+
+
+HEAVY = ("omegaconf", "hydra", "numpy", "filelock", "torch", "pandas")
+
+
+def test_the_store_view_imports_nothing_heavy(store):
+    s = Store(store)
+    key = _store_fake(s, 0, "xent", 0.5)
+    code = ("import sys\nfrom w2sg.app import entry\nsys.argv = ['w2sg', 'status']\ntry:\n    entry.main()\n"
+            f"except SystemExit as e:\n    print('exit', e.code)\nprint([m for m in {HEAVY!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert key[:12] in proc.stdout and "1 stages: 1 done" in proc.stdout
+    assert lines[-2:] == ["exit 0", "[]"], proc.stdout
+
+
+@pytest.mark.parametrize("value", [
+    "${oc.env:W2SG_STORE,${oc.env:HOME}/.cache/w2sg/store}", "/srv/w2sg", "${oc.env:HOME}/s",
+    "${oc.env:W2SG_STORE,/a}/b/${oc.env:HOME}", "${oc.env:NOT_SET_HERE,/a}/b/${oc.env:HOME,/h}", "'/quoted/${oc.env:HOME}'",
+    "${oc.env:NOT_SET_HERE,null}/x"])
+def test_the_store_dir_read_without_omegaconf_is_the_one_omegaconf_resolves(tmp_path, monkeypatch, value):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "config.yaml").write_text(f"defaults:\n  - _self_\nstore_dir: {value}  # where stages go\nseed: 0\n")
+    for env in ("/from/env", None):
+        if env is None:
+            monkeypatch.delenv("W2SG_STORE", raising=False)
+        else:
+            monkeypatch.setenv("W2SG_STORE", env)
+        expected = str(OmegaConf.load(tmp_path / "config.yaml").store_dir)
+        assert status.default_store_dir(tmp_path) == expected, (value, env)

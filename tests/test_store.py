@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CONF, TINY, metrics_files, run_w2sg
+from helpers import CONF, TINY, metrics_files, run_w2sg, walked_sizes
 
 from w2sg.core.plan import plan
 from w2sg.core.store import Store
@@ -176,3 +176,59 @@ def test_status_lists_the_store_and_the_stages_of_a_run_or_sweep(tmp_path, store
     assert "1 stages: 1 missing" in proc.stdout
     proc = run_w2sg(["status", "task=nope"], tmp_path, check=False)
     assert proc.returncode == 2 and "Could not find 'task/nope'" in proc.stderr
+
+
+def test_the_store_lists_stored_and_unfinished_stages_and_their_sizes(tmp_path):
+    from w2sg.core.store import CHECKPOINT
+
+    s = Store(tmp_path / "s")
+    meta = {"kind": "train", "label": "weak:m", "spec": {"seed": 3, "loss": {"name": "xent"}}, "model_name": "m",
+            "task_name": "t"}
+    done, stopped, old, broken = (f"{c}" * 24 for c in "abcd")
+    seen = []
+
+    def train(out):
+        seen.extend(s.unfinished())  # while its lock is held, before any checkpoint
+        s.checkpoint_path(done).write_bytes(b"c" * 10)
+        out.write_json("metrics.json", {"acc": 0.75})
+        out.file("model.safetensors").write_bytes(b"w" * 1000)
+
+    def stop(out):
+        s.checkpoint_path(stopped).write_bytes(b"c" * 10)
+        raise KeyboardInterrupt
+
+    s.compute(done, meta, train)
+    with pytest.raises(KeyboardInterrupt):
+        s.compute(stopped, meta, stop)
+    for key in (old, broken):
+        s.compute(key, {**meta, "label": f"ceiling:{key[0]}"}, lambda out: out.write_json("metrics.json", {"acc": 0.5}))
+    (s.stage_path(old) / "DONE").write_text("")  # as stored before the marker held a summary
+    (s.stage_path(broken) / "DONE").unlink()  # a stage is read from its marker alone: broken without it
+
+    assert [(u.key, u.running, u.checkpoint, u.marker["label"]) for u in seen] == [(done, True, None, "weak:m")]
+    [unfinished] = s.unfinished()
+    assert (unfinished.key, unfinished.running, unfinished.marker["seed"]) == (stopped, False, 3)
+    checkpoint = tmp_path / "s" / "partial" / stopped / CHECKPOINT
+    assert s.checkpoint_path(stopped) == checkpoint and unfinished.checkpoint == checkpoint.stat().st_mtime
+    assert unfinished.started == unfinished.marker["created"] and s.has_partial(stopped)
+    summaries = {found["key"]: found for found in s.stage_summaries()}
+    assert list(summaries) == sorted([done, old, broken])
+    first = summaries[done]
+    assert {k: first[k] for k in ("kind", "label", "model", "task", "seed", "loss", "acc", "state")} == {
+        "kind": "train", "label": "weak:m", "model": "m", "task": "t", "seed": 3, "loss": "xent", "acc": 0.75,
+        "state": "done"}
+    assert (first["weight_bytes"], first["freed"]) == (1000, False)
+    assert first["bytes"] == sum(p.stat().st_size for p in s.stage_path(done).iterdir())
+    assert (summaries[old]["state"], summaries[old]["label"], summaries[old]["acc"]) == ("done", "ceiling:c", 0.5)
+    assert summaries[broken]["state"] == "invalid: no completion marker"
+    assert s.sizes() == walked_sizes(tmp_path / "s")
+
+    assert s.free_weights(done, "test") == 1000
+    freed = next(found for found in s.stage_summaries() if found["key"] == done)
+    assert (freed["weight_bytes"], freed["freed"]) == (0, True)
+    assert s.sizes() == walked_sizes(tmp_path / "s") and s.sizes()["freed"] == 1
+    source = tmp_path / "recomputed"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"w" * 1000)
+    s.restore_weights(done, source)
+    assert s.sizes() == walked_sizes(tmp_path / "s") and s.sizes()["weights"] == 1000

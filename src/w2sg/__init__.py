@@ -1,7 +1,7 @@
-"""w2sg: declarative experiment sweeps for weak-to-strong generalization."""
+"""w2sg: declarative experiment sweeps for weak-to-strong generalization.
 
-from w2sg.app import run_id as _run_id
+Importing it imports nothing heavy (no OmegaConf, Hydra, numpy, torch): ``w2sg status`` starts fast. The
+``${w2sg.run_id:}`` resolver is registered where configs are composed (w2sg.app.run_id).
+"""
 
 __version__ = "0.1.0"
-
-_run_id.register()  # ${w2sg.run_id:} in conf/config.yaml's run and sweep folders, wherever w2sg is imported

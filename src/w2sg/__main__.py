@@ -1,3 +1,3 @@
-from w2sg.app.cli import main
+from w2sg.app.entry import main
 
 main()

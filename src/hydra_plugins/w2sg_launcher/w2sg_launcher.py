@@ -31,9 +31,13 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
+from w2sg.app import run_id
 from w2sg.core.errors import W2SGError
 
 log = logging.getLogger("w2sg.launcher")
+# Hydra imports every plugin before it composes a config (a run, a sweep, the compose API), and a Slurm job
+# imports this module to unpickle its launcher: ${w2sg.run_id:} in the run and sweep folders resolves everywhere.
+run_id.register()
 
 
 @dataclass
@@ -264,7 +268,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
         stores = {} if stores is None else stores
         if str(cfg.store_dir) not in stores:
             store = Store(cfg.store_dir)
-            stores[str(cfg.store_dir)] = store if next(os.scandir(store.root / "stages"), None) else None
+            stores[str(cfg.store_dir)] = store if store.has_stages() else None
         store = stores[str(cfg.store_dir)]
         if store is None:  # an empty store: every job has stages to compute
             return False

@@ -3,6 +3,10 @@
 Two runs started in the same second would otherwise share ``outputs/<date>/<time>/`` and overwrite each other's
 metrics.json. The id is drawn once per process; Hydra caches the resolved value with the config, so a sweep's
 jobs (in this process, or unpickled in a Slurm job) all see the sweep folder their launcher created.
+
+``register`` runs where a config is composed: when Hydra imports its plugins (hydra_plugins.w2sg_launcher, before
+any composition, and in a Slurm job unpickling its launcher) and in w2sg.app.status.compose; not on importing
+``w2sg``, which stays free of OmegaConf so that ``w2sg status`` starts fast.
 """
 
 from __future__ import annotations

@@ -4,21 +4,27 @@
                                                                    every stage in the store, filtered
     w2sg status [--plan] <overrides>                               the stages of that run (same filters)
     w2sg status -m <overrides incl. sweep=<name>>                   the stages of every run of that sweep
+    w2sg status -m --runs <overrides incl. sweep=<name>>            one line per run of that sweep: its
+                                                                   overrides and how many of its stages are
+                                                                   done, running, interrupted and missing
 
-Kind: what a stage computes (train, labels, features, lm). Role: its part in the experiment (weak, ceiling,
-w2s, link, labels, features, lm). State: done, missing (plans only), running (a process holds its lock),
-interrupted (a checkpoint and no process: a rerun resumes it), invalid (stored by an older format or broken).
+Kind: what a stage computes (train, labels, transform, features, lm). Role: its part in the experiment (weak,
+ceiling, w2s, link, s2s, labels, transform, features, lm). State: done, missing (plans only), running (a process
+holds its lock), interrupted (a checkpoint and no process: a rerun resumes it), invalid (stored by an older format
+or broken). With --runs the filters choose the stages counted (--state: the runs with a stage in that state),
+the overrides all runs share are printed once above the table, and MISSING counts invalid stages too (a run
+computes them again).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from w2sg.core.errors import W2SGError
 
@@ -30,9 +36,11 @@ def compose(overrides: Iterable[str] = (), with_hydra: bool = False, conf_dir: P
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from w2sg.app import run_id
     from w2sg.app.config import register
 
     register()
+    run_id.register()
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
@@ -64,17 +72,23 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-KINDS = ("train", "labels", "features", "lm")  # what a stage computes
-ROLES = ("weak", "ceiling", "w2s", "link", "labels", "features", "lm")  # its part in the experiment
+KINDS = ("train", "labels", "transform", "features", "lm")  # what a stage computes
+ROLES = ("weak", "ceiling", "w2s", "link", "s2s", "labels", "transform", "features", "lm")  # its part in the experiment
 STATES = ("done", "missing", "running", "interrupted", "invalid")
 
 
 def role_of(kind: str, label: str) -> str:
-    """A stage's role from its kind and label, as ``w2sg.core.graph.Stage.role`` gives it (without importing it)."""
-    if kind in ("features", "lm"):
+    """The role of a stage stored before stages recorded theirs, from its kind and label (the label's prefix:
+    ``weak:m`` -> weak, ``ceiling2:m`` -> ceiling, ``s2s1:m`` -> s2s, ``weak_labels:m`` -> labels)."""
+    if kind in ("features", "lm", "transform"):
         return kind
     prefix = label.split(":")[0]
     return "labels" if prefix.endswith("labels") else prefix.rstrip("0123456789")
+
+
+def _name(value: Any) -> str:
+    """A kind or role as text, whether a plain string or an enum member."""
+    return str(getattr(value, "value", value))
 
 
 def _one_of(name: str, valid: Iterable[str]):
@@ -91,66 +105,40 @@ def _one_of(name: str, valid: Iterable[str]):
 
 
 def _row(key: str, state: str, info: Dict[str, Any], metric: str = "", age: str = "") -> Dict[str, Any]:
+    """A listed stage's row from its summary (DONE marker or partial marker). Its role is the one it was stored
+    with; stages stored before roles were recorded get theirs from their label (role_of)."""
     kind, label = info.get("kind") or "?", info.get("label") or "?"
-    seed, loss = info.get("seed"), info.get("loss")
-    return {"key": key, "state": state, "kind": kind, "role": role_of(kind, label) if label != "?" else "?",
-            "label": label, "model": info.get("model") or "?", "task": info.get("task") or "?",
-            "seed": "" if seed is None else str(seed), "loss": loss or "", "metric": metric, "age": age}
+    seed, loss, role = info.get("seed"), info.get("loss"), info.get("role")
+    if not role:
+        role = role_of(kind, label) if label != "?" else "?"
+    return {"key": key, "state": state, "kind": kind, "role": role, "label": label, "model": info.get("model") or "?",
+            "task": info.get("task") or "?", "seed": "" if seed is None else str(seed), "loss": loss or "",
+            "metric": metric, "age": age}
 
 
 def _metric(acc: Any) -> str:
     return f"acc={acc:.4f}" if isinstance(acc, (int, float)) and not isinstance(acc, bool) else ""
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _done_row(store, key: str, now: float) -> Dict[str, Any]:
-    """A stored stage's row from its DONE marker alone; stages stored before the marker held a summary (or
-    broken ones) are read in full."""
-    from w2sg.core.store import FORMAT, summary
-
-    path = f"{store.root}/stages/{key}"
-    marker = _read_json(f"{path}/DONE")
-    if not (isinstance(marker, dict) and marker.get("format") == FORMAT):
-        state = store.status(key)
-        meta = _read_json(f"{path}/meta.json")
-        metrics = _read_json(f"{path}/metrics.json") if state == "done" else None
-        marker = summary(meta, metrics or {}) if isinstance(meta, dict) else {}
-        if state != "done":
-            return _row(key, "invalid", marker)
-    created = marker.get("created")
-    return _row(key, "done", marker, _metric(marker.get("acc")),
-                _age(now - created) if isinstance(created, (int, float)) else "")
-
-
-def stage_rows(store) -> Iterable[Dict[str, Any]]:
+def stage_rows(store, summaries: Optional[Iterable[Dict[str, Any]]] = None) -> Iterable[Dict[str, Any]]:
     """One row per stage the store knows: stored (done or invalid), being computed (running: its lock is held),
-    or stopped with a checkpoint to resume from (interrupted). Reads one small file per stored stage."""
+    or stopped with a checkpoint to resume from (interrupted). Reads one small file per stored stage (through
+    Store.stage_summaries, or the ``summaries`` it gave already)."""
     now = time.time()
-    stored = sorted(os.listdir(store.root / "stages"))
-    for key in stored:
-        yield _done_row(store, key, now)
-    done = set(stored)
-    for key in sorted(os.listdir(store.root / "partial")):
-        if key in done:
+    for found in store.stage_summaries() if summaries is None else summaries:
+        if found["state"] != "done":
+            yield _row(found["key"], "invalid", found)
             continue
-        path = store.root / "partial" / key
-        checkpoint = path / "checkpoint.pt"
-        running = store.is_running(key)
-        if not running and not checkpoint.exists():
+        created = found.get("created")
+        yield _row(found["key"], "done", found, _metric(found.get("acc")),
+                   _age(now - created) if isinstance(created, (int, float)) else "")
+    for stage in store.unfinished():
+        if not stage.running and stage.checkpoint is None:
             continue  # a computation that failed before its first checkpoint: nothing to resume, simply missing
-        info = _read_json(str(path / "stage.json")) or {"kind": "train"}  # a checkpoint from before stage.json
-        started = info.get("created") if isinstance(info.get("created"), (int, float)) else None
-        if started is None and checkpoint.exists():
-            started = checkpoint.stat().st_mtime
-        yield _row(key, "running" if running else "interrupted", info, "checkpoint" if checkpoint.exists() else "",
-                   _age(now - started) if started is not None else "")
+        info = stage.marker or {"kind": "train"}  # a checkpoint from before partial markers
+        yield _row(stage.key, "running" if stage.running else "interrupted", info,
+                   "checkpoint" if stage.checkpoint is not None else "",
+                   _age(now - stage.started) if stage.started is not None else "")
 
 
 def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
@@ -164,7 +152,7 @@ def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
     seen = {stage.key for stage in named}
     for stage in named:  # stored features (probe) and generatively finetuned weights are stages too (at any depth)
         for dep in stage.inputs.values():
-            if dep.kind in ("features", "lm") and dep.key not in seen:
+            if _name(dep.kind) in ("features", "lm") and dep.key not in seen:
                 seen.add(dep.key)
                 named.append(dep)
     for stage in named:
@@ -174,35 +162,115 @@ def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
         elif state == "missing" and store.has_partial(stage.key):
             state = "interrupted"
         loss = stage.spec.get("loss")
-        rows.append({"key": stage.key, "state": state, "kind": stage.kind, "role": stage.role, "label": stage.label,
+        rows.append({"key": stage.key, "state": state, "kind": _name(stage.kind), "role": _name(stage.role),
+                     "label": stage.label,
                      "model": stage.model.name, "task": cfg.task.name, "seed": str(stage.spec.get("seed", "")),
                      "loss": loss["name"] if isinstance(loss, dict) else "", "metric": "", "age": ""})
     return rows
 
 
-def default_store_dir() -> str:
+_ENV = re.compile(r"\$\{oc\.env:(\w+)(?:,(.*))?\}")  # ${oc.env:NAME} or ${oc.env:NAME,DEFAULT}
+
+
+def _env_value(text: str) -> Optional[str]:
+    """``text`` with OmegaConf's ``${oc.env:NAME,DEFAULT}`` (whole) and ``${oc.env:NAME}`` (within) resolved
+    from the environment; None for anything else (another resolver, a missing variable without default)."""
+    whole = _ENV.fullmatch(text)
+    if whole and _nested(whole.group(2) or ""):
+        name, default = whole.groups()
+        if name in os.environ:
+            return os.environ[name]
+        return None if default is None or default.strip() == "null" else _env_value(default.strip())
+    missing = False
+
+    def env(m: "re.Match[str]") -> str:
+        nonlocal missing
+        missing = missing or m.group(2) is not None or m.group(1) not in os.environ
+        return os.environ.get(m.group(1), "")
+
+    value = _ENV.sub(env, text)
+    return None if missing or "${" in value else value
+
+
+def _nested(text: str) -> bool:
+    """Whether every ``}`` in ``text`` closes a ``${`` opened before it (a default that is one whole value)."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += text.startswith("${", i)
+        depth -= char == "}"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def default_store_dir(conf_dir: Path = CONF_DIR) -> str:
     """The store a run without overrides uses (``store_dir`` of the primary config: env W2SG_STORE or the
-    default), read from config.yaml alone: composing the whole config would take longer than listing the store."""
+    default), read from config.yaml alone: composing the whole config would take longer than listing the store.
+    A plain ``store_dir: <value>`` line whose interpolations are environment variables (``oc.env``) is resolved
+    here, without importing OmegaConf (~0.3 s); anything else is left to OmegaConf."""
+    text = (conf_dir / "config.yaml").read_text()
+    line = re.search(r"^store_dir:[ \t]*([^'\"#\s][^#\n]*?)[ \t]*$", text, re.MULTILINE)
+    value = _env_value(line.group(1)) if line else None
+    if value is not None:
+        return value
     from omegaconf import OmegaConf
 
-    return str(OmegaConf.load(CONF_DIR / "config.yaml").store_dir)
+    return str(OmegaConf.load(conf_dir / "config.yaml").store_dir)
 
 
-def render(rows: List[Dict[str, Any]], columns: List[str]) -> str:
-    cells = [[c.upper() for c in columns]] + [[str(r[c])[:12] if c == "key" else str(r[c]) for c in columns]
-                                               for r in rows]
-    widths = [max(map(len, col)) for col in zip(*cells)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+def render(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
+    """An aligned table: a header of the column names, one line per row (keys cut to 12 characters)."""
+    cols = [[c.upper()] + [r[c][:12] for r in rows] if c == "key" else [c.upper()] + [str(r[c]) for r in rows]
+            for c in columns]
+    widths = [max(map(len, col)) for col in cols]
+    line = "  ".join([f"{{:<{w}}}" for w in widths[:-1]] + ["{}"])
+    return "\n".join(line.format(*cells).rstrip() for cells in zip(*cols))
 
 
-def store_size_line(store) -> str:
-    """The store's size on disk, the part that is weights, and how many stages' weights were freed (w2sg gc)."""
+def store_size_line(store, summaries: Optional[Iterable[Dict[str, Any]]] = None) -> str:
+    """The store's size on disk, the part that is weights, and how many stages' weights were freed (w2sg gc);
+    ``summaries``: the stages' summaries already read (Store.stage_summaries), not to read them twice."""
     from w2sg.core.store import human_bytes
 
-    sizes = store.sizes()
+    sizes = store.sizes(summaries)
     freed = f"; weights of {sizes['freed']} stages freed" if sizes["freed"] else ""
     return (f"store size: {human_bytes(sizes['total'])}, of which weights {human_bytes(sizes['weights'])}{freed} "
             "(w2sg gc frees the weights no stage still needs)")
+
+
+FILTERS = ("kind", "role", "model", "task", "seed", "loss")  # stage filters; --state is one too
+
+
+def _filtered(rows: List[Dict[str, Any]], args: argparse.Namespace, names: Sequence[str]) -> List[Dict[str, Any]]:
+    """The rows whose values equal those of the filter options given (of ``names``)."""
+    for name in names:
+        value = getattr(args, name)
+        if value:
+            rows = [r for r in rows if r[name] == value]
+    return rows
+
+
+def run_rows(jobs: List[List[str]], stages: List[List[Dict[str, Any]]]) -> tuple[List[str], List[Dict[str, Any]]]:
+    """The overrides every job of a sweep shares, and one row per job (``stages``: each job's stage rows): its
+    number, the overrides that tell it apart, and how many of its stages are done, running, interrupted and
+    missing (missing or invalid: the job would compute them)."""
+    common = [o for o in jobs[0] if all(o in job for job in jobs[1:])]
+    rows = []
+    for i, (job, found) in enumerate(zip(jobs, stages)):
+        counts = {state: sum(r["state"] == state for r in found) for state in STATES}
+        rows.append({"job": str(i), "stages": str(len(found)), "done": str(counts["done"]),
+                     "running": str(counts["running"]), "interrupted": str(counts["interrupted"]),
+                     "missing": str(counts["missing"] + counts["invalid"]),
+                     "overrides": " ".join(o for o in job if o not in common), "counts": counts})
+    return common, rows
+
+
+def _runs_line(rows: List[Dict[str, Any]]) -> str:
+    complete = sum(r["counts"]["done"] == int(r["stages"]) for r in rows)
+    untouched = sum(r["counts"]["done"] + r["counts"]["running"] + r["counts"]["interrupted"] == 0
+                    and int(r["stages"]) > 0 for r in rows)
+    started = len(rows) - complete - untouched
+    return f"{len(rows)} runs: {complete} complete, {started} partly done, {untouched} not started"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -210,6 +278,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--multirun", action="store_true", help="expand the overrides as a sweep")
     parser.add_argument("--plan", action="store_true", help="show the stages of the run the overrides describe")
+    parser.add_argument("--runs", action="store_true",
+                        help="one line per run (job of the sweep with -m): its overrides and how many of its stages "
+                             "are done, running, interrupted and missing")
     parser.add_argument("--kind", type=_one_of("kind", KINDS), metavar="{" + ",".join(KINDS) + "}",
                         help="filter by what a stage computes")
     parser.add_argument("--role", type=_one_of("role", ROLES), metavar="{" + ",".join(ROLES) + "}",
@@ -221,23 +292,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--state", choices=STATES, help="filter by state")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a run or sweep")
     args = parser.parse_args(argv)
+    if args.runs and not (args.multirun or args.plan or args.overrides):
+        parser.error("--runs lists the runs of a sweep: give its overrides, e.g. w2sg status -m --runs sweep=<name>")
 
     from w2sg.core.store import Store
 
+    summaries = None
     try:
         if args.multirun or args.plan or args.overrides:
             jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
             store = Store(compose(jobs[0]).store_dir)
+            planned = [plan_rows(store, job) for job in jobs]
             rows, seen = [], set()
-            for job in jobs:
-                for row in plan_rows(store, job):
-                    if row["key"] not in seen:  # stages shared by several jobs are listed once
-                        seen.add(row["key"])
-                        rows.append(row)
+            for row in (row for found in planned for row in found):
+                if row["key"] not in seen:  # stages shared by several jobs are listed once
+                    seen.add(row["key"])
+                    rows.append(row)
             columns = ["key", "kind", "role", "label", "task", "seed", "loss", "state"]
         else:
             store = Store(default_store_dir())
-            rows = list(stage_rows(store))
+            summaries = list(store.stage_summaries())
+            rows = list(stage_rows(store, summaries))
             columns = ["key", "kind", "role", "label", "task", "seed", "loss", "state", "metric", "age"]
     except W2SGError as e:
         print(f"w2sg: error: {e}", file=sys.stderr)
@@ -245,14 +320,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # Hydra's compose errors: bad override or option, already worded for users
         print(f"w2sg status: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    for attr in ("kind", "role", "model", "task", "seed", "loss", "state"):
-        value = getattr(args, attr)
-        if value:
-            rows = [r for r in rows if r[attr] == value]
+    if args.runs:
+        common, runs = run_rows(jobs, [_filtered(found, args, FILTERS) for found in planned])
+        runs = [r for r in runs if not args.state or r["counts"][args.state]]
+        if common:
+            print(f"overrides of every run: {' '.join(common)}")
+        print(render(runs, ["job", "stages", "done", "running", "interrupted", "missing", "overrides"]))
+        print(f"\n{_runs_line(runs)}  (store: {store.root})")
+        return 0
+    rows = _filtered(rows, args, FILTERS + ("state",))
     print(render(rows, columns))
     counts: Dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     print(f"\n{len(rows)} stages: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"  (store: {store.root})")
-    print(store_size_line(store))
+    print(store_size_line(store, summaries))
     return 0

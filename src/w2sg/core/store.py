@@ -12,7 +12,9 @@ Layout under ``store_dir``::
 
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
 half-written stage is never taken as finished. The DONE marker holds a one-line summary of the stage (kind,
-label, model, task, seed, loss, accuracy, time), so ``w2sg status`` lists a large store by reading it alone.
+label, model, task, seed, loss, accuracy, time) and its size on disk (recorded again when its weights are freed
+or restored), so ``w2sg status`` lists a large store by reading it alone. ``Store`` is the one reader of this
+layout: listings go through ``stage_summaries``, ``unfinished`` and ``sizes``, trainers through ``checkpoint_path``.
 Weights are the bulk of a store. ``store.keep_weights`` (needed | all | none) frees a trained model's weights
 once no stage needs them (a weak model's, once its labels are stored); ``w2sg gc`` does the same for the whole
 store. A stage whose weights were freed keeps its metrics and predictions and a ``weights_freed.json`` note; a
@@ -33,13 +35,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 FORMAT = 1  # bump when the stored layout changes; older stages are then reported and recomputed
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # a train stage's trained weights
 BACKBONE_FILE = "backbone.safetensors"  # an lm stage's generatively finetuned backbone (never freed)
 FREED = "weights_freed.json"  # in a stage whose weights were freed: which files, how many bytes, when, why
 KEEP_WEIGHTS = ("needed", "all", "none")  # store.keep_weights
+CHECKPOINT = "checkpoint.pt"  # in partial/<key>/: the training checkpoint of an unfinished stage
 
 
 @dataclass
@@ -105,6 +108,84 @@ def summary(meta: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
             "created": meta.get("created")}
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """A stage with a partial marker that is not stored (Store.unfinished): being computed or stopped."""
+
+    key: str
+    marker: Optional[Dict[str, Any]]  # partial/<key>/stage.json: summary, host, pid, inputs (None: unreadable)
+    running: bool  # a process holds its lock
+    checkpoint: Optional[float]  # modification time of its training checkpoint, None without one
+
+    @property
+    def started(self) -> Optional[float]:
+        """When its computation started (the marker's time, else its checkpoint's)."""
+        created = (self.marker or {}).get("created")
+        return created if isinstance(created, (int, float)) else self.checkpoint
+
+
+def _read_json(path: str) -> Tuple[Any, int]:
+    """(content, bytes) of a small JSON file; content None when it is missing, unreadable or not JSON. Read with
+    os.read: a listing reads one such file per stage, and io.open costs more."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None, 0
+    try:
+        chunks = [os.read(fd, 1 << 16)]
+        while len(chunks[-1]) == 1 << 16:  # a regular file reads short only at its end
+            chunks.append(os.read(fd, 1 << 16))
+    except OSError:
+        return None, 0
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    try:
+        return json.loads(raw.decode()), len(raw)
+    except ValueError:  # incl. UnicodeDecodeError
+        return None, len(raw)
+
+
+def _tree_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (a file or a folder, walked), skipping what is removed meanwhile."""
+    total = 0
+    try:
+        if not os.path.isdir(path):
+            return os.stat(path).st_size
+        with os.scandir(path) as entries:
+            for entry in entries:
+                total += _tree_bytes(entry.path) if entry.is_dir(follow_symlinks=False) else \
+                    entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass  # removed while walking
+    return total
+
+
+def _stage_sizes(path: str | os.PathLike) -> Dict[str, Any]:
+    """The sizes a DONE marker records of its stage's folder: bytes of its files but the marker, the part that is
+    weights, and whether its weights were freed."""
+    total = weights = 0
+    freed = False
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name == "DONE":
+                    continue
+                size = _tree_bytes(entry.path)
+                total += size
+                weights += size if entry.name in WEIGHT_FILES or entry.name == BACKBONE_FILE else 0
+                freed = freed or entry.name == FREED
+    except OSError:
+        pass  # removed meanwhile (an invalid stage being recomputed)
+    return {"bytes": total, "weight_bytes": weights, "freed": freed}
+
+
+def done_marker(path: str | os.PathLike, meta: Dict[str, Any], metrics: Dict[str, Any]) -> str:
+    """The DONE marker Store.compute writes into the stage written at ``path``, once its other files are: the
+    stage's summary and its sizes (Store.stage_summaries reads them)."""
+    return json.dumps({**summary(meta, metrics), **_stage_sizes(path)}, default=_json_default)
+
+
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
@@ -140,7 +221,7 @@ class Store:
         return path
 
     def has_partial(self, key: str) -> bool:
-        return (self.root / "partial" / key / "checkpoint.pt").exists()
+        return (self.root / "partial" / key / CHECKPOINT).exists()
 
     def status(self, key: str) -> str:
         """'done', 'missing', or 'invalid: <reason>' for a stage written by another format or broken."""
@@ -171,10 +252,10 @@ class Store:
 
     def is_running(self, key: str) -> bool:
         """Whether a process holds the stage's lock, i.e. is computing it now (any host sharing the store)."""
-        from filelock import Timeout
-
         if not (self.root / "locks" / f"{key}.lock").exists():
             return False
+        from filelock import Timeout  # here: a listing imports it only when a stage has a lock file
+
         lock = self.lock(key)
         try:
             lock.acquire(timeout=0)
@@ -226,12 +307,78 @@ class Store:
                 full = {**meta, "format": FORMAT, "key": key, "created": time.time(), "seconds": time.time() - start}
                 stage.write_json("meta.json", full)
                 metrics = stage.read_json("metrics.json") if stage.file("metrics.json").exists() else {}
-                (tmp / "DONE").write_text(json.dumps(summary(full, metrics), default=_json_default))
+                (tmp / "DONE").write_text(done_marker(tmp, full, metrics))
                 os.replace(tmp, self.stage_path(key))
                 shutil.rmtree(self.root / "partial" / key, ignore_errors=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return StageDir(self.stage_path(key)), False
+
+    # --- enumeration: the one reader of the layout (w2sg status, w2sg gc, Runner's checkpoints) ------------
+
+    def checkpoint_path(self, key: str) -> Path:
+        """Where the training checkpoint of the unfinished stage ``key`` is saved (its partial folder is created,
+        so a trainer can write it); a rerun resumes from it, and it is dropped once the stage is stored."""
+        return self.partial_dir(key) / CHECKPOINT
+
+    def has_stages(self) -> bool:
+        """Whether any stage is stored (valid or not), without listing them."""
+        with os.scandir(self.root / "stages") as entries:
+            return next(entries, None) is not None
+
+    def stage_summaries(self) -> Iterator[Dict[str, Any]]:
+        """One summary per stored stage, in key order: the DONE marker's content (key, kind, label, model, task,
+        seed, loss, acc, created; role and side where the stage was stored with them), with ``state`` ("done",
+        or "invalid: <reason>" for a stage stored by another format or broken) and its size on disk: ``bytes``
+        (all its files), ``weight_bytes`` (trained weights and finetuned backbones) and ``freed`` (its weights
+        were freed). A stage stored by this version is read from its marker alone (one small file: listing a
+        large store stays fast); older ones (an empty marker) and broken ones are read in full."""
+        stages = str(self.root / "stages")
+        for key in sorted(os.listdir(stages)):
+            yield self._summary_of(key, f"{stages}/{key}")
+
+    def _summary_of(self, key: str, path: str) -> Dict[str, Any]:
+        marker, marker_bytes = _read_json(f"{path}/DONE")
+        if not isinstance(marker, dict):
+            marker = {}
+        if marker.get("format") == FORMAT:
+            found = {**marker, "key": key, "state": "done"}
+        else:  # stored before the DONE marker held a summary, or broken
+            state = self.status(key)
+            meta, _ = _read_json(f"{path}/meta.json")
+            metrics, _ = _read_json(f"{path}/metrics.json") if state == "done" else (None, 0)
+            found = {**(summary(meta, metrics if isinstance(metrics, dict) else {}) if isinstance(meta, dict) else {}),
+                     "key": key, "state": state}
+        if not isinstance(marker.get("bytes"), int):  # sizes not recorded in the marker: measured
+            found.update(_stage_sizes(path))
+        found["bytes"] += marker_bytes  # recorded sizes leave out the marker itself
+        return found
+
+    def _update_sizes(self, key: str) -> None:
+        """Record a stored stage's sizes again in its DONE marker (replaced in one step), after its weight files
+        were freed or restored; a marker without a summary (an older stage) is left as it is."""
+        path = self.stage_path(key)
+        marker, _ = _read_json(str(path / "DONE"))
+        if not (isinstance(marker, dict) and marker.get("format") == FORMAT):
+            return
+        tmp = path / f".DONE.tmp{os.getpid()}"
+        tmp.write_text(json.dumps({**marker, **_stage_sizes(path)}, default=_json_default))
+        os.replace(tmp, path / "DONE")
+
+    def unfinished(self) -> Iterator[Unfinished]:
+        """The stages with a partial marker that are not stored, in key order: being computed (their lock is
+        held), stopped with a checkpoint to resume from, or stopped before their first one. Checks the locks
+        of these stages alone."""
+        for key in sorted(os.listdir(self.root / "partial")):
+            if self.stage_path(key).exists():
+                continue  # stored (its partial folder was left by a process stopped as it finished)
+            path = self.root / "partial" / key
+            marker, _ = _read_json(str(path / "stage.json"))
+            try:
+                checkpoint: Optional[float] = (path / CHECKPOINT).stat().st_mtime
+            except OSError:
+                checkpoint = None
+            yield Unfinished(key, marker if isinstance(marker, dict) else None, self.is_running(key), checkpoint)
 
     # --- weights: retention and garbage collection -------------------------------------------------------
 
@@ -275,6 +422,7 @@ class Store:
                 FREED, {"files": [p.name for p in files], "bytes": size, "freed": time.time(), "why": why})
             for p in files:
                 p.unlink()
+            self._update_sizes(key)
             return size
         finally:
             lock.release()
@@ -285,6 +433,7 @@ class Store:
             if (source / name).exists():
                 os.replace(source / name, self.stage_path(key) / name)
         (self.stage_path(key) / FREED).unlink(missing_ok=True)
+        self._update_sizes(key)
 
     def collectable(self) -> List[Tuple[str, str, int]]:
         """(key, label, bytes) of every train stage whose weights no stage still needs, from the store alone: each
@@ -305,21 +454,16 @@ class Store:
                 out.append((key, metas[key].get("label") or "", sum(p.stat().st_size for p in files)))
         return out
 
-    def sizes(self) -> Dict[str, int]:
+    def sizes(self, summaries: Optional[Iterable[Dict[str, Any]]] = None) -> Dict[str, int]:
         """Bytes of the whole store, of its stored weights (trained models and finetuned backbones), and the number
-        of stages whose weights were freed."""
+        of stages whose weights were freed. Stored stages count as their DONE markers record them (read from the
+        markers alone: ``summaries``, those stage_summaries gave already, saves reading them twice); the rest of
+        the store (stages being written, checkpoints) is measured, but for locks/ (its lock files are empty)."""
         total = weights = freed = 0
-        for dirpath, _, files in os.walk(self.root):
-            in_stage = Path(dirpath).parent == self.root / "stages"
-            for name in files:
-                try:
-                    size = os.stat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    continue  # removed while walking
-                total += size
-                if in_stage and (name in WEIGHT_FILES or name == BACKBONE_FILE):
-                    weights += size
-                freed += in_stage and name == FREED
+        for found in self.stage_summaries() if summaries is None else summaries:
+            total, weights, freed = total + found["bytes"], weights + found["weight_bytes"], freed + found["freed"]
+        with os.scandir(self.root) as entries:
+            total += sum(_tree_bytes(e.path) for e in entries if e.name not in ("stages", "locks"))
         return {"total": total, "weights": weights, "freed": freed}
 
 

@@ -91,7 +91,7 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     inputs = runner.inputs_of(stage, part)
     inputs = inputs if rows is None else inputs.subset(rows.tolist())
     train_data, train_y, validation = validation_split(runner, stage, inputs, soft, part, rows)
-    ckpt_path = runner.store.partial_dir(stage.key) / "checkpoint.pt"
+    ckpt_path = runner.store.checkpoint_path(stage.key)
     with Checkpointer(str(ckpt_path), cfg.train.checkpoint_every) as ckpt, \
             runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
         result = train_model(
