@@ -183,6 +183,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
         metrics["extensions"] = load_extensions(cfg.extensions)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    runner.store.record_experiment(metrics)  # the store's report pairs stages by these records
     print(experiment.table(metrics), flush=True)
     log.info("metrics: %s", out_dir / "metrics.json")
     return metrics
