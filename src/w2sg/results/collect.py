@@ -137,8 +137,10 @@ def store_metrics(root: Path) -> Found:
     store = Store(root)
     out: Found = []
     stale = 0
+    recorded = set()  # stage keys some record names (even one skipped: its w2s stage has a record)
     for metrics in store.experiments():
         keys = [s["key"] for s in metrics["stages"].values()]
+        recorded.update(keys)
         if any(store.status(k) != "done" for k in keys):
             stale += 1
             continue
@@ -146,7 +148,6 @@ def store_metrics(root: Path) -> Found:
     if stale:
         log.warning("%d experiment record(s) in %s name stages the store no longer holds (removed or invalid); "
                     "skipped (rerun those experiments to store their stages again)", stale, root)
-    recorded = {s["key"] for _, m in out for s in m["stages"].values()}
     unrecorded = [k for k in _w2s_stages(store) if k not in recorded]
     if unrecorded:
         log.warning("%d w2s stage(s) in %s belong to no recorded experiment (stored before runs recorded their "
