@@ -26,7 +26,7 @@ def options(group):
 
 
 def row(task, weak, strong, loss, seed, pgr, **settings):
-    """A report row (w2sg.results.report.collect) with only what anchors read."""
+    """A report row (w2sg.results.collect.collect) with only what anchors read."""
     return {"task": task, "weak": weak, "weak_params": PARAMS[weak], "strong": strong,
             "strong_params": PARAMS[strong], "loss": loss, "seed": seed, "pgr": pgr, **settings}
 

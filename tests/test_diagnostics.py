@@ -10,7 +10,7 @@ from helpers import TINY, compose
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.store import Store
-from w2sg.results import diagnostics
+from w2sg.results import diagnostics, plots
 from w2sg.run import experiment
 from w2sg.run.runner import Runner
 
@@ -69,7 +69,7 @@ def test_bad_predictions_are_named():
 def test_misfit_plot(tmp_path):
     rows = [dict(diagnostics.compute(PW, PS, QW, QS, Y, T), pgr=0.3, loss="xent"),
             dict(diagnostics.compute(PW, PW, QW, QW, Y), pgr=0.0, loss="aux")]
-    path = diagnostics.plot(pd.DataFrame(rows), tmp_path / "misfit.png")
+    path = plots.misfit_vs_gain(pd.DataFrame(rows), tmp_path / "misfit.png")
     assert path.exists() and path.stat().st_size > 5000
     with pytest.raises(W2SGError, match="no column"):
         diagnostics.plot([{"pgr": 1}], tmp_path / "x.png")

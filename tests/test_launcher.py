@@ -26,7 +26,7 @@ from w2sg.core import plan as planning
 from w2sg.core.errors import W2SGError
 from w2sg.core.store import Store
 from w2sg.ml.train import Preempted
-from w2sg.results import report
+from w2sg.results import collect
 
 GRID = ["sweep=tiny_grid", "logger=none"]
 PAIRS = [(w, s) for w in ("tiny_random", "tiny_random_l2") for s in ("tiny_random_l3", "tiny_random_l4")]
@@ -97,7 +97,7 @@ def test_a_subset_run_writes_metrics_without_pgr_that_reports_skip(tmp_path, sto
     assert written["subset"] == ["weak", "weak_labels"] and list(written["stages"]) == ["weak", "weak_labels"]
     assert written["pgr"] is None and "only stages weak, weak_labels ran" in written["pgr_reason"]
     assert written["acc"]["weak"] is not None and written["acc"]["ceiling"] is None and written["acc"]["w2s"] is None
-    assert report.rows_from_runs(Path(tmp_path)) == []
+    assert collect.rows_from_runs(Path(tmp_path)) == []
     # what the subset stored is not planned again; the rest of the grid still is
     groups = shared_stage_groups(grid_configs())
     assert [g.labels[0] for g in groups] == ["ceiling:tiny_random_l3", "ceiling:tiny_random_l4", "weak:tiny_random_l2"]

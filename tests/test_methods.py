@@ -263,10 +263,11 @@ def test_ensemble_budget_and_s2s_end_to_end(tmp_path, store):
         assert m["s2s"]["pgr"] is None and "no gap" in m["s2s"]["pgr_reason"]
     assert m["settings"]["budget.n_gt"] == 8 and m["settings"]["s2s.iterations"] == 1
     assert "acc s2s1" in proc.stdout and "PGR s2s" in proc.stdout
-    from w2sg.results.report import collect
+    from w2sg.results.collect import collect
 
-    # a store report rebuilds plain weak -> strong experiments only: transformed labels and s2s stages are skipped
-    assert collect(store) == []
+    # a store report reads the experiment the run recorded: transformed labels and s2s stages included
+    rows = collect(store)
+    assert len(rows) == 1 and rows[0]["acc_w2s"] == m["acc"]["w2s"] and rows == collect(tmp_path / "outputs")
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -105,7 +105,7 @@ def test_runs_of_one_experiment_are_one_row_the_newest_when_recomputed(tmp_path,
     _write(tmp_path / "b", m, mtime=2000)  # a rerun: every stage reused, the same numbers
     assert [r["pgr"] for r in write_report(tmp_path)["rows"]] == [pytest.approx(0.5)]
     _write(tmp_path / "c", {**m, "acc": {**m["acc"], "w2s": 0.68}, "pgr": 0.8}, mtime=3000)  # recompute=[w2s]
-    with caplog.at_level(logging.WARNING, logger="w2sg.results.report"):
+    with caplog.at_level(logging.WARNING, logger="w2sg.results"):
         assert [r["pgr"] for r in write_report(tmp_path)["rows"]] == [0.8]
     assert "same experiment" in caplog.text and "reporting the newer" in caplog.text
 
@@ -126,12 +126,17 @@ def test_the_store_and_a_sweep_report_every_experiment_apart(tmp_path, store):
             for p in sweep_dir.glob("*/metrics.json")}
     sweep = write_report(sweep_dir)["rows"]
     assert sorted((r["train.lr"], r["pgr"]) for r in sweep) == sorted((lr, m["pgr"]) for lr, m in runs.items())
+    assert len(list((store / "experiments").glob("*.json"))) == 3, "each run recorded its experiment"
     rows = write_report(store, tmp_path / "report")["rows"]
     got = {(r["train.mode"], r["train.lr"], r["train.val_frac"]): r for r in rows}
     assert set(got) == {("probe", 1e-3, 0.0), ("probe", 1e-2, 0.0), ("full", 1e-3, 0.25)}, "val_frac > 0 included"
     assert got["probe", 1e-2, 0.0]["acc_w2s"] == runs[1e-2]["acc"]["w2s"]
     summary = list(csv.DictReader(open(tmp_path / "report" / "summary.csv")))
     assert len(summary) == 3 and {s["n_seeds"] for s in summary} == {"1"}
+    # the store's report is the report of the runs that recorded it (the multirun and the single run)
+    write_report(tmp_path, tmp_path / "runs_report")
+    for name in ("results.csv", "summary.csv", "summary_ci.csv", "loss_summary.csv"):
+        assert (tmp_path / "report" / name).read_text() == (tmp_path / "runs_report" / name).read_text(), name
 
 
 def test_run_folders_are_unique_per_process(tmp_path, store):
@@ -163,7 +168,7 @@ def test_runs_that_predate_recorded_settings_are_not_merged(tmp_path, caplog):
         m = run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65 + 0.01 * i), **{"train.lr": lr})
         del m["settings"]
         _write(tmp_path / str(i), m)
-    with caplog.at_level(logging.WARNING, logger="w2sg.results.report"):
+    with caplog.at_level(logging.WARNING, logger="w2sg.results"):
         report = write_report(tmp_path)
     assert len(report["rows"]) == 2 and [s["n_seeds"] for s in report["summary"]] == [1, 1]
     assert "predate recorded settings" in caplog.text
@@ -196,3 +201,88 @@ def test_report_writes_cis_and_paired_loss_comparisons_apart_by_setting(tmp_path
     assert (comp["a"], comp["b"]) == ("logconf", "xent")  # b - a: logconf beats xent by 0.04 / 0.2 everywhere
     assert float(comp["median_diff"]) == pytest.approx(-0.2)
     assert int(comp["n_a_better"]) == 8 and float(comp["sign_p"]) == pytest.approx(2 / 2 ** 8)
+
+
+# --- a store's report: the experiments its runs recorded -----------------------------------------------------
+
+def _store_experiment(store, m, record=True):
+    """Store a run's stages (done) and, as `w2sg` does when a run ends, record its experiment."""
+    for role, stage in m["stages"].items():
+        meta = {"kind": "labels" if role.endswith("labels") else "train",
+                "label": f"{role}:{m['weak']['model']}->{m['strong']['model']}"}
+        store.compute(stage["key"], meta, lambda out: out.write_json("metrics.json", {}))
+    return store.record_experiment(m) if record else None
+
+
+@pytest.mark.parametrize("folder", ["grid", "chain"])
+def test_a_store_report_is_the_report_of_the_runs_that_recorded_it(sweep, tmp_path, folder):
+    from w2sg.core.store import Store
+
+    store = Store(tmp_path / "store")
+    for path in sorted((sweep / folder).glob("*/metrics.json")):
+        _store_experiment(store, json.loads(path.read_text()))
+    runs = write_report(sweep / folder, tmp_path / "runs")
+    stored = write_report(store.root, tmp_path / "stored")
+    assert [p.name for p in stored["files"]] == [p.name for p in runs["files"]]
+    assert "chains.csv" in [p.name for p in stored["files"]] if folder == "chain" else "loss_summary.csv"
+    for path in runs["files"]:
+        other = tmp_path / "stored" / path.name
+        if path.suffix == ".csv":
+            assert other.read_text() == path.read_text(), path.name
+    assert stored["rows"] == runs["rows"] and len(stored["rows"]) == (12 if folder == "grid" else 6)
+
+
+def test_a_record_names_its_stages_and_replaces_that_of_a_rerun(tmp_path):
+    from w2sg.core.store import Store
+    from w2sg.results.collect import rows_from_store
+    from w2sg.run.tracking import experiment_run_id
+
+    store = Store(tmp_path / "store")
+    m = run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65))
+    path = _store_experiment(store, m)
+    assert path == store.root / "experiments" / f"{experiment_run_id(s['key'] for s in m['stages'].values())}.json"
+    assert json.loads(path.read_text()) == m and list(store.experiments()) == [m]
+    recomputed = {**m, "acc": {**m["acc"], "w2s": 0.68}, "pgr": 0.8}  # recompute=[w2s]: same stage keys
+    assert store.record_experiment(recomputed) == path
+    assert sorted(p.name for p in (store.root / "experiments").iterdir()) == [path.name], "no temp file left"
+    assert [r["pgr"] for r in rows_from_store(store.root)] == [0.8]
+    subset = {**m, "subset": ["weak", "weak_labels"], "stages": {k: m["stages"][k] for k in ("weak", "weak_labels")}}
+    assert store.record_experiment(subset) is None and len(list(store.experiments())) == 1, "stages= runs: none"
+    other = run_metrics("m1", "m3", "xent", 0, (0.6, 0.8, 0.7))
+    _store_experiment(store, other)
+    os.utime(path, (1, 1))
+    assert [r["strong"]["model"] for r in store.experiments()] == ["m2", "m3"], "oldest record first"
+
+
+def test_a_record_whose_stages_are_gone_is_skipped_with_a_count(tmp_path, caplog):
+    import shutil
+
+    from w2sg.core.store import Store
+
+    store = Store(tmp_path / "store")
+    kept, gone = (run_metrics("m1", strong, "xent", 0, (0.6, 0.7, 0.65)) for strong in ("m2", "m3"))
+    for m in (kept, gone):
+        _store_experiment(store, m)
+    shutil.rmtree(store.stage_path(gone["stages"]["ceiling"]["key"]))
+    with caplog.at_level(logging.WARNING, logger="w2sg.results"):
+        rows = write_report(store.root, tmp_path / "out")["rows"]
+    assert [r["strong"] for r in rows] == ["m2"]
+    assert "1 experiment record(s) in" in caplog.text and "name stages the store no longer holds" in caplog.text
+    assert "belong to no recorded experiment" not in caplog.text, "its w2s stage is still named by its record"
+
+
+def test_a_store_without_experiment_records_says_how_many_and_the_way_out(tmp_path, caplog):
+    from w2sg.core.store import Store
+
+    store = Store(tmp_path / "store")  # as stored before runs recorded their experiments
+    for strong in ("m2", "m3"):
+        _store_experiment(store, run_metrics("m1", strong, "xent", 0, (0.6, 0.7, 0.65)), record=False)
+    recorded = run_metrics("m2", "m3", "xent", 0, (0.6, 0.7, 0.65))
+    _store_experiment(store, recorded)
+    with caplog.at_level(logging.WARNING, logger="w2sg.results"):
+        assert main([str(store.root), "--out", str(tmp_path / "out")]) == 0
+    err = caplog.text
+    assert f"2 w2s stage(s) in {store.root} belong to no recorded experiment" in err
+    assert "rerun their experiments: every stage is reused, and the run records the experiment" in err
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert [(r["weak"], r["strong"]) for r in rows] == [("m2", "m3")]

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from w2sg.core.errors import W2SGError
-from w2sg.results import stats
+from w2sg.results import plots, report, stats
 
 
 def rows_for(pgrs_by_loss, task="t", seeds=None):
@@ -185,23 +185,23 @@ def test_error_bar_plot(tmp_path):
     rows = rows_for({"xent": [0.1, 0.2, 0.3], "aux": [0.3, 0.4]})
     rows += [dict(r, strong="s2", strong_params=5, seed=r["seed"]) for r in rows]
     summary = stats.summarize_ci(rows)
-    path = stats.plot_ci(summary, tmp_path / "pgr_ci.png")
+    path = plots.plot_ci(summary, tmp_path / "pgr_ci.png")
     assert path.exists() and path.stat().st_size > 5000
-    acc = stats.plot_ci(summary, tmp_path / "acc.png", metric="acc_w2s")
+    acc = stats.plot_ci(summary, tmp_path / "acc.png", metric="acc_w2s")  # the README's name for it
     assert acc.exists()
     with pytest.raises(W2SGError, match="no column 'auroc_median'"):
-        stats.plot_ci(summary, tmp_path / "x.png", metric="auroc")
+        plots.plot_ci(summary, tmp_path / "x.png", metric="auroc")
 
 
 def test_write_stats_writes_csvs_and_plots(tmp_path):
     rows = rows_for({"xent": [0.1, 0.2, 0.3, 0.0, 0.1, 0.2], "aux": [0.3, 0.4, 0.5, 0.2, 0.3, 0.2]})
     for i, r in enumerate(rows):
         r.update(misfit_sq=0.01 * i, gain_sq=0.012 * i, misfit_disagreement=0.02 * i, gain_acc=0.01 * i)
-    files = stats.write_stats(rows, tmp_path)
+    files = report.write_stats(rows, tmp_path)
     assert [p.name for p in files] == ["summary_ci.csv", "loss_comparisons.csv", "pgr_ci.png", "misfit_vs_gain.png"]
     comp = pd.read_csv(tmp_path / "loss_comparisons.csv")
     assert (comp.loc[0, "a"], comp.loc[0, "b"], comp.loc[0, "n_pairs"], comp.loc[0, "n_b_better"]) == ("aux", "xent", 6, 0)
     assert comp.loc[0, "sign_p"] == pytest.approx(2 / 32), "5 non-zero differences, all one way (one tie)"
     summary = pd.read_csv(tmp_path / "summary_ci.csv")
     assert list(summary["n_seeds"]) == [6, 6] and summary["pgr_ci_low"].notna().all()
-    assert stats.write_stats([], tmp_path / "none") == []
+    assert report.write_stats([], tmp_path / "none") == []

@@ -99,7 +99,7 @@ def test_planning_many_jobs_decides_as_planning_each_from_scratch(hydra_loader, 
 
 
 def test_no_report_is_written_for_a_sweep_submitted_without_waiting(tmp_path):
-    from w2sg.results.report import ReportCallback
+    from w2sg.app.callback import ReportCallback
 
     def end(wait: bool, sweep_dir):
         sweep_dir.mkdir()

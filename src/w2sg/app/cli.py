@@ -176,13 +176,15 @@ def run(composed: DictConfig) -> Dict[str, Any]:
     validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     tracker = Tracker(cfg.logger, sweep_name())
-    metrics = experiment.run(cfg, Runner(cfg, Store(cfg.store_dir), tracker), tracker)
+    store = Store(cfg.store_dir)
+    metrics = experiment.run(cfg, Runner(cfg, store, tracker), tracker)
     metrics["output_dir"] = str(out_dir)
     if cfg.extensions:  # the users' code this run loaded, with the versions in its stage keys
         from w2sg.core.registry import load as load_extensions
 
         metrics["extensions"] = load_extensions(cfg.extensions)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    store.record_experiment(metrics)  # the store's report pairs stages by these records
     print(experiment.table(metrics), flush=True)
     log.info("metrics: %s", out_dir / "metrics.json")
     return metrics

@@ -466,6 +466,48 @@ class Store:
             total += sum(_tree_bytes(e.path) for e in entries if e.name not in ("stages", "locks"))
         return {"total": total, "weights": weights, "freed": freed}
 
+    # --- experiments: which stages make up each experiment a run reported --------------------------------
+    # experiments/<id>.json: a finished run's metrics.json (its stage keys under "stages", its settings,
+    # accuracies and PGR), written when the run ends, so that a report of the store alone pairs its stages as
+    # the runs did (w2sg.results.collect.rows_from_store) instead of guessing the pairing from their specs.
+
+    def record_experiment(self, metrics: Dict[str, Any]) -> Optional[Path]:
+        """Write a finished run's metrics (the dict of its metrics.json) to ``experiments/<id>.json``, the id from
+        its stage keys (:func:`experiment_id`), atomically (a temp file renamed into place): a rerun of the same
+        experiment replaces its record. A run of only some stages (``stages=[...]``, ``subset`` in its metrics)
+        is no experiment: nothing is written and None returned."""
+        if metrics.get("subset"):
+            return None
+        folder = self.root / "experiments"
+        try:
+            folder.mkdir(exist_ok=True)
+            eid = experiment_id(s["key"] for s in metrics["stages"].values())
+            path = folder / f"{eid}.json"
+            tmp = folder / f".{eid}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2, default=_json_default))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise self._unwritable(e) from None
+        return path
+
+    def experiments(self) -> Iterator[Dict[str, Any]]:
+        """The recorded experiments (see :meth:`record_experiment`), oldest record first; a record that cannot
+        be read is skipped with a warning naming it."""
+        import logging
+
+        folder = self.root / "experiments"
+        paths = sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if folder.is_dir() else []
+        for path in paths:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                logging.getLogger(__name__).warning("experiment record %s is unreadable (%s); skipped", path, e)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("stages"), dict):
+                yield record
+            else:
+                logging.getLogger(__name__).warning("experiment record %s names no stages; skipped", path)
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -473,3 +515,11 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def experiment_id(stage_keys: Iterable[str]) -> str:
+    """An experiment's id: a hash of its stages' keys (which hold every setting and the seed). It names the
+    experiment's record in the store and its W&B run (w2sg.run.tracking.experiment_run_id)."""
+    import hashlib
+
+    return "exp-" + hashlib.sha256(",".join(sorted(stage_keys)).encode()).hexdigest()[:20]

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from w2sg.core.errors import W2SGError
+from w2sg.results.collect import is_setting
 
 ANCHOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "sweep" / "anchors"
 FIELDS = ["source", "sweep", "kind", "task", "loss", "baseline", "models", "metric", "statistic", "value", "count",
@@ -104,10 +105,6 @@ def load(paths: Optional[Sequence[Path]] = None) -> List[Dict[str, Any]]:
 
 
 # --- matching ---------------------------------------------------------------------------------------------
-
-def _is_setting(column: str) -> bool:
-    return "." in column or column == "settings"
-
 
 def _settings_label(row: Dict[str, Any], settings: Sequence[str]) -> str:
     return " ".join(f"{c}={row.get(c)}" for c in settings)
@@ -239,10 +236,10 @@ def compare(rows: List[Dict[str, Any]], settings: Optional[Sequence[str]] = None
             anchors: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     """One comparison row (``COLUMNS``) per anchor and group of settings that the report's rows cover.
 
-    ``rows``: the report's rows (w2sg.results.report.collect); ``settings``: the columns that tell experiments apart
+    ``rows``: the report's rows (w2sg.results.collect.collect); ``settings``: the columns that tell experiments apart
     (default: every setting column of the rows); ``anchors``: default :func:`load`."""
     anchors = load() if anchors is None else anchors
-    settings = sorted({c for r in rows for c in r if _is_setting(c)}) if settings is None else list(settings)
+    settings = sorted({c for r in rows for c in r if is_setting(c)}) if settings is None else list(settings)
     out: List[Dict[str, Any]] = []
     for anchor in anchors:
         out += (_compare_wins if anchor["kind"] == "wins" else _compare_median)(anchor, rows, settings)

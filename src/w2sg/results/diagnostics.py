@@ -150,44 +150,7 @@ def row(metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def plot(rows: Any, out: Union[str, Path]) -> Path:
-    """Misfit vs gain, one point per run: squared misfit vs Brier gain (the theory's y = x line drawn), and
-    hard disagreement on the transfer set vs PGR and vs accuracy gain. ``rows``: a DataFrame or row dicts
-    with the columns of :func:`row` (and ``pgr``, ``loss`` where present)."""
-    import matplotlib
+    """Misfit vs gain (``misfit_vs_gain.png``): :func:`w2sg.results.plots.misfit_vs_gain`, where every plot lives."""
+    from w2sg.results.plots import misfit_vs_gain
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    needed = ["misfit_sq", "gain_sq", "misfit_disagreement", "gain_acc"]
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise W2SGError(f"diagnostics plot: no column(s) {missing}; pass rows with diagnostics.row(metrics) columns")
-    df = df.dropna(subset=needed)
-    panels = [("misfit_sq", "gain_sq", "misfit (mean squared distance to weak labels, transfer set)",
-               "gain in Brier score over the weak model (test)")]
-    if "pgr" in df.columns:
-        panels.append(("misfit_disagreement", "pgr", "disagreement with weak labels (transfer set)", "PGR (test)"))
-    panels.append(("misfit_disagreement", "gain_acc", "disagreement with weak labels (transfer set)",
-                   "accuracy gain over the weak model (test)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4))
-    hue = "loss" if "loss" in df.columns else None
-    for ax, (x, y, xl, yl) in zip(np.atleast_1d(axes), panels):
-        groups = df.groupby(hue, sort=True) if hue else [("runs", df)]
-        for name, g in groups:
-            g = g.dropna(subset=[y])
-            ax.scatter(g[x].astype(float), g[y].astype(float), s=18, label=str(name))
-        if (x, y) == ("misfit_sq", "gain_sq") and len(df):
-            top = float(max(df[x].max(), df[y].max(), 0.0))
-            ax.plot([0, top], [0, top], "k--", lw=0.8, label="gain = misfit")
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_xlabel(xl, fontsize=8)
-        ax.set_ylabel(yl, fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle("Misfit vs gain (Charikar et al. 2024: gain ~ misfit)", fontsize=10)
-    fig.tight_layout()
-    path = Path(out)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return misfit_vs_gain(rows, out)

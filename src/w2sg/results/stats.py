@@ -1,19 +1,22 @@
-"""Statistics of weak-to-strong results: bootstrap confidence intervals and paired comparisons.
+"""Statistics of weak-to-strong results: bootstrap confidence intervals, the summary over seeds, paired
+comparisons.
 
 Two sources of noise, two intervals:
 
 * over test examples (one run): :func:`bootstrap_over_test` resamples the test set with replacement, the same
   examples for the weak, ceiling and w2s models (paired), and recomputes their accuracies and PGR. It needs
   per-example correctness, which the experiment has (every train stage stores its test predictions).
-* over seeds (a group of runs): :func:`summarize_ci` takes a results table (one row per experiment and seed,
-  the columns of ``w2sg.results.report``: task, weak, weak_params, strong, strong_params, loss, seed, acc_weak,
-  acc_ceiling, acc_w2s, pgr) and gives, per group, the median (or mean) over seeds with a percentile
-  bootstrap CI. With fewer than ``MIN_SEEDS`` seeds it gives no CI and says so.
+* over seeds (a group of runs): :func:`summarize` takes a results table (one row per experiment and seed,
+  the columns of ``w2sg.results.collect``: task, weak, weak_params, strong, strong_params, loss, seed, acc_weak,
+  acc_ceiling, acc_w2s, pgr) and gives, per group, the median, min and max over seeds and the median (or mean)
+  with a percentile bootstrap CI; with fewer than ``MIN_SEEDS`` seeds no CI, and it says so. That one summary
+  serves both report tables: ``summary.csv`` (:func:`spread_view`) and ``summary_ci.csv`` (:func:`ci_view`,
+  :func:`summarize_ci`). :func:`loss_summary` gives the median PGR per loss and at the largest gap.
 
 :func:`paired_comparison` compares two losses (or any two values of one setting) on results paired by every
 other setting and the seed: the Wilcoxon signed-rank test, the sign test, and effect sizes (median and mean
-difference with a bootstrap CI, matched-pairs rank-biserial correlation). :func:`plot_ci` draws the
-summaries with error bars.
+difference with a bootstrap CI, matched-pairs rank-biserial correlation). The plots of these numbers are in
+w2sg.results.plots (:func:`plot_ci` here draws the error bars through it).
 
 A PGR interval wider than ``WIDE_PGR`` (1: the whole range from "no gain" to "gap closed") means the test set
 is too small to tell the result from noise; the tables carry a ``warning`` column that says so.
@@ -23,8 +26,10 @@ Every bootstrap uses ``numpy.random.default_rng(seed)``: the same inputs and see
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,7 +43,7 @@ LEVEL = 0.95
 N_BOOT = 2000
 CHUNK = 500  # resamples per batch, bounding memory at CHUNK x n_test indices
 
-Table = Any  # a pandas DataFrame, or a list of row dicts as w2sg.results.report builds them
+Table = Any  # a pandas DataFrame, or a list of row dicts as w2sg.results.collect builds them
 
 
 def _frame(rows: Table):
@@ -180,34 +185,49 @@ def _isnan(v: Any) -> bool:
         return False
 
 
-def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequence[str] = METRICS,
-                 stat: str = "median", n_boot: int = 10000, level: float = LEVEL, seed: int = 0):
-    """Per group (default: every setting but the seed), ``stat`` over seeds with a bootstrap CI, as a DataFrame.
+def hashable(v: Any) -> Any:
+    """A group column's value as pandas can group on it: lists and dicts (settings may hold them) as their repr."""
+    return v if v is None or isinstance(v, (str, int, float, bool, np.generic)) else repr(v)
 
-    Columns: the group's settings, ``n_seeds``, and per metric ``<metric>_<stat>``, ``<metric>_ci_low``,
-    ``<metric>_ci_high``; ``ci_note`` (too few seeds for a CI) and ``warning`` (PGR's CI wider than
-    ``WIDE_PGR``: these seeds cannot tell the result from noise). If the rows carry per-seed test-set CIs
-    (the columns of :func:`ci_columns`), ``noisy_seeds`` counts the seeds whose own PGR CI over test examples
-    is unbounded or wider than ``WIDE_PGR``, and ``warning`` says so.
+
+def summarize(rows: Table, group: Optional[List[str]] = None, metrics: Sequence[str] = METRICS,
+              stat: str = "median", n_boot: int = 10000, level: float = LEVEL, seed: int = 0):
+    """The summary over seeds, per group (default: every setting but the seed), as one DataFrame: it serves both
+    report tables, ``summary.csv`` (median, min and max; :func:`spread_view`) and ``summary_ci.csv`` (the
+    median with a bootstrap CI; :func:`summarize_ci`).
+
+    Columns: the group's values (lists and dicts as their repr), ``n_rows``, ``n_seeds``, per metric
+    ``<metric>_median``, ``<metric>_min``, ``<metric>_max`` (None values left out), ``<metric>_<stat>`` with
+    ``<metric>_ci_low`` and ``<metric>_ci_high`` (a percentile bootstrap CI of ``stat`` over seeds); ``ci_note``
+    (too few seeds for a CI), ``warning`` (PGR's CI wider than ``WIDE_PGR``: these seeds cannot tell the result
+    from noise) and, when the rows carry per-seed test-set CIs (the columns of :func:`ci_columns`),
+    ``noisy_seeds``: the seeds whose own PGR CI over test examples is unbounded or wider than ``WIDE_PGR``,
+    which ``warning`` then names. Sorted by the group's values; the index is the position of each group's first
+    row in ``rows`` (sort by it for the groups in the order the rows first show them).
 
     With few seeds the bootstrap over seeds understates the uncertainty (with 3 seeds the median's interval
     cannot reach beyond their min and max); the per-seed CIs over test examples show the other source of noise."""
     import pandas as pd
 
-    df = _frame(rows)
+    df = _frame(rows).reset_index(drop=True)
     group = [c for c in (group if group is not None else GROUP) if c in df.columns]
     missing = [m for m in metrics if m not in df.columns]
     if missing or "seed" not in df.columns:
         raise W2SGError(f"results table lacks column(s) {missing + ([] if 'seed' in df.columns else ['seed'])}; "
                         f"it has {list(df.columns)} (one row per experiment and seed, as w2sg.results.report writes)")
-    out = []
+    for c in group:
+        df[c] = df[c].map(hashable)
+    out, first = [], []
     for key, g in df.groupby(group, sort=True, dropna=False) if group else [((), df)]:
         key = key if isinstance(key, tuple) else (key,)
         s: Dict[str, Any] = dict(zip(group, key))
-        s["n_seeds"] = int(g["seed"].nunique())
+        s["n_rows"], s["n_seeds"] = len(g), int(g["seed"].nunique())
         notes: Dict[str, None] = {}  # ordered set
         for m in metrics:
-            ci = bootstrap_ci(g[m].tolist(), stat, n_boot, level, seed)
+            vals = [v for v in g[m].tolist() if v is not None and not _isnan(v)]
+            s[f"{m}_median"] = statistics.median(vals) if vals else None
+            s[f"{m}_min"], s[f"{m}_max"] = (min(vals), max(vals)) if vals else (None, None)
+            ci = bootstrap_ci(vals, stat, n_boot, level, seed)
             s[f"{m}_{stat}"], s[f"{m}_ci_low"], s[f"{m}_ci_high"] = ci["value"], ci["ci_low"], ci["ci_high"]
             if ci["ci_note"]:
                 notes[f"{m}: {ci['ci_note']}"] = None
@@ -223,7 +243,95 @@ def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequen
                     f"{s['noisy_seeds']} of {len(g)} seeds have a PGR CI over test examples wider than {WIDE_PGR:g} "
                     "or unbounded: the test set is too small to tell their results from noise")]))
         out.append(s)
-    return pd.DataFrame(out)
+        first.append(int(g.index[0]))
+    return pd.DataFrame(out, index=first)
+
+
+def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequence[str] = METRICS,
+                 stat: str = "median", n_boot: int = 10000, level: float = LEVEL, seed: int = 0):
+    """Per group (default: every setting but the seed), ``stat`` over seeds with a bootstrap CI, as a DataFrame
+    (``summary_ci.csv``): the group's values, ``n_seeds``, per metric ``<metric>_<stat>``, ``<metric>_ci_low``,
+    ``<metric>_ci_high``, then ``ci_note``, ``warning`` and (with per-seed test-set CIs) ``noisy_seeds``; see
+    :func:`summarize`, whose columns these are."""
+    return ci_view(summarize(rows, group, metrics, stat, n_boot, level, seed), metrics, stat)
+
+
+def _group_columns(summary: Any) -> List[str]:
+    """The group's columns of a :func:`summarize` DataFrame (those before ``n_rows``)."""
+    columns = list(summary.columns)
+    return columns[:columns.index("n_rows")] if "n_rows" in columns else []
+
+
+def ci_view(summary: Any, metrics: Sequence[str] = METRICS, stat: str = "median"):
+    """:func:`summarize_ci`'s columns of a :func:`summarize` DataFrame, sorted by the group's values."""
+    if summary.empty:
+        return summary
+    per_metric = [f"{m}_{x}" for m in metrics for x in (stat, "ci_low", "ci_high")]
+    tail = ["ci_note", "warning"] + (["noisy_seeds"] if "noisy_seeds" in summary.columns else [])
+    return summary[_group_columns(summary) + ["n_seeds"] + per_metric + tail].reset_index(drop=True)
+
+
+def spread_view(summary: Any, rows: List[Dict[str, Any]], metrics: Sequence[str] = METRICS) -> List[Dict[str, Any]]:
+    """``summary.csv``'s rows of a :func:`summarize` DataFrame of ``rows`` (a list of row dicts): per group, in
+    the order the rows first show the groups, its values as the rows hold them, ``n_seeds`` and each metric's
+    median, min and max over seeds. Raises ValueError for a group with two rows of one seed: two experiments that
+    no recorded setting tells apart."""
+    group = _group_columns(summary)
+    out = []
+    for first, s in summary.sort_index().iterrows():
+        row = {c: rows[first].get(c) for c in group}
+        if s["n_rows"] > s["n_seeds"]:
+            same = [r for r in rows if all(json.dumps(r.get(c), default=repr) == json.dumps(v, default=repr)
+                                           for c, v in row.items())]
+            raise ValueError(f"{s['n_rows'] - s['n_seeds']} experiment(s) of {row.get('weak')} -> {row.get('strong')} "
+                             "share a seed and every recorded setting (w2s stages "
+                             f"{', '.join(str(r.get('w2s_key')) for r in same)}); report their folders separately")
+        row["n_seeds"] = int(s["n_seeds"])
+        for m in metrics:
+            for x in ("median", "min", "max"):
+                v = s[f"{m}_{x}"]
+                row[f"{m}_{x}"] = None if v is None or _isnan(v) else v.item() if isinstance(v, np.generic) else v
+        out.append(row)
+    return out
+
+
+def groups(rows: List[Dict[str, Any]], by: List[str]) -> Dict[Tuple, List[Dict[str, Any]]]:
+    """Rows grouped by the values of some columns (keys: their JSON text), in the order the rows first show them."""
+    out: Dict[Tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(tuple(json.dumps(r.get(c)) for c in by), []).append(r)
+    return out
+
+
+def _median(vals: List[Any]) -> Optional[float]:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def loss_summary(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]],
+                 settings: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Per task, loss and setting: median PGR over every pair and seed, and the median PGR at the largest gap.
+
+    ``summary``: :func:`spread_view`'s rows. The largest gap is the (weak, strong) pair whose median ceiling -
+    weak accuracy is largest."""
+    settings = [c for c in (settings or []) if not c.startswith(("weak_model.", "weak_train.", "strong_model."))]
+    out = []
+    for _, rs_task in sorted(groups(rows, ["task"] + settings).items()):
+        first = rs_task[0]
+        ts = [s for s in summary if all(s.get(c) == first.get(c) for c in ["task"] + settings)
+              and s["acc_ceiling_median"] is not None]
+        gap = max(ts, key=lambda s: s["acc_ceiling_median"] - s["acc_weak_median"]) if ts else None
+        for loss in sorted({r["loss"] for r in rs_task}):
+            rs = [r for r in rs_task if r["loss"] == loss]
+            at_gap = [r for r in rs if gap and (r["weak"], r["strong"]) == (gap["weak"], gap["strong"])]
+            out.append({"task": first["task"], "loss": loss, **{c: first.get(c) for c in settings},
+                        "n_runs": len(rs), "pgr_median": _median([r["pgr"] for r in rs]),
+                        "pgr_positive_share": (sum(r["pgr"] > 0 for r in rs if r["pgr"] is not None)
+                                               / max(1, sum(r["pgr"] is not None for r in rs))),
+                        "largest_gap_pair": f"{gap['weak']}->{gap['strong']}" if gap else None,
+                        "largest_gap": (gap["acc_ceiling_median"] - gap["acc_weak_median"]) if gap else None,
+                        "pgr_median_at_largest_gap": _median([r["pgr"] for r in at_gap])})
+    return out
 
 
 # --- paired comparison --------------------------------------------------------------------------------------
@@ -299,95 +407,9 @@ def comparison_row(result: Dict[str, Any]) -> Dict[str, Any]:
     return {**row, "mean_diff_ci_low": lo, "mean_diff_ci_high": hi}
 
 
-# --- plots --------------------------------------------------------------------------------------------------
+def plot_ci(summary: Table, out: Union[str, Path], **kwargs: Any) -> Path:
+    """Error bars of :func:`summarize_ci`'s output: :func:`w2sg.results.plots.plot_ci` (same arguments), where
+    every plot lives."""
+    from w2sg.results.plots import plot_ci as draw
 
-def plot_ci(summary: Table, out: Union[str, Path], metric: str = "pgr", stat: str = "median",
-            x: str = "strong_params", curve: Sequence[str] = ("weak", "loss"), title: Optional[str] = None) -> Path:
-    """Error-bar plot of :func:`summarize_ci`'s output: ``metric`` vs ``x``, one curve per ``curve`` values.
-
-    Bars are the bootstrap CIs over seeds; a point without a CI (too few seeds) is drawn hollow without a bar.
-    ``x`` of strong_params / weak_params is drawn on a log scale in millions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = _frame(summary)
-    col = f"{metric}_{stat}"
-    for c in [col, f"{metric}_ci_low", f"{metric}_ci_high", x, *curve]:
-        if c not in df.columns:
-            raise W2SGError(f"plot_ci: the summary has no column {c!r} (pass the output of summarize_ci)")
-    scale = 1e6 if x.endswith("params") else 1.0
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    curve = list(curve)
-    groups = list(df.dropna(subset=[col]).groupby(curve, sort=True)) if curve else [((), df.dropna(subset=[col]))]
-    for i, (key, g) in enumerate(groups):
-        key = key if isinstance(key, tuple) else (key,)
-        g = g.sort_values(x)
-        label = ", ".join(f"{c}={v}" for c, v in zip(curve, key)) or metric
-        dodge = 1 + 0.04 * (i - (len(groups) - 1) / 2)  # curves side by side, so their bars do not overlap
-        xs, ys = g[x].to_numpy(dtype=float) / scale * dodge, g[col].to_numpy(dtype=float)
-        line, = ax.plot(xs, ys, "-", label=label)
-        has = g[f"{metric}_ci_low"].notna().to_numpy()
-        lo = ys - g[f"{metric}_ci_low"].to_numpy(dtype=float)
-        hi = g[f"{metric}_ci_high"].to_numpy(dtype=float) - ys
-        if has.any():
-            ax.errorbar(xs[has], ys[has], yerr=[lo[has], hi[has]], fmt="o", color=line.get_color(), capsize=3)
-        if (~has).any():
-            ax.plot(xs[~has], ys[~has], "o", mfc="none", color=line.get_color())
-    if metric == "pgr":
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.axhline(1, color="grey", lw=0.8, ls=":")
-    if scale != 1.0:
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{x.replace('_params', '')} model parameters (M)")
-    else:
-        ax.set_xlabel(x)
-    ax.set_ylabel(f"{metric} ({stat} over seeds; bars: {LEVEL:.0%} bootstrap CI)")
-    ax.set_title(title or f"{metric} with {LEVEL:.0%} CIs over seeds (hollow: too few seeds for a CI)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(out)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_stats(rows: Table, out: Union[str, Path], seed: int = 0, settings: Sequence[str] = ()) -> List[Path]:
-    """Everything above for a report folder: ``summary_ci.csv`` (per group, median over seeds with CIs and
-    warnings), ``loss_comparisons.csv`` (every two losses, paired on PGR, when the results have two or more),
-    ``pgr_ci[_<task>].png`` (error bars), and ``misfit_vs_gain.png`` when the rows carry diagnostics columns.
-    ``settings``: the columns that tell experiments apart besides models, task and loss (the report's setting
-    columns): groups and pairs are never formed across different settings."""
-    from itertools import combinations
-
-    from w2sg.results import diagnostics
-
-    df, out = _frame(rows), Path(out)
-    written: List[Path] = []
-    if df.empty:
-        return written
-    settings = [c for c in settings if c in df.columns]
-    for c in settings:  # settings may hold lists or dicts: group on their text
-        df[c] = df[c].map(lambda v: v if v is None or isinstance(v, (str, int, float, bool)) else repr(v))
-    summary = summarize_ci(df, group=GROUP + settings, seed=seed)
-    summary.to_csv(out / "summary_ci.csv", index=False)
-    written.append(out / "summary_ci.csv")
-    losses = sorted(df["loss"].dropna().unique().tolist(), key=str) if "loss" in df.columns else []
-    if len(losses) >= 2:
-        import pandas as pd
-
-        # pairs: equal in everything but the loss and its own parameters
-        keys = [c for c in GROUP + settings + ["seed"] if c != "loss" and not c.startswith("loss.")]
-        comps = [comparison_row(paired_comparison(df, a, b, keys=keys, seed=seed)) for a, b in combinations(losses, 2)]
-        pd.DataFrame(comps).to_csv(out / "loss_comparisons.csv", index=False)
-        written.append(out / "loss_comparisons.csv")
-    tasks = sorted(summary["task"].unique().tolist(), key=str) if "task" in summary.columns else [None]
-    for task in tasks:
-        part = summary if task is None else summary[summary["task"] == task]
-        suffix = "" if len(tasks) == 1 else f"_{task}"
-        written.append(plot_ci(part, out / f"pgr_ci{suffix}.png",
-                               title=f"PGR: {task}, {LEVEL:.0%} CIs over seeds" if task else None))
-    if {"misfit_sq", "gain_sq"} <= set(df.columns) and df["misfit_sq"].notna().any():
-        written.append(diagnostics.plot(df, out / "misfit_vs_gain.png"))
-    return written
+    return draw(summary, out, **kwargs)

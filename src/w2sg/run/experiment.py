@@ -78,7 +78,7 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
         runner, {k: outcomes[k].key for k in ("weak", "weak_labels", "ceiling", "w2s")})
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
-    from w2sg.results.report import settings_of_stages
+    from w2sg.results.collect import settings_of_stages
 
     metrics["settings"] = settings_of_stages(stages)  # what tells this experiment apart in reports
     metrics["settings"].update(method_settings(cfg))

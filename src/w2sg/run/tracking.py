@@ -14,7 +14,6 @@ local metrics.json files are written whatever happens here.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from contextlib import contextmanager
@@ -132,5 +131,8 @@ class Tracker:
 
 
 def experiment_run_id(stage_keys: Iterable[str]) -> str:
-    """An experiment's W&B run id: a hash of its stages' keys (which hold every setting and the seed)."""
-    return "exp-" + hashlib.sha256(",".join(sorted(stage_keys)).encode()).hexdigest()[:20]
+    """An experiment's W&B run id: a hash of its stages' keys (which hold every setting and the seed), the id of
+    its record in the store too (w2sg.core.store.experiment_id)."""
+    from w2sg.core.store import experiment_id
+
+    return experiment_id(stage_keys)
