@@ -17,7 +17,6 @@
 
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
