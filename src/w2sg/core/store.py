@@ -9,10 +9,13 @@ Layout under ``store_dir``::
     partial/<key>/     stage.json (what is being computed, since when, by whom) and training checkpoints of
                        unfinished stages (a rerun resumes from them)
     locks/<key>.lock   held while a process computes that stage
+    experiments/<id>.json  each finished experiment's metrics.json (its stage keys by name): reports of a store
+                       read these, so they pair stages as the experiments did
+    fingerprints/      content hashes of local data and model files, by path, size and mtime
 
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
 half-written stage is never taken as finished. The DONE marker holds a one-line summary of the stage (kind,
-label, model, task, seed, loss, accuracy, time) and its size on disk (recorded again when its weights are freed
+role, side, label, model, task, seed, loss, accuracy, time) and its size on disk (recorded again when its weights are freed
 or restored), so ``w2sg status`` lists a large store by reading it alone. ``Store`` is the one reader of this
 layout: listings go through ``stage_summaries``, ``unfinished`` and ``sizes``, trainers through ``checkpoint_path``.
 Weights are the bulk of a store. ``store.keep_weights`` (needed | all | none) frees a trained model's weights
@@ -202,6 +205,12 @@ class Store:
             f"store {str(self.root)!r} cannot be created or written ({e.strerror or type(e).__name__}: "
             f"{e.filename or self.root}); point W2SG_STORE (or store_dir=) at a writable directory, "
             "e.g. W2SG_STORE=$HOME/.cache/w2sg/store")
+
+    def scratch_dir(self, key: str, why: str) -> Path:
+        """A new folder in tmp/ for work on a stage that is not its computation (e.g. retraining freed weights)."""
+        path = self.root / "tmp" / f"{key}.{why}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
 
     def check_writable(self) -> None:
         """Fail before any stage runs, naming the store and the way out, when stages cannot be written into it."""

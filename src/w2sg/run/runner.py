@@ -228,9 +228,7 @@ class Runner:
         its weights go back into the store only if its test predictions equal the stored ones, so that labels
         computed from them belong to the model whose results are stored. Training that is not reproducible here
         (e.g. nondeterministic GPU kernels) is an error naming the way out, never a silent mix of two models."""
-        import os
         import shutil
-        import uuid
 
         import numpy as np
 
@@ -243,8 +241,7 @@ class Runner:
             sd = self.store.get(stage.key)
             if any(sd.file(n).exists() for n in WEIGHT_FILES):
                 return  # another process recovered them meanwhile
-            tmp = self.store.root / "tmp" / f"{stage.key}.restore.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True)
+            tmp = self.store.scratch_dir(stage.key, "restore")
             try:
                 from w2sg.run import bodies
 
