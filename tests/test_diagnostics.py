@@ -10,7 +10,7 @@ from helpers import TINY, compose
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.store import Store
-from w2sg.results import diagnostics, plots
+from w2sg.results import diagnostics, plots, plots
 from w2sg.run import experiment
 from w2sg.run.runner import Runner
 
@@ -72,7 +72,7 @@ def test_misfit_plot(tmp_path):
     path = plots.misfit_vs_gain(pd.DataFrame(rows), tmp_path / "misfit.png")
     assert path.exists() and path.stat().st_size > 5000
     with pytest.raises(W2SGError, match="no column"):
-        diagnostics.plot([{"pgr": 1}], tmp_path / "x.png")
+        plots.misfit_vs_gain([{"pgr": 1}], tmp_path / "x.png")
 
 
 def run_experiment(overrides, store_dir):

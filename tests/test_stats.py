@@ -187,7 +187,7 @@ def test_error_bar_plot(tmp_path):
     summary = stats.summarize_ci(rows)
     path = plots.plot_ci(summary, tmp_path / "pgr_ci.png")
     assert path.exists() and path.stat().st_size > 5000
-    acc = stats.plot_ci(summary, tmp_path / "acc.png", metric="acc_w2s")  # the README's name for it
+    acc = plots.plot_ci(summary, tmp_path / "acc.png", metric="acc_w2s")  # the README's name for it
     assert acc.exists()
     with pytest.raises(W2SGError, match="no column 'auroc_median'"):
         plots.plot_ci(summary, tmp_path / "x.png", metric="auroc")

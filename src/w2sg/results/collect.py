@@ -26,8 +26,8 @@ from w2sg.results import diagnostics, stats
 
 log = logging.getLogger(__name__)
 
-BASE = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
-METRICS = ["acc_weak", "acc_ceiling", "acc_w2s", "pgr"]
+BASE = list(stats.GROUP)
+METRICS = list(stats.METRICS)
 # where a setting belongs: a column is kept when it varies among rows of the same owner (its model, task or
 # loss; the whole table for training and generative settings), so a model's own path or a task's template
 # do not show up merely because several models or tasks are reported

@@ -33,8 +33,7 @@ transfer-set numbers cover the whole set (held-out part included).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -147,10 +146,3 @@ def row(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """The diagnostics of a run's metrics.json as flat columns for a results row (None where not recorded)."""
     d = metrics.get("diagnostics") or {}
     return {k: d.get(k) for k in KEYS}
-
-
-def plot(rows: Any, out: Union[str, Path]) -> Path:
-    """Misfit vs gain (``misfit_vs_gain.png``): :func:`w2sg.results.plots.misfit_vs_gain`, where every plot lives."""
-    from w2sg.results.plots import misfit_vs_gain
-
-    return misfit_vs_gain(rows, out)

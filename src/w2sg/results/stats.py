@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from w2sg.core.errors import W2SGError
 
-METRICS = ("acc_weak", "acc_ceiling", "acc_w2s", "pgr")
-GROUP = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]
+METRICS = ("acc_weak", "acc_ceiling", "acc_w2s", "pgr")  # the result columns of a row
+GROUP = ["task", "weak", "weak_params", "strong", "strong_params", "loss"]  # an experiment, before its settings
 MIN_SEEDS = 3  # fewer seeds than this: no CI over seeds (a bootstrap of 1 or 2 values says nothing)
 WIDE_PGR = 1.0  # a PGR CI wider than this cannot tell a result from noise
 LEVEL = 0.95
@@ -405,11 +404,3 @@ def comparison_row(result: Dict[str, Any]) -> Dict[str, Any]:
     row = {k: v for k, v in result.items() if k not in ("pairs", "keys", "mean_diff_ci")}
     lo, hi = result["mean_diff_ci"] or (None, None)
     return {**row, "mean_diff_ci_low": lo, "mean_diff_ci_high": hi}
-
-
-def plot_ci(summary: Table, out: Union[str, Path], **kwargs: Any) -> Path:
-    """Error bars of :func:`summarize_ci`'s output: :func:`w2sg.results.plots.plot_ci` (same arguments), where
-    every plot lives."""
-    from w2sg.results.plots import plot_ci as draw
-
-    return draw(summary, out, **kwargs)
