@@ -100,15 +100,13 @@ def overrides(s: Dict[str, Any], tmp: Path) -> List[str]:
 def compose_random(s: Dict[str, Any], args: List[str], tokenizer: str, sides=("weak", "strong")):
     """The composed config with random-initialised models of the catalogue's architectures (shrunk for the smoke
     run) on the synthetic tokenizer. Set here, not as overrides: Hydra cannot merge a dict into a null field."""
-    from omegaconf import open_dict
-
+    from w2sg.app.config import resolve
     from w2sg.app.status import compose
 
-    cfg = compose(args, conf_dir=ROOT / "conf")
-    with open_dict(cfg):
-        for side in sides:
-            cfg[side].random_init = dict(s["shrink"])
-            cfg[side].tokenizer = tokenizer
+    cfg = resolve(compose(args, conf_dir=ROOT / "conf"))  # the typed config, as the entry makes it
+    for side in sides:
+        getattr(cfg, side).random_init = dict(s["shrink"])
+        getattr(cfg, side).tokenizer = tokenizer
     return cfg
 
 

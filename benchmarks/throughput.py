@@ -63,18 +63,19 @@ def timed(fn, repeats=1):
 def throughput(model_name: str, n: int, repeats: int) -> None:
     import numpy as np
 
+    from w2sg.app.config import resolve
     from w2sg.app.status import compose
     from w2sg.data.tasks import load_task
     from w2sg.ml.losses import make_loss
     from w2sg.ml.models import build_model, load_tokenizer
     from w2sg.ml.train import Encoded, predict, train_model
 
-    cfg = compose([f"weak={model_name}"])
+    cfg = resolve(compose([f"weak={model_name}"]))
     data = load_task(cfg.task, 0)
     pool = (data.gt + data.weak + data.test)[:n]
     texts, labels = [t for t, _ in pool], [y for _, y in pool]
     tok = load_tokenizer(cfg.weak)
-    bs, ml, lr = int(cfg.train.batch_size), int(cfg.train.max_length), float(cfg.weak.lr)
+    bs, ml, lr = cfg.train.batch_size, cfg.train.max_length, cfg.weak.lr
 
     # Both loops train the same freshly built model (built outside the timed region: loading weights is not
     # training); they run in turns, so a busy machine slows both alike, and each figure is the fastest run.
