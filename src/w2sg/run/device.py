@@ -8,7 +8,10 @@ weights), frozen weights (inference, features, the base of LoRA) are loaded dire
 inference and LoRA only). TF32 matmuls are enabled on Ampere and newer GPUs.
 
 The device never enters a stage key (a stage computed on a GPU is reused on a CPU and vice versa); the resolved
-precision does, except fp32, so every key computed before this policy existed stays valid.
+precision does, except fp32, so every key computed before this policy existed stays valid. ``auto`` is resolved
+once per process at the entry (w2sg.app.config.resolve -> ``resolve_precision``), so the plan sees a concrete
+precision. This module decides the policy from the config; how a policy places models and batches, autocasts and
+estimates memory is w2sg.ml.device.
 """
 
 from __future__ import annotations
