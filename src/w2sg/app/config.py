@@ -8,6 +8,7 @@ error for a misspelt ``key=value`` override name the valid keys (see ``_unknown_
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 from pathlib import Path
@@ -30,13 +31,11 @@ def resolve(cfg: Any) -> Config:
     ModelConfig). A Config given is returned as it is."""
     if isinstance(cfg, Config):
         return cfg
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
-    if "hydra" in cfg:
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            del cfg["hydra"]
-    typed: Config = OmegaConf.to_object(cfg)
+    # group by group, leaving out ``hydra``: copying a launcher's config without it would cost more than the rest
+    values = {f.name: cfg[f.name] for f in dataclasses.fields(Config)}
+    typed = Config(**{k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in values.items()})
     from w2sg.run.device import resolve_device, resolve_precision
 
     typed.train.precision = resolve_precision(typed.train.precision, resolve_device(typed.train.device))
