@@ -152,9 +152,12 @@ def peak_rss_mib(args, env, cwd) -> float:
 
 
 def memory(quick: bool) -> None:
-    base = ["experiment=smoke"] if quick else []  # the full figure is the default experiment itself
+    base = ["experiment=smoke"] if quick else []  # the full figure: the default pair and task
+    # full finetuning vs linear probes at the same sizes (the task's own: the default's larger probe sizes would
+    # measure the data, not the mode)
+    sizes = [] if quick else ["task.n_train=600", "task.n_test=400"]
     figures = []
-    for extra in ([], ["train=probe"]):
+    for extra in (["train=full", *sizes], ["train=probe", *sizes]):
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ, W2SG_STORE=os.path.join(tmp, "store"), WANDB_MODE="disabled")
             label = " ".join(["w2sg"] + base + extra)

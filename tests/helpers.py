@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FIXTURES = ROOT / "tests" / "fixtures"
 # tiny, fast settings for end-to-end runs
-TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false"]
+TINY = ["pair=tiny", "train=full", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false"]
 
 
 def compose_raw(overrides: List[str] = ()):

@@ -42,7 +42,7 @@ def test_changing_the_loss_retrains_only_w2s(tmp_path, store):
 
 
 def test_bootstrap_chain_end_to_end(tmp_path, store):
-    proc = run_w2sg(["chain=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false"], tmp_path)
+    proc = run_w2sg(["chain=tiny", "train=full", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false"], tmp_path)
     [m] = metrics_files(tmp_path)
     ch = m["chain"]
     assert ch["models"] == ["tiny_random", "tiny_random_l2", "tiny_random_l3"]

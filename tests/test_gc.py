@@ -17,7 +17,7 @@ from w2sg.run import experiment
 from w2sg.run.runner import Runner
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["pair=tiny", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false", "logger=none"]
+TINY = ["pair=tiny", "train=full", "train.epochs=1", "task.n_train=64", "task.n_test=32", "progress=false", "logger=none"]
 
 
 def run(store_dir, *overrides):

@@ -234,7 +234,7 @@ def test_pairs_are_truncated_on_the_left_so_the_responses_survive():
 
 @pytest.mark.parametrize("mode", ["full", "probe"])
 def test_reward_modeling_end_to_end(tmp_path, mode):
-    metrics, runner = run_experiment(HH_RM + [f"train={'probe' if mode == 'probe' else 'default'}",
+    metrics, runner = run_experiment(HH_RM + [f"train={'probe' if mode == 'probe' else 'full'}",
                                               "train.epochs=2"], tmp_path / "s")
     labels = runner.store.get(metrics["stages"]["weak_labels"]["key"]).read_array("probs")
     assert labels.shape == (10, 2) and np.allclose(labels.sum(1), 1) and 0 < labels[:, 1].min() < 1

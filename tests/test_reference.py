@@ -64,15 +64,19 @@ def test_every_schema_field_has_a_row(rendered: str) -> None:
 
 
 def _row(rendered: str, key: str) -> typing.List[str]:
-    line = next(line for line in rendered.splitlines() if line.startswith(f"| `{key}` |"))
+    line = next(line for line in rendered.splitlines()
+                if line.startswith(f"| `{key}` |") or line.startswith(f"| `{key}` (default) |"))
     return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
 
 
 def _expected_default(key: str, schema_value: object) -> str:
-    """`composed` (`schema`) as the reference writes a default, from conf/train/default.yaml read directly."""
+    """`composed` (`schema`) as the reference writes a default, from the default train option read directly:
+    conf/train/probe.yaml on top of conf/train/full.yaml, which it builds on."""
     from omegaconf import OmegaConf
 
-    composed = OmegaConf.load(ROOT / "conf" / "train" / "default.yaml")[key.split(".", 1)[1]]
+    train = ROOT / "conf" / "train"
+    composed = OmegaConf.merge(OmegaConf.load(train / "full.yaml"), OmegaConf.load(train / "probe.yaml"))
+    composed = composed[key.split(".", 1)[1]]
     return f"`{composed}`" if composed == schema_value else f"`{composed}` (`{schema_value}`)"
 
 
@@ -81,7 +85,7 @@ def test_rows_carry_type_default_range_and_the_source_comment(rendered: str) -> 
     assert _row(rendered, "train.batch_size") == [
         "`train.batch_size`", "`int`", _expected_default("train.batch_size", schema.TrainConfig().batch_size),
         "examples per optimizer step; range [1, ∞)"]
-    # the value a plain run composes (conf/train/default.yaml), with the schema's own where they differ
+    # the value a plain run composes (train=probe), with the schema's own where they differ
     assert _row(rendered, "train.epochs")[2] == _expected_default("train.epochs", schema.TrainConfig().epochs)
     # a comment on the lines above the field
     assert "Hugging Face hub id, a local directory" in _row(rendered, "weak.path")[3]
@@ -118,11 +122,12 @@ def test_groups_and_options_match_w2sg_help(rendered: str) -> None:
 
 
 def test_option_rows_show_what_a_preset_sets(rendered: str) -> None:
-    assert "| `fast` | A quick look: one epoch, short sequences. | on top of `default` `train.epochs=1` " \
+    assert "| `fast` | A quick look: one epoch, short sequences. | on top of `full` `train.epochs=1` " \
            "`train.max_length=48` |" in rendered
     smoke = _row(rendered, "smoke")
-    assert smoke[2] == "`pair=tiny` `train.epochs=1` `task.n_train=64` `task.n_test=32` `progress=false`"
-    assert _row(rendered, "probe")[2] == ("on top of `default` `train.mode=probe` `train.epochs=50` "
+    assert smoke[2] == "`pair=tiny` `train=full` `train.epochs=1` `task.n_train=64` `task.n_test=32` `progress=false`"
+    assert _row(rendered, "probe")[0] == "`probe` (default)"
+    assert _row(rendered, "probe")[2] == ("on top of `full` `train.mode=probe` `train.epochs=50` "
                                           "`train.batch_size=64` `train.lr=0.001`")
     assert _row(rendered, "embedded_pack")[2] == ("seed: 0,1,2,3,4<br>loss: xent,logconf<br>pair: minilm_l1_l2,"
                                                   "minilm_l1_l3,minilm_l1_l6,minilm_l2_l3,minilm_l2_l6,minilm_l3_l6")

@@ -94,7 +94,7 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, sto
 
 
 def test_crashing_job_fails_the_sweep_naming_job_and_log(tmp_path, store):
-    proc = run_w2sg(["-m", "pair=tiny", "train.epochs=1", "task.n_test=32", "task.n_train=64,1", "progress=false",
+    proc = run_w2sg(["-m", "pair=tiny", "train=full", "train.epochs=1", "task.n_test=32", "task.n_train=64,1", "progress=false",
                      *SLURM], tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -155,7 +155,7 @@ def test_dependency_variant_matches_the_local_launcher_and_trains_each_shared_st
 
 def test_dependency_variant_reports_a_failed_shared_stage_and_cancels_its_dependents(tmp_path, store):
     start = time.time()
-    proc = run_w2sg(["-m", "pair=tiny", "train.epochs=1", "task.n_test=32", "task.n_train=64,1", "progress=false",
+    proc = run_w2sg(["-m", "pair=tiny", "train=full", "train.epochs=1", "task.n_test=32", "task.n_train=64,1", "progress=false",
                      *DEPENDENCY], tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and time.time() - start < 600

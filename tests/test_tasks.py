@@ -66,8 +66,11 @@ def test_splits_are_seeded_disjoint_and_sized():
 def test_default_task_is_balanced_real_text():
     data = load_task(compose().task, 0)
     labels = [y for _, y in data.gt + data.weak + data.test]
-    assert labels.count(0) == labels.count(1) == 500
-    assert len(data.gt) == len(data.weak) == 300 and len(data.test) == 400
+    # the default experiment's sizes (conf/task_size/tweet_sentiment_probe.yaml: train=probe is the default)
+    assert labels.count(0) == labels.count(1) == 3500
+    assert len(data.gt) == len(data.weak) == 2000 and len(data.test) == 3000
+    full = load_task(compose(["train=full"]).task, 0)  # full finetuning keeps the task's own sizes
+    assert (len(full.gt), len(full.weak), len(full.test)) == (300, 300, 400)
 
 
 def test_hub_data_set_offline_names_the_problem_and_the_way_out():
