@@ -87,7 +87,7 @@ def make_task(path: Path, n: int, words: int) -> None:
 def overrides(s: Dict[str, Any], tmp: Path) -> List[str]:
     task = tmp / "task.jsonl"
     make_task(task, s["n_train"] + s["n_test"], s["length"] + 8)
-    out = [f"weak={s['weak']}", f"strong={s['strong']}", f"store_dir={tmp / 'store'}", "logger=none",
+    out = ["train=full", f"weak={s['weak']}", f"strong={s['strong']}", f"store_dir={tmp / 'store'}", "logger=none",
            "progress=false", "task.name=synthetic", "task.dataset=json", f"task.data_files={{train: {task}}}",
            "task.splits={train: train, test: null}", "task.label_column=label",
            "task.label_map=null", "task.balance=false", f"task.n_train={s['n_train']}", f"task.n_test={s['n_test']}",
@@ -170,7 +170,8 @@ def experiment(s: Dict[str, Any], tmp: Path, tokenizer: str, peak: float) -> Non
 
     cfg = compose_random(s, overrides(s, tmp), tokenizer)
     runner = Runner(cfg, Store(cfg.store_dir))
-    print(f"== weak->strong: {cfg.weak.name} -> {cfg.strong.name} (random init), {runner.policy}", flush=True)
+    print(f"== weak->strong: {cfg.weak.name} -> {cfg.strong.name} (random init, train.mode={cfg.train.mode}), "
+          f"{runner.policy}", flush=True)
     print(f"  {'stage':<10}{'seconds':>9}{'tokens/s':>12}{'peak GiB':>10}{'MFU':>8}")
     for name, stage in plan(cfg).items():
         reset_memory()

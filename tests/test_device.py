@@ -294,5 +294,5 @@ def test_gpu_check_runs_its_code_paths_on_cpu():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for line in ("weak->strong: qwen2_5_0_5b -> qwen2_5_1_5b", "w2s ", "w2sg / bare throughput", "gpu tests passed"):
+    for line in ("weak->strong: qwen2_5_0_5b -> qwen2_5_1_5b (random init, train.mode=full)", "w2s ", "w2sg / bare throughput", "gpu tests passed"):
         assert line in proc.stdout
