@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from w2sg.app import hydra_compat
-from w2sg.app.config import register, resolve
+from w2sg.app.config import HIDDEN_GROUPS, register, resolve
 from w2sg.core.config import Config
 from w2sg.core.errors import W2SGError
 
@@ -29,9 +29,6 @@ register()
 # Hydra 1.3 deep-copies the whole ConfigStore once per config group it lists (~120 times for --help, ~2.4 s);
 # backport of the upstream fix (see w2sg.app.hydra_compat).
 hydra_compat.install()
-# config groups that only other configs use (schemas; the models chains pick; the sizes conf/config.yaml picks by
-# task and train mode): left out of `w2sg --help`
-HIDDEN_GROUPS = ("schema", "model", "task_size")
 
 
 def _hide_internal_groups() -> None:

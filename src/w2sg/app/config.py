@@ -59,6 +59,11 @@ def model_config(name: str) -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
 
 
+# config groups that only other configs use (schemas; the models chains pick; the sizes conf/config.yaml picks by
+# task and train mode): left out of `w2sg --help` (w2sg.app.cli) and of the reference's groups (w2sg.app.reference)
+HIDDEN_GROUPS = ("schema", "model", "task_size")
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="w2sg_schema", node=Config)
