@@ -427,9 +427,12 @@ def _fallback_comments(defaults: Dict[str, Tuple[Optional[str], str]]) -> Dict[s
     out = yaml_comments(CONF_DIR / "config.yaml")
     for group, (choice, _) in defaults.items():
         path = CONF_DIR / group / f"{choice}.yaml"
-        if choice and group not in ("task",) + MODEL_GROUPS and path.exists() and Option.read(group, path).schema_name():
-            for option in Option.read(group, path).parents() + [Option.read(group, path)]:  # nearest last
-                out.update(yaml_comments(option.path, group))
+        if not choice or group in ("task",) + MODEL_GROUPS or not path.exists():
+            continue
+        option = Option.read(group, path)
+        if option.schema_name():
+            for o in option.parents() + [option]:  # nearest last: an option's own comment wins over its parent's
+                out.update(yaml_comments(o.path, group))
     return out
 
 
