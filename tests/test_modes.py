@@ -129,6 +129,44 @@ def test_w2s_validation_uses_weak_or_true_labels(tmp_path):
     assert weak["stages"]["w2s"]["key"] != true["stages"]["w2s"]["key"]
 
 
+def test_a_probe_head_is_fitted_full_batch_whatever_the_order_of_its_examples():
+    from w2sg.ml.train import fit_probe
+
+    data, y = separable(n=200)
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(1))
+    heads = []
+    for rows in (torch.arange(200), perm):
+        torch.manual_seed(0)
+        head = Head(8, 2)
+        result = fit_probe(head, data.subset(rows.tolist()), y[rows.numpy()], make_loss({"name": "logconf"}),
+                           epochs=150, lr=0.05)
+        heads.append(head)
+    assert len(result.history) == 150 and result.steps == 150, "one full-batch step per epoch"
+    assert result.history[-1]["train_acc"] > 0.95
+    # every step sees every example: the order of the rows cannot change the fit
+    for a, b in zip(heads[0].parameters(), heads[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grouped_batches_hold_similar_lengths_in_a_random_order():
+    from w2sg.ml.train import GROUP_BATCHES, epoch_order
+
+    g = torch.Generator().manual_seed(0)
+    ids = [[1] * int(n) for n in torch.randint(1, 64, (1000,), generator=g)]
+    data = Encoded(ids)
+
+    def waste(order, bs=16):
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        return 1 - sum(map(len, ids)) / sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
+
+    grouped, plain = epoch_order(data, 16, 0), epoch_order(data, 16, 0, grouped=False)
+    assert sorted(grouped) == list(range(1000)) and sorted(plain) == list(range(1000))
+    assert waste(grouped) < 0.1 < 0.3 < waste(plain)
+    assert grouped != epoch_order(data, 16, 1), "each epoch (seed) its own order"
+    assert set(grouped[:16 * GROUP_BATCHES]) != set(sorted(range(1000), key=lambda i: -len(ids[i]))[:16 * GROUP_BATCHES])
+    assert grouped == epoch_order(data, 16, 0), "the same seed, the same order (a resumed run continues it)"
+
+
 # --- probe and lora -----------------------------------------------------------------------------------------
 
 def test_probe_mode_computes_features_once_per_model_and_reuses_them(tmp_path):
@@ -140,8 +178,10 @@ def test_probe_mode_computes_features_once_per_model_and_reuses_them(tmp_path):
     feats = [runner.outcomes[k] for k in runner.outcomes if runner.store.get(k).read_json("meta.json")["kind"]
              == "features"]
     assert len(feats) == 2 and all(o.reused for o in feats)
-    shapes = sorted(o.metrics["shapes"]["gt"] for o in feats)
+    shapes = sorted(list(runner.features(runner_stage(runner, k))["gt"][0].shape) for k in runner.outcomes
+                    if runner.store.get(k).read_json("meta.json")["kind"] == "features")
     assert shapes == [[32, 32], [32, 48]], "32 examples x the hidden size of each tiny model (32, 48)"
+    assert sorted(o.metrics["dim"] for o in feats) == [32, 48]
     full, _ = run_experiment(["train.epochs=3"], tmp_path / "other")
     assert full["stages"]["weak"]["key"] != first["stages"]["weak"]["key"], "the mode is part of a stage's key"
     from w2sg.app.status import plan_rows
@@ -152,6 +192,81 @@ def test_probe_mode_computes_features_once_per_model_and_reuses_them(tmp_path):
     assert w2s.read_json("metrics.json")["trained_params"] == 48 * 2 + 2, "a probe trains only the linear head"
     assert w2s.read_json("metrics.json")["params"] == compose(TINY).strong.params, "reports the model's size"
     assert w2s.file("model.safetensors").stat().st_size < 4096, "and stores only the head"
+
+
+def runner_stage(runner, key):
+    """The Stage object of a key the runner ran (from its plan)."""
+    from w2sg.core.plan import plan
+
+    stages = {s.key: s for top in plan(runner.cfg).values() for s in _walk(top)}
+    return stages[key]
+
+
+def _walk(stage):
+    yield stage
+    for dep in stage.inputs.values():
+        yield from _walk(dep)
+
+
+def test_features_are_keyed_by_the_encoder_and_found_by_text_not_by_seed_size_or_task():
+    """Why the features stage's key changed: an encoding depends on the model (its layers and pooling), the text,
+    max_length and the precision, never on the seed, the task's sizes or which split a text fell in; so the key
+    holds the encoder alone and texts are found by content in its feature bank."""
+    from w2sg.core.plan import plan
+
+    def feats(*overrides):
+        return plan(compose(TINY + ["train=probe", *overrides]))["w2s"].inputs["features"]
+
+    base = feats()
+    assert base.key == feats("seed=3").key == feats("task.n_train=48", "task.n_test=20").key
+    assert "seed" not in base.spec and "task" not in base.spec
+    for changed in (["train.max_length=32"], ["strong=tiny_random_l3"], ["train.precision=bf16"]):
+        assert feats(*changed).key != base.key, changed
+    # a train stage still depends on the seed and the task
+    assert plan(compose(TINY + ["train=probe", "seed=3"]))["w2s"].key != plan(compose(TINY + ["train=probe"]))["w2s"].key
+
+
+def test_seeds_and_sizes_encode_only_texts_not_seen_before_and_bank_rows_equal_fresh_features(tmp_path):
+    from w2sg.ml.models import build_model
+    from w2sg.ml.train import extract_features
+
+    store_dir = tmp_path / "s"
+    common = ["train=probe", "train.epochs=3", "task.pool_seed=0"]
+    _, r0 = run_experiment(common, store_dir)
+    encoders = sorted(k for k in r0.outcomes if r0.store.get(k).read_json("meta.json")["kind"] == "features")
+    counts = [len(r0.store.feature_bank(k)) for k in encoders]
+    pool = {t for part in (r0.data.gt, r0.data.weak, r0.data.test) for t, _ in part}
+    assert counts == [len(pool)] * 2, "each model encoded each distinct text of the pool once"
+    _, r1 = run_experiment(common + ["seed=1"], store_dir)
+    assert [t for t, _ in r1.data.gt] != [t for t, _ in r0.data.gt], "another seed splits the pool otherwise"
+    assert {t for p in (r1.data.gt, r1.data.weak, r1.data.test) for t, _ in p} == pool
+    assert [len(r1.store.feature_bank(k)) for k in encoders] == counts, "another seed encodes no text again"
+    _, r2 = run_experiment(common + ["task.n_train=96"], store_dir)
+    bigger = {t for p in (r2.data.gt, r2.data.weak, r2.data.test) for t, _ in p}
+    assert pool < bigger and [len(r2.store.feature_bank(k)) for k in encoders] == [len(bigger)] * 2, \
+        "a larger size encodes only its new texts"
+    # the bank's rows are the model's features of those texts, in the run's order
+    stage = runner_stage(r1, encoders[0])
+    model = build_model(stage.model, 2, 0, trainable=False)
+    fresh, _ = extract_features(model, r1.encode(stage.model, "test"), batch_size=8, pad_id=r1.tokenizer(stage.model)
+                                .pad_token_id, progress=False)
+    assert np.allclose(r1.features(stage)["test"][0], fresh, atol=1e-5)
+
+
+def test_pool_seed_draws_one_pool_that_each_seed_splits():
+    from w2sg.data.tasks import load_task
+
+    def texts(data):
+        return [[t for t, _ in part] for part in (data.gt, data.weak, data.test)]
+
+    own = compose(TINY + ["seed=2"]).task
+    fixed = compose(TINY + ["seed=2", "task.pool_seed=2"]).task
+    assert texts(load_task(own, 2)) == texts(load_task(fixed, 2)), "pool_seed equal to the seed: the same data"
+    a = texts(load_task(compose(TINY + ["task.pool_seed=0"]).task, 0))
+    b = texts(load_task(compose(TINY + ["task.pool_seed=0"]).task, 1))
+    assert a != b and sorted(sum(a, [])) == sorted(sum(b, [])), "the same pool, split otherwise"
+    other = texts(load_task(compose(TINY).task, 1))
+    assert sorted(sum(other, [])) != sorted(sum(a, [])), "without pool_seed each seed draws its own pool"
 
 
 def test_lora_trains_adapters_and_head_then_merges_into_a_plain_model():

@@ -127,8 +127,7 @@ def test_option_rows_show_what_a_preset_sets(rendered: str) -> None:
     smoke = _row(rendered, "smoke")
     assert smoke[2] == "`pair=tiny` `train=full` `train.epochs=1` `task.n_train=64` `task.n_test=32` `progress=false`"
     assert _row(rendered, "probe")[0] == "`probe` (default)"
-    assert _row(rendered, "probe")[2] == ("on top of `full` `train.mode=probe` `train.epochs=50` "
-                                          "`train.batch_size=64` `train.lr=0.001`")
+    assert _row(rendered, "probe")[2] == "on top of `full` `train.mode=probe` `train.epochs=300` `train.lr=0.01`"
     assert _row(rendered, "embedded_pack")[2] == ("seed: 0,1,2,3,4<br>loss: xent,logconf<br>pair: minilm_l1_l2,"
                                                   "minilm_l1_l3,minilm_l1_l6,minilm_l2_l3,minilm_l2_l6,minilm_l3_l6")
 

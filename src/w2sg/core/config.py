@@ -80,6 +80,10 @@ class TaskConfig:
     balance: bool = False  # sample the same number of rows per class
     n_train: int = 1000  # both train halves together (ground-truth half + weak-label half)
     n_test: int = 400
+    # which examples make up the pool (n_train + n_test) and how they are formatted: null draws them with the run's
+    # seed (every seed its own sample); a number draws one pool for every seed, which the seed then only splits
+    # (halves and, without a test split, the test set), so seeds share their texts' probe features
+    pool_seed: Optional[int] = None
 
 
 @dataclass
@@ -106,6 +110,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_frac: float = 0.0  # linear warm-up, then the schedule (0: no warm-up)
     schedule: str = "cosine"  # cosine | constant | linear
+    # grouped: each batch holds texts of similar length (random groups, shuffled batches: little padding) | random
+    batch_order: str = "grouped"
     # validation: the share of the training half held out (0: none); what w2s stages validate against: "weak"
     # (the weak labels, all a real user has) or "ground_truth" (an oracle, for analysis)
     val_frac: float = 0.0

@@ -147,6 +147,8 @@ def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
 
     t = plain(task)
     t.pop("name", None)
+    if t.get("pool_seed") is None:
+        t.pop("pool_seed", None)  # the pool follows the run's seed: keys as before pool_seed existed
     t["data_files"] = data_fingerprints(task, cache_dir)
     return t
 
@@ -170,6 +172,12 @@ def train_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, Any]:
     t["lr"] = float(train.lr if train.lr is not None else model.lr)
     if train.mode != "lora":
         t.pop("lora", None)  # adapter settings matter only when adapters are trained
+    if train.mode == "probe":  # a probe head fits full-batch (w2sg.ml.train.fit_probe): every epoch is one step
+        for k in ("batch_size", "minibatch_size", "batch_order"):
+            t.pop(k, None)
+        t["fit"] = "full_batch"
+    elif train.batch_order == "random":
+        t.pop("batch_order", None)  # the order before grouped batches existed: the keys of those stages
     elif train.lora.target_modules is None and model.lora_targets is not None:
         t["lora"]["target_modules"] = list(model.lora_targets)  # the model's own default
     if not train.val_frac:
@@ -241,10 +249,13 @@ def init_inputs(cfg: Config, model: ModelConfig, side: Side) -> Dict[str, Stage]
 
 
 def features_stage(cfg: Config, model: ModelConfig, side: Side) -> Stage:
-    """Probe mode: the frozen model's pooled features of every part of the task, computed once and reused."""
-    cache = fingerprint_cache(cfg)
-    spec = {"model": model_spec(model, cache), "task": task_spec(cfg.task, cache), "seed": cfg.seed,
-            "max_length": cfg.train.max_length, **key_precision(cfg.train)}
+    """Probe mode: the frozen model as an encoder of texts. Its key holds what changes an encoding (the model and
+    its pooling, ``max_length``, the precision, and generatively finetuned weights it starts from) and nothing of
+    the task, its sizes or the seed: a split chooses rows, it never changes a text's features. The features
+    themselves live by text content in the store's feature bank of this key (w2sg.core.store.FeatureBank), so
+    every seed, size and task encodes only the texts no earlier run encoded."""
+    spec = {"model": model_spec(model, fingerprint_cache(cfg)), "max_length": cfg.train.max_length,
+            "features": "by_text", **key_precision(cfg.train)}
     return Stage(Kind.FEATURES, spec, init_inputs(cfg, model, side), model, f"features:{model.name}", Role.FEATURES,
                  side)
 

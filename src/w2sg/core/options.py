@@ -15,6 +15,7 @@ OPTIMIZERS = ("adamw", "adam", "adafactor")  # train.optimizer
 SCHEDULES = ("cosine", "constant", "linear")  # train.schedule (with train.warmup_frac of linear warm-up)
 VAL_LABELS = ("weak", "ground_truth")  # train.val_labels
 BEST_METRICS = ("acc", "auroc", "loss")  # train.keep_best
+BATCH_ORDERS = ("grouped", "random")  # train.batch_order: batches of similar lengths, or a plain random order
 DEVICES = ("auto", "cpu", "cuda")  # train.device
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision
 DEVICE_MAPS = (None, "auto")  # train.device_map
@@ -28,10 +29,12 @@ def one_of(key: str, value: object, valid: Sequence[object]) -> None:
 
 
 def check_train_settings(mode: str, optimizer: str, schedule: str, keep_best: Optional[str], val_frac: float,
-                         val_labels: str, batch_size: int, minibatch_size: Optional[int]) -> None:
+                         val_labels: str, batch_size: int, minibatch_size: Optional[int],
+                         batch_order: str = "grouped") -> None:
     """Errors naming the bad value and the valid ones, before anything is loaded."""
     for key, value, valid in (("train.mode", mode, MODES), ("train.optimizer", optimizer, OPTIMIZERS),
-                              ("train.schedule", schedule, SCHEDULES), ("train.val_labels", val_labels, VAL_LABELS)):
+                              ("train.schedule", schedule, SCHEDULES), ("train.val_labels", val_labels, VAL_LABELS),
+                              ("train.batch_order", batch_order, BATCH_ORDERS)):
         one_of(key, value, valid)
     if keep_best is not None and keep_best not in BEST_METRICS:
         raise W2SGError(f"unknown train.keep_best {keep_best!r}; valid: {', '.join(BEST_METRICS)} (or null)")

@@ -12,6 +12,9 @@ Layout under ``store_dir``::
     experiments/<id>.json  each finished experiment's metrics.json (its stage keys by name): reports of a store
                        read these, so they pair stages as the experiments did
     fingerprints/      content hashes of local data and model files, by path, size and mtime
+    features/<encoder>/  probe features by text content (FeatureBank): chunks of (text hashes, feature rows) for
+                       one encoder (a features stage's key: model, pooling, max_length, precision, init weights);
+                       every seed, size and task reads its texts' rows here and encodes only texts not yet in it
 
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
 half-written stage is never taken as finished. The DONE marker holds a one-line summary of the stage (kind,
@@ -325,6 +328,10 @@ class Store:
 
     # --- enumeration: the one reader of the layout (w2sg status, w2sg gc, Runner's checkpoints) ------------
 
+    def feature_bank(self, encoder: str) -> FeatureBank:
+        """The features of one encoder (a features stage's key) by text content; its lock is ``lock(f"features-{encoder}")``."""
+        return FeatureBank(self.root, encoder)
+
     def checkpoint_path(self, key: str) -> Path:
         """Where the training checkpoint of the unfinished stage ``key`` is saved (its partial folder is created,
         so a trainer can write it); a rerun resumes from it, and it is dropped once the stage is stored."""
@@ -516,6 +523,78 @@ class Store:
                 yield record
             else:
                 logging.getLogger(__name__).warning("experiment record %s names no stages; skipped", path)
+
+
+class FeatureBank:
+    """Frozen-model features by text content, for one encoder (``features/<encoder>/`` of a store).
+
+    Each chunk is one ``.npz`` file holding ``hashes`` (one hex digest per text, :func:`text_hash`) and ``x``
+    (their feature rows), written to a temporary name and renamed into place, so a reader never sees half a
+    chunk. Chunks are only added, never changed: a reader takes the ones present when it looks. Adding takes the
+    encoder's lock (``lock``), so two processes do not encode the same texts at once."""
+
+    def __init__(self, root: Path, encoder: str):
+        self.encoder = encoder
+        self.path = Path(root) / "features" / encoder
+        self._rows: Dict[str, Tuple[int, int]] = {}  # digest -> (chunk number, row)
+        self._chunks: List[Any] = []  # loaded feature arrays, in self._names order
+        self._names: List[str] = []
+
+    def _refresh(self) -> None:
+        import numpy as np
+
+        names = sorted(p.name for p in self.path.glob("*.npz")) if self.path.is_dir() else []
+        for name in names:
+            if name in self._names:
+                continue
+            with np.load(self.path / name) as z:
+                hashes, x = z["hashes"], z["x"]
+            c = len(self._chunks)
+            self._chunks.append(x)
+            self._names.append(name)
+            for r, h in enumerate(hashes.tolist()):
+                self._rows.setdefault(h, (c, r))
+
+    def missing(self, digests: Iterable[str]) -> List[str]:
+        """The digests (in first-seen order, each once) whose rows the bank does not hold yet."""
+        self._refresh()
+        return list(dict.fromkeys(d for d in digests if d not in self._rows))
+
+    def rows(self, digests: List[str]) -> Any:
+        """The feature rows [N, H] of ``digests``, in their order; every one must be in the bank."""
+        import numpy as np
+
+        self._refresh()
+        where = [self._rows[d] for d in digests]
+        if not where:
+            return np.zeros((0, self._chunks[0].shape[1] if self._chunks else 0), dtype=np.float32)
+        return np.stack([self._chunks[c][r] for c, r in where])
+
+    def add(self, digests: List[str], x: Any) -> None:
+        """Store the rows ``x`` of ``digests`` as one new chunk (atomically)."""
+        import numpy as np
+
+        if not digests:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
+        tmp = self.path / f".{name}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, hashes=np.array(digests, dtype="U32"), x=np.asarray(x, dtype=np.float32))
+        os.replace(tmp, self.path / name)
+
+    def __len__(self) -> int:
+        self._refresh()
+        return len(self._rows)
+
+
+def text_hash(text: str, truncation: str) -> str:
+    """A text's digest in a feature bank: its content and the side it is truncated on (pairs are cut on the
+    left, single texts on the right), so the same text encoded the same way is found whatever task, seed or
+    split it comes from."""
+    import hashlib
+
+    return hashlib.blake2b(f"{truncation}\0{text}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def human_bytes(n: float) -> str:

@@ -219,7 +219,10 @@ def load_task(cfg: Any, seed: int) -> TaskData:
     train_split = cfg.splits["train"]
     train_src = _load_split(cfg, train_split)
     n_pool = cfg.n_train + (cfg.n_test if carve_test else 0)
-    pool = _take(_examples(train_src, cfg, seed, _source(cfg, train_split)), n_pool, cfg)
+    # the pool's rows and their formatting: drawn with task.pool_seed when set (one pool for every seed, which the
+    # seed only splits), else with the run's seed
+    draw = seed if getattr(cfg, "pool_seed", None) is None else int(cfg.pool_seed)
+    pool = _take(_examples(train_src, cfg, draw, _source(cfg, train_split)), n_pool, cfg)
     if carve_test:
         rng = random.Random(seed + 1)
         rng.shuffle(pool)
@@ -227,7 +230,7 @@ def load_task(cfg: Any, seed: int) -> TaskData:
     else:
         train = pool
         test_split = cfg.splits["test"]
-        test = _take(_examples(_load_split(cfg, test_split), cfg, seed, _source(cfg, test_split)), cfg.n_test, cfg)
+        test = _take(_examples(_load_split(cfg, test_split), cfg, draw, _source(cfg, test_split)), cfg.n_test, cfg)
     random.Random(seed + 2).shuffle(train)  # mix classes after balanced sampling
     if len(train) < 2 or not test:
         raise W2SGError(f"task {cfg.name!r}: only {len(train)} train and {len(test)} test examples after formatting")

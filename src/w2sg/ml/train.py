@@ -101,6 +101,27 @@ class Features:
         return Features(self.x[i], self.x_b[i] if self.x_b is not None else None)
 
 
+GROUP_BATCHES = 16  # batches per length group (epoch_order)
+
+
+def epoch_order(data: Any, batch_size: int, seed: int, grouped: bool = True) -> List[int]:
+    """One epoch's order of examples, ``batch_size`` at a time. ``grouped``: a random permutation is cut into
+    groups of GROUP_BATCHES batches, each group sorted by length and cut into batches, and the full batches are
+    shuffled (the short last one stays last), so a batch holds texts of similar length (little padding) while
+    which examples meet, and the order of batches, stay random. Not grouped: the random permutation itself."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g).tolist()
+    if not grouped or isinstance(data, Features):
+        return order
+    group = batch_size * GROUP_BATCHES
+    ranked = [i for start in range(0, len(order), group)
+              for i in sorted(order[start:start + group], key=data.length, reverse=True)]
+    batches = [ranked[start:start + batch_size] for start in range(0, len(ranked), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    rest = [b for b in batches if len(b) < batch_size]
+    return [i for j in torch.randperm(len(full), generator=g).tolist() for i in full[j]] + [i for b in rest for i in b]
+
+
 @dataclass
 class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)  # one entry per epoch
@@ -237,6 +258,7 @@ def train_model(
     weight_decay: float = 0.0,
     warmup_frac: float = 0.0,
     schedule: str = "cosine",
+    batch_order: str = "grouped",
     validation: Optional[Validation] = None,
     eval_batch_size: int = 64,
     progress: bool = True,
@@ -252,6 +274,7 @@ def train_model(
     accumulation). Each epoch's order comes from (seed, epoch), so a run resumed from a checkpoint (model,
     optimiser, schedule, RNG state, position, best weights so far) continues exactly as the uninterrupted run.
     ``policy`` (w2sg.run.device): where batches go and the autocast precision, with a gradient scaler for fp16.
+    ``batch_order``: "grouped" (batches of similar lengths, :func:`epoch_order`) or "random".
     """
     from transformers import get_scheduler
 
@@ -313,10 +336,12 @@ def train_model(
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     model.train()
+    order: Optional[List[int]] = None
     bar = tqdm(total=total, initial=result.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     while result.steps < total:
         epoch, pos = divmod(result.steps, steps_per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        if pos == 0 or order is None:  # each epoch's order from (seed, epoch): a resumed run continues it exactly
+            order = epoch_order(data, batch_size, seed * 100_003 + epoch, grouped=batch_order == "grouped")
         idx = order[pos * batch_size : (pos + 1) * batch_size]
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -360,6 +385,90 @@ def train_model(
         if ckpt.every and result.steps % ckpt.every == 0 and result.steps < total:
             ckpt.save(snapshot())
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    check_finite_weights(model, desc, lr)
+    model.eval()
+    return result
+
+
+def fit_probe(
+    model: torch.nn.Module,
+    data: Features,
+    labels: np.ndarray,
+    loss_fn: LossFn,
+    *,
+    epochs: int,
+    lr: float,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    warmup_frac: float = 0.0,
+    schedule: str = "cosine",
+    validation: Optional[Validation] = None,
+    eval_batch_size: int = 64,
+    desc: str = "probe",
+    on_log: Optional[Callable[[Dict[str, float]], None]] = None,
+    policy: Any = None,
+) -> TrainResult:
+    """Fit a probe head on stored features as what it is: a small model on a fixed matrix, so every one of the
+    ``epochs`` steps is one full-batch step (the loss over every example, then one optimizer step, on the chosen
+    schedule). No minibatch order, no checkpoints and no progress bar: a head on thousands of examples fits in a
+    fraction of a second. Validation (``validation.every`` steps apart, else every step) and ``keep_best`` work as
+    in :func:`train_model`. Raises W2SGError on a non-finite loss."""
+    from transformers import get_scheduler
+
+    from w2sg.ml.device import CPU
+
+    policy = policy or CPU
+    if schedule not in SCHEDULES:
+        raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise W2SGError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+    sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * epochs),
+                          num_training_steps=epochs)
+    batch = policy.to(data.batch(range(len(data))))
+    y = torch.as_tensor(labels, dtype=torch.float32).to(policy.input_device)
+    target = y.argmax(-1)
+    result = TrainResult()
+    best_state: Optional[Dict[str, torch.Tensor]] = None
+    model.train()
+    threads = torch.get_num_threads()
+    if policy.device == "cpu":  # ops this small run slower split over threads (and much slower on a busy machine)
+        torch.set_num_threads(1)
+    try:
+        for step in range(epochs):
+            opt.zero_grad(set_to_none=True)
+            with policy.autocast():
+                logits = model(**batch)
+            logits = logits.float()
+            loss = loss_fn(logits, y, step / epochs)
+            if not torch.isfinite(loss):
+                raise W2SGError(f"{desc}: loss became {loss.item()} at step {step}; try a lower learning rate "
+                                f"(now {lr:g}) or check the labels")
+            loss.backward()
+            opt.step()
+            sched.step()
+            result.steps = step + 1
+            acc = float((logits.argmax(-1) == target).float().mean())
+            entry = {"epoch": step + 1, "loss": loss.item(), "train_acc": acc, "lr": sched.get_last_lr()[0]}
+            result.history.append(entry)
+            if on_log is not None:
+                on_log({f"train/{k}": v for k, v in entry.items()})
+            if validation is not None and (result.steps % validation.every == 0 if validation.every else True):
+                check = {"step": result.steps, **validation.evaluate(model, 0, eval_batch_size, policy)}
+                model.train()
+                result.evals.append(check)
+                if on_log is not None:
+                    on_log({f"val/{k}": v for k, v in check.items()})
+                metric = validation.keep_best
+                if metric is not None:
+                    sign = 1 if BEST_METRICS[metric] else -1
+                    if result.best is None or sign * check[metric] > sign * result.best[metric]:
+                        result.best = check
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
     if best_state is not None:
         model.load_state_dict(best_state)
     check_finite_weights(model, desc, lr)

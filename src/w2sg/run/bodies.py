@@ -9,6 +9,7 @@ in w2sg.core.graph, and a body here.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from w2sg.core.graph import Kind, Stage
@@ -74,7 +75,7 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     from w2sg.ml.losses import make_loss
     from w2sg.ml.metrics import accuracy, auroc
     from w2sg.ml.models import count_params, merge_lora
-    from w2sg.ml.train import Checkpointer, predict, train_model
+    from w2sg.ml.train import Checkpointer, fit_probe, predict, train_model
 
     cfg, data = runner.cfg, runner.data
     num_classes = cfg.task.num_classes
@@ -91,19 +92,25 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     inputs = runner.inputs_of(stage, part)
     inputs = inputs if rows is None else inputs.subset(rows.tolist())
     train_data, train_y, validation = validation_split(runner, stage, inputs, soft, part, rows)
-    ckpt_path = runner.store.checkpoint_path(stage.key)
-    with Checkpointer(str(ckpt_path), cfg.train.checkpoint_every) as ckpt, \
+    probe = tspec["mode"] == "probe"
+    # a probe head fits in well under a second: no checkpoints (a rerun simply fits it again)
+    checkpointer = nullcontext(None) if probe else Checkpointer(str(runner.store.checkpoint_path(stage.key)),
+                                                                cfg.train.checkpoint_every)
+    with checkpointer as ckpt, \
             runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
-        result = train_model(
-            model, train_data, train_y, make_loss(stage.spec["loss"]),
-            epochs=tspec["epochs"], batch_size=tspec["batch_size"], lr=tspec["lr"], pad_id=pad_id,
-            seed=runner.model_seed(stage), minibatch_size=tspec.get("minibatch_size"),
-            optimizer=tspec["optimizer"],
-            weight_decay=tspec["weight_decay"], warmup_frac=tspec["warmup_frac"],
-            schedule=tspec["schedule"], validation=validation,
-            eval_batch_size=runner.eval_batch_size(stage.model), progress=cfg.progress, desc=stage.label,
-            checkpointer=ckpt, on_log=wb.log, policy=runner.policy,
-        )
+        settings = dict(epochs=tspec["epochs"], lr=tspec["lr"], optimizer=tspec["optimizer"],
+                        weight_decay=tspec["weight_decay"], warmup_frac=tspec["warmup_frac"],
+                        schedule=tspec["schedule"], validation=validation,
+                        eval_batch_size=runner.eval_batch_size(stage.model), desc=stage.label, on_log=wb.log,
+                        policy=runner.policy)
+        if probe:
+            result = fit_probe(model, train_data, train_y, make_loss(stage.spec["loss"]), **settings)
+        else:
+            result = train_model(model, train_data, train_y, make_loss(stage.spec["loss"]),
+                                 batch_size=tspec["batch_size"], pad_id=pad_id, seed=runner.model_seed(stage),
+                                 batch_order=tspec.get("batch_order", "random"),
+                                 minibatch_size=tspec.get("minibatch_size"), progress=cfg.progress,
+                                 checkpointer=ckpt, **settings)
         if result.resumed_from:
             log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
         trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -157,10 +164,9 @@ def transform(runner: "Runner", stage: Stage, out: StageDir) -> None:
     probs = members[0] if len(members) == 1 else average(members)
     features = None
     if "features" in stage.inputs:
-        sd = runner.store.get(stage.inputs["features"].key)
-        features = sd.read_array("weak")
-        if sd.file("weak_b.npy").exists():  # a pair's features: the difference of its two texts'
-            features = features - sd.read_array("weak_b")
+        features, features_b = runner.features(stage.inputs["features"])["weak"]
+        if features_b is not None:  # a pair's features: the difference of its two texts'
+            features = features - features_b
     truth = [y for _, y in runner.data.weak]
     ts = build_training_set(stage.spec, probs, features, truth)
     metrics = {"method": stage.spec["method"]["name"], **training_set_metrics(ts, probs, truth)}
@@ -193,25 +199,11 @@ def save_weights(runner: "Runner", stage: Stage, model: Any, adapter: Optional[D
 
 
 def features(runner: "Runner", stage: Stage, out: StageDir) -> None:
-    """Pooled last-layer features of the frozen model for gt, weak and test (and each pair's second text)."""
-    from w2sg.ml.models import build_model
-    from w2sg.ml.train import extract_features
-
-    runner.check_memory(stage, "inference", runner.eval_batch_size(stage.model))
-    model = build_model(stage.model, runner.cfg.task.num_classes, runner.cfg.seed, policy=runner.policy,
-                        trainable=False)
-    runner.load_init(stage, model)
-    pad_id = runner.tokenizer(stage.model).pad_token_id
-    shapes = {}
-    for part in ("gt", "weak", "test"):
-        x, x_b = extract_features(model, runner.encode(stage.model, part), batch_size=runner.eval_batch_size(stage.model),
-                                  pad_id=pad_id, progress=runner.cfg.progress, desc=f"{stage.label} {part}",
-                                  policy=runner.policy)
-        out.write_array(part, x)
-        if x_b is not None:
-            out.write_array(f"{part}_b", x_b)
-        shapes[part] = list(x.shape)
-    out.write_json("metrics.json", {"shapes": shapes})
+    """The frozen model as an encoder: this run's texts are encoded into the store's feature bank of the stage's
+    key (texts are found there by content, so other seeds, sizes and tasks reuse them; w2sg.run.runner)."""
+    parts = runner.features(stage)
+    out.write_json("metrics.json", {"dim": int(parts["test"][0].shape[1]),
+                                    "texts": len(runner.store.feature_bank(stage.key))})
 
 
 def lm(runner: "Runner", stage: Stage, out: StageDir) -> None:

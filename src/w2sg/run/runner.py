@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.config import Config
@@ -53,6 +53,7 @@ class Runner:
         self._tokenizers: Dict[str, Any] = {}
         self._encoded: Dict[tuple, Any] = {}  # (tokenizer path, task part) -> token ids
         self._models: Dict[str, Any] = {}  # stage key -> trained Classifier computed in this process
+        self._features: Dict[str, Dict[str, Any]] = {}  # features stage key -> part -> (x, x_b) arrays
         self.outcomes: Dict[str, Outcome] = {}  # stage key -> outcome
         self._policy = None
 
@@ -165,10 +166,57 @@ class Runner:
         from w2sg.ml.train import Features
 
         if "features" in stage.inputs:
-            sd = self.store.get(stage.inputs["features"].key)
-            x_b = sd.read_array(f"{part}_b") if self.pairwise else None
-            return Features(_tensor(sd.read_array(part)), _tensor(x_b) if x_b is not None else None)
+            x, x_b = self.features(stage.inputs["features"])[part]
+            return Features(_tensor(x), _tensor(x_b) if x_b is not None else None)
         return self.encode(stage.model, part)
+
+    def features(self, stage: Stage) -> Dict[str, Any]:
+        """part (gt, weak, test) -> (features [N, H], the pair's second text's or None) of a features stage's
+        encoder for this run's texts, read from the store's feature bank; texts it does not hold yet (another
+        seed's, size's or task's run encoded the rest) are encoded first, once, under the bank's lock."""
+        if stage.key in self._features:
+            return self._features[stage.key]
+        from w2sg.core.store import text_hash
+
+        bank = self.store.feature_bank(stage.key)
+        parts = {part: [t for t, _ in getattr(self.data, part)] for part in ("gt", "weak", "test")}
+        side = "left" if self.pairwise else "right"  # pairs are cut on the left, single texts on the right
+        columns = {(part, c): [t[c] if self.pairwise else t for t in texts]
+                   for part, texts in parts.items() for c in ((0, 1) if self.pairwise else (0,))}
+        digests = {k: [text_hash(t, side) for t in col] for k, col in columns.items()}
+        texts = {d: t for k, col in columns.items() for d, t in zip(digests[k], col)}
+        if bank.missing(texts):
+            with self.store.lock(f"features-{stage.key}"):
+                missing = bank.missing(texts)  # another process may have encoded some meanwhile
+                if missing:
+                    start = time.time()
+                    bank.add(missing, self._encode_texts(stage, [texts[d] for d in missing], side))
+                    log.info("%-28s %s  %d texts encoded in %.1fs (%d from the store)", stage.label, stage.key[:12],
+                             len(missing), time.time() - start, len(texts) - len(missing))
+        rows = {k: bank.rows(d) for k, d in digests.items()}
+        self._features[stage.key] = {part: (rows[(part, 0)], rows.get((part, 1))) for part in parts}
+        return self._features[stage.key]
+
+    def _encode_texts(self, stage: Stage, texts: List[str], side: str):
+        """Pooled features [N, H] of ``texts`` from the frozen model of a features stage, truncated on ``side``."""
+        from w2sg.ml.models import build_model
+        from w2sg.ml.train import Encoded, extract_features
+
+        self.check_memory(stage, "inference", self.eval_batch_size(stage.model))
+        model = build_model(stage.model, self.cfg.task.num_classes, self.cfg.seed, policy=self.policy,
+                            trainable=False)
+        self.load_init(stage, model)
+        tokenizer = self.tokenizer(stage.model)
+        previous = tokenizer.truncation_side
+        tokenizer.truncation_side = side
+        try:
+            ids = tokenizer(list(texts), truncation=True, max_length=stage.spec["max_length"])["input_ids"]
+        finally:
+            tokenizer.truncation_side = previous
+        x, _ = extract_features(model, Encoded(ids), batch_size=self.eval_batch_size(stage.model),
+                                pad_id=tokenizer.pad_token_id, progress=self.cfg.progress, desc=stage.label,
+                                policy=self.policy)
+        return x
 
     def model_seed(self, stage: Stage) -> int:
         """The seed of a model's initialisation and data order: the run's, or an ensemble member's own."""
