@@ -172,14 +172,14 @@ def train_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, Any]:
     t["lr"] = float(train.lr if train.lr is not None else model.lr)
     if train.mode != "lora":
         t.pop("lora", None)  # adapter settings matter only when adapters are trained
+    elif train.lora.target_modules is None and model.lora_targets is not None:
+        t["lora"]["target_modules"] = list(model.lora_targets)  # the model's own default
     if train.mode == "probe":  # a probe head fits full-batch (w2sg.ml.train.fit_probe): every epoch is one step
         for k in ("batch_size", "minibatch_size", "batch_order"):
             t.pop(k, None)
         t["fit"] = "full_batch"
     elif train.batch_order == "random":
         t.pop("batch_order", None)  # the order before grouped batches existed: the keys of those stages
-    elif train.lora.target_modules is None and model.lora_targets is not None:
-        t["lora"]["target_modules"] = list(model.lora_targets)  # the model's own default
     if not train.val_frac:
         for k in ("val_labels", "eval_every", "keep_best"):  # no validation set: nothing to validate
             t.pop(k, None)
