@@ -6,7 +6,7 @@ Fixtures and hooks live in conftest.py.
 
 import json
 import os
-import subprocess
+import subprocess as _subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -40,7 +40,7 @@ def fixture_task(task: str) -> List[str]:
             f"task.data_files={{train: {d / 'train.jsonl'}, {test_split}: {d / 'test.jsonl'}}}"]
 
 
-class Run(subprocess.CompletedProcess):
+class Run(_subprocess.CompletedProcess):
     """A finished ``w2sg`` call; ``metrics``: the metrics.json files this call wrote (read back), one per
     experiment, a sweep's in job order."""
 
@@ -66,28 +66,159 @@ def _slurm_state(cwd: Path) -> str:
         return ""
     parts = []
     for cmd in (["squeue", "-o", "%.12i %.10T %.20r %.10M %j"], ["sinfo", "-N", "-o", "%N %T %C %E"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _subprocess.run(cmd, capture_output=True, text=True)
         parts.append(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     for log in sorted(cwd.glob("multirun/**/.submitit/*/*_log.*")):
         parts.append(f"--- {log} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
     return "\n" + "\n".join(parts)
 
 
-def run_w2sg(args: List[str], cwd: Path, env_extra=None, check=True) -> Run:
-    """Run the real entrypoint in a subprocess (as a user would), Hydra output under cwd."""
-    env = dict(os.environ, **(env_extra or {}))
+def run_w2sg(args: List[str], cwd: Path, env_extra=None, check=True, subprocess: bool = False) -> Run:
+    """Run the real entrypoint (``w2sg <args>``, Hydra output under cwd): in this interpreter by default, as a fresh
+    process would (see ``_in_process``), or with ``subprocess=True`` as ``python -m w2sg`` in a subprocess, as a user
+    would (for what only a process shows: imports, signals, extensions imported from PYTHONPATH, Slurm jobs).
+    ``pytest --w2sg-subprocess`` runs every call in a subprocess."""
     before = set(_metrics_paths(cwd))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "w2sg", *args], cwd=cwd, env=env, capture_output=True,
-                              text=True, timeout=900)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"w2sg {' '.join(args)} did not finish in {e.timeout:.0f} s:\n{_text(e.stdout)}\n"
-                             f"{_text(e.stderr)}{_slurm_state(cwd)}") from None
-    if check and proc.returncode != 0:
-        raise AssertionError(f"w2sg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    run = Run(proc.args, proc.returncode, proc.stdout, proc.stderr)
+    if subprocess or SUBPROCESS_ALWAYS:
+        returncode, stdout, stderr = _in_subprocess(args, cwd, env_extra)
+    else:
+        returncode, stdout, stderr = _in_process(args, cwd, env_extra)
+    if check and returncode != 0:
+        raise AssertionError(f"w2sg {' '.join(args)} failed ({returncode}):\n{stdout}\n{stderr}")
+    run = Run([sys.executable, "-m", "w2sg", *args], returncode, stdout, stderr)
     run.metrics = [json.loads(p.read_text()) for p in _metrics_paths(cwd) if p not in before]
     return run
+
+
+# set by conftest.py from ``pytest --w2sg-subprocess``: every run_w2sg call in a subprocess
+SUBPROCESS_ALWAYS = False
+
+
+def _in_subprocess(args: List[str], cwd: Path, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    try:
+        proc = _subprocess.run([sys.executable, "-m", "w2sg", *args], cwd=cwd, env=env, capture_output=True,
+                               text=True, timeout=900)
+    except _subprocess.TimeoutExpired as e:
+        raise AssertionError(f"w2sg {' '.join(args)} did not finish in {e.timeout:.0f} s:\n{_text(e.stdout)}\n"
+                             f"{_text(e.stderr)}{_slurm_state(cwd)}") from None
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+# A fresh interpreter's warning filters (python -W/-X dev aside): what ``python -m w2sg`` starts with.
+_DEFAULT_WARNING_FILTERS = [("default", None, DeprecationWarning, "__main__", 0),
+                            ("ignore", None, DeprecationWarning, None, 0),
+                            ("ignore", None, PendingDeprecationWarning, None, 0),
+                            ("ignore", None, ImportWarning, None, 0),
+                            ("ignore", None, ResourceWarning, None, 0)]
+
+
+def _print_warning(msg: Any) -> None:
+    """Python's own way of showing a warning (pytest records them instead): onto the current sys.stderr."""
+    import warnings
+
+    try:
+        sys.stderr.write(warnings._formatwarnmsg(msg))  # type: ignore[attr-defined]
+    except OSError:
+        pass
+
+
+def _in_process(args: List[str], cwd: Path, env_extra=None):
+    """``python -m w2sg <args>`` in this interpreter: argv, cwd and environment as the subprocess would have them,
+    stdout and stderr captured (Hydra's job logging binds its console handler to the captured stdout), the exit
+    status from SystemExit (an uncaught exception: its traceback on stderr, status 1, as Python does), and afterwards
+    everything the call changed process-wide put back: Hydra's singletons (GlobalHydra, HydraConfig), the logging
+    handlers and levels, signal handlers, cwd, environment, sys.argv, sys.path, the W&B service (torn down, as at a
+    process's exit) and the per-process run id (drawn again, as by a new process)."""
+    import io
+    import logging
+    import signal
+    import traceback
+    import warnings
+
+    import w2sg.app.run_id
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    saved_streams = sys.stdout, sys.stderr
+    saved_argv, saved_path, saved_env, saved_cwd = sys.argv[:], sys.path[:], dict(os.environ), os.getcwd()
+    saved_signals = {}
+    for num in signal.valid_signals():
+        try:
+            saved_signals[num] = signal.getsignal(num)
+        except (OSError, ValueError):
+            pass
+    root = logging.getLogger()
+    loggers = {name: lg for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    saved_loggers = {lg: (lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in [root, *loggers.values()]}
+    saved_disable = logging.root.manager.disable
+    w2sg.app.run_id._ID = None  # a new process draws its own id for its run and sweep folders
+    returncode = 0
+    try:
+        os.environ.update(env_extra or {})
+        os.chdir(cwd)
+        sys.argv = [str(Path(w2sg.app.run_id.__file__).parents[1] / "__main__.py"), *args]
+        sys.stdout, sys.stderr = out, err
+        root.handlers = []  # a fresh process's root logger: no handler (pytest's are back afterwards), WARNING
+        root.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.filters[:] = _DEFAULT_WARNING_FILTERS
+            warnings._filters_mutated()  # type: ignore[attr-defined]
+            warnings.showwarning = warnings._showwarning_orig  # type: ignore[attr-defined]
+            warnings._showwarnmsg_impl = _print_warning  # type: ignore[attr-defined]
+            try:
+                from w2sg.app.entry import main
+
+                main()
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    returncode = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    returncode = 1
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.stdout, sys.stderr = saved_streams
+        _teardown_wandb()
+        _reset_hydra()
+        for lg in [root, *logging.root.manager.loggerDict.values()]:
+            if not isinstance(lg, logging.Logger):
+                continue
+            level, handlers, propagate, disabled = saved_loggers.get(lg, (logging.NOTSET, [], True, False))
+            for h in lg.handlers:
+                if h not in handlers:  # Hydra's console and log-file handlers of this call
+                    h.close()
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
+        logging.disable(saved_disable)
+        for num, handler in saved_signals.items():
+            if handler is not None and signal.getsignal(num) is not handler:
+                signal.signal(num, handler)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv[:], sys.path[:] = saved_argv, saved_path
+    return returncode, out.buffer.getvalue().decode(errors="replace"), err.buffer.getvalue().decode(errors="replace")
+
+
+def _teardown_wandb() -> None:
+    """What a process's exit does to W&B: finish any run, stop its service; W&B's settings (its folder, from the cwd,
+    and WANDB_* variables) are read afresh by the next call."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        wandb.teardown()
+
+
+def _reset_hydra() -> None:
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None  # type: ignore[assignment]
 
 
 def metrics_files(cwd: Path) -> List[dict]:

@@ -27,15 +27,14 @@ def test_tiny_run_writes_metrics_and_config(tmp_path, store):
     assert "acc w2s" in proc.stdout and "PGR" in proc.stdout
 
 
-def test_rerun_reuses_every_stage_and_gives_the_same_metrics(tmp_path, store):
-    [first] = run_w2sg(TINY, tmp_path).metrics
+def test_rerun_reuses_every_stage_and_gives_the_same_metrics(tmp_path, warm_store):
+    first = warm_store  # the first run's metrics (its stages are in the test's store)
     [second] = run_w2sg(TINY, tmp_path).metrics
     assert all(s["reused"] for s in second["stages"].values())
     assert first["acc"] == second["acc"] and first["pgr"] == second["pgr"]
 
 
-def test_changing_the_loss_retrains_only_w2s(tmp_path, store):
-    run_w2sg(TINY, tmp_path)
+def test_changing_the_loss_retrains_only_w2s(tmp_path, warm_store):  # the store of a first run (TINY)
     [second] = run_w2sg(TINY + ["loss=logconf"], tmp_path).metrics
     assert {k for k, s in second["stages"].items() if not s["reused"]} == {"w2s"}
     assert second["loss"] == "logconf"
@@ -81,7 +80,9 @@ def test_misspelt_key(tmp_path, store):
 
 
 def test_missing_model_path(tmp_path, store):
-    proc = run_w2sg(TINY + ["weak.path=/no/such/model", "weak.random_init=null"], tmp_path, check=False)
+    # in a subprocess: the exit status and stderr of a real process on a W2SGError
+    proc = run_w2sg(TINY + ["weak.path=/no/such/model", "weak.random_init=null"], tmp_path, check=False,
+                    subprocess=True)
     assert proc.returncode == 2
     assert "model 'tiny_random': path '/no/such/model' does not exist" in proc.stderr
     _no_traceback(proc)
@@ -94,8 +95,7 @@ def test_data_set_not_available_offline(tmp_path, store):
     _no_traceback(proc)
 
 
-def test_nan_loss_is_reported_and_finished_stages_are_kept(tmp_path, store):
-    run_w2sg(TINY, tmp_path)  # weak, labels and ceiling finish
+def test_nan_loss_is_reported_and_finished_stages_are_kept(tmp_path, warm_store):  # weak, labels and ceiling finished
     proc = run_w2sg(TINY + ["loss=product", "loss.alpha=-1e30"], tmp_path, check=False)
     assert proc.returncode == 2
     assert "w2s:tiny_random->tiny_random_l2: loss became nan" in proc.stderr

@@ -126,7 +126,7 @@ def test_an_extensions_loss_trains_w2s_through_the_real_entrypoint(tmp_path, sto
     calls = tmp_path / "calls.txt"
     env = {"PYTHONPATH": str(ext_dir), "W2SG_TEST_EXT_CALLS": str(calls)}
     args = TINY + ["logger=none", "hydra.run.dir=outputs/run1", *USE_EXT]
-    run_w2sg(args, tmp_path, env)
+    run_w2sg(args, tmp_path, env, subprocess=True)  # PYTHONPATH, and a fresh import after the module's edit
     m = json.loads((tmp_path / "outputs/run1/metrics.json").read_text())
     assert m["loss"] == "ext_scaled_xent" and list(m["extensions"]) == [EXT]
     lines = calls.read_text().splitlines()
@@ -140,7 +140,7 @@ def test_an_extensions_loss_trains_w2s_through_the_real_entrypoint(tmp_path, sto
     assert "extensions" not in spec("weak")
 
     (ext_dir / f"{EXT}.py").write_text((ext_dir / f"{EXT}.py").read_text() + "\n# a new version\n")
-    run_w2sg([a.replace("run1", "run2") for a in args], tmp_path, env)
+    run_w2sg([a.replace("run1", "run2") for a in args], tmp_path, env, subprocess=True)
     m2 = json.loads((tmp_path / "outputs/run2/metrics.json").read_text())
     assert m2["extensions"][EXT] != m["extensions"][EXT]
     assert {k for k, s in m2["stages"].items() if not s["reused"]} == {"ceiling", "w2s"}

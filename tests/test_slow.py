@@ -1,7 +1,13 @@
 """Slow: the default experiment on the real pretrained MiniLM (minutes on 2 cores). Run with -m slow."""
 
+import functools
+
+import helpers
 import pytest
-from helpers import check_results, metrics_files, run_config, run_w2sg, task_test_labels
+from helpers import check_results, metrics_files, run_config, task_test_labels
+
+# as a user runs them (python -m w2sg): the minutes-long runs on the real MiniLM
+run_w2sg = functools.partial(helpers.run_w2sg, subprocess=True)
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """Sweeps through a real single-node Slurm (launchers/local-slurm/setup.sh), as CI runs them. Marked `slurm`."""
 
+import functools
 import json
 import re
 import shutil
@@ -7,8 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import run_w2sg
+
+# real processes: `w2sg -m launcher=slurm_*` submits jobs to Slurm, and the tests signal and cancel them
+run_w2sg = functools.partial(helpers.run_w2sg, subprocess=True)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(shutil.which("sbatch") is None,
                                                     reason="no Slurm here: run launchers/local-slurm/setup.sh")]
@@ -60,7 +64,7 @@ def test_grid_through_slurm_matches_the_local_launcher_and_shares_stages(tmp_pat
 
 
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, store):
-    args = ["-m", "weak=tiny_random_l4", "strong=tiny_random_l3", "task.n_train=400", "task.n_test=64",
+    args = ["-m", "weak=tiny_random_l4", "strong=tiny_random_l3", "train=full", "task.n_train=400", "task.n_test=64",
             "train.batch_size=4", "train.epochs=3", "train.checkpoint_every=3", "progress=false"]
     (tmp_path / "ref").mkdir()
     run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})

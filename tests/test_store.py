@@ -119,7 +119,7 @@ def _reference(tmp_path):
     """The same run, uninterrupted, in a store of its own."""
     ref_store, ref_dir = tmp_path / "ref_store", tmp_path / "ref"
     ref_dir.mkdir()
-    run_w2sg(LONG, ref_dir, env_extra={"W2SG_STORE": str(ref_store)})
+    run_w2sg(LONG, ref_dir, env_extra={"W2SG_STORE": str(ref_store)}, subprocess=True)
     return ref_store, metrics_files(ref_dir)[0]
 
 
@@ -138,7 +138,7 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
         assert proc.returncode == -signal.SIGKILL
     assert (store / "partial" / key / "checkpoint.pt").exists()
     assert not (store / "stages" / key).exists(), "an interrupted stage is never taken as finished"
-    [m] = run_w2sg(LONG, tmp_path).metrics
+    [m] = run_w2sg(LONG, tmp_path, subprocess=True).metrics
     stage = json.loads((store / "stages" / key / "metrics.json").read_text())
     assert stage["resumed_from_step"] > 0
     assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"]
@@ -166,9 +166,8 @@ def test_two_processes_compute_each_stage_once(tmp_path, store):
     assert runs[0]["acc"] == runs[1]["acc"]
 
 
-def test_corrupt_or_old_stage_is_reported_and_recomputed(tmp_path, store):
-    run_w2sg(TINY, tmp_path)
-    m = metrics_files(tmp_path)[0]
+def test_corrupt_or_old_stage_is_reported_and_recomputed(tmp_path, store, warm_store):
+    m = warm_store  # a first run (TINY): its stages are in the store
     key = m["stages"]["ceiling"]["key"]
     meta = store / "stages" / key / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))
@@ -189,10 +188,10 @@ def test_recompute_forces_chosen_stages(tmp_path, store):
     assert proc.returncode == 2 and "no stage named 'nope' in this run; valid: weak, weak_labels" in proc.stderr
 
 
-def test_status_lists_the_store_and_the_stages_of_a_run_or_sweep(tmp_path, store):
+def test_status_lists_the_store_and_the_stages_of_a_run_or_sweep(tmp_path, store, request):
     proc = run_w2sg(["status", "-m", "sweep=tiny_grid"], tmp_path)
     assert "10 stages: 10 missing" in proc.stdout  # 2 weak + 2 labels + 2 ceiling + 4 w2s
-    run_w2sg(TINY, tmp_path)
+    request.getfixturevalue("warm_store")  # now the stages of a tiny run (w2sg <TINY>) are in the store
     proc = run_w2sg(["status"], tmp_path)
     assert "4 stages: 4 done" in proc.stdout and "w2s:tiny_random->tiny_random_l2" in proc.stdout
     proc = run_w2sg(["status", *TINY, "loss=logconf"], tmp_path)

@@ -63,8 +63,8 @@ def _folders(tmp_path):
     return sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_a_rerun_that_computes_nothing_writes_no_run_folder(tmp_path, store):
-    run_w2sg(TINY + ["logger=none"], tmp_path)  # every stage computed, nothing tracked
+def test_a_rerun_that_computes_nothing_writes_no_run_folder(tmp_path, warm_store):
+    # warm_store: every stage computed (w2sg <TINY> logger=none), nothing tracked
     [m] = run_w2sg(TINY, tmp_path).metrics  # every stage reused: only the experiment's run, which did not exist yet
     [exp] = read_runs(tmp_path / "wandb")
     assert exp["job_type"] == "experiment" and exp["summary"]["acc_w2s"] == pytest.approx(m["acc"]["w2s"])
