@@ -13,6 +13,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# pytest-xdist runs one worker per core (addopts: -n auto): one torch thread each, or the workers' threads contend
+# (tiny tensor ops then run many times slower); the runs a test starts in a subprocess inherit it
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_addoption(parser):
