@@ -118,13 +118,14 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
         merge_lora(model)
         test_y = [y for _, y in data.test]
         probs = predict(model, runner.inputs_of(stage, "test"),
-                        batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id, progress=cfg.progress,
+                        batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id,
+                        progress=cfg.progress and not probe,
                         desc=f"{stage.label} test", policy=runner.policy)
         transfer_probs = None
         if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.results.diagnostics)
             transfer_probs = predict(model, runner.inputs_of(stage, "weak"),
                                      batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id,
-                                     progress=cfg.progress, desc=f"{stage.label} transfer",
+                                     progress=cfg.progress and not probe, desc=f"{stage.label} transfer",
                                      policy=runner.policy)
         metrics = {
             "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
@@ -238,7 +239,8 @@ def labels(runner: "Runner", stage: Stage, out: StageDir) -> None:
     data = runner.data
     probs = predict(model, runner.inputs_of(trained, "weak"), policy=runner.policy,
                     batch_size=runner.eval_batch_size(trained.model),
-                    pad_id=runner.tokenizer(trained.model).pad_token_id, progress=runner.cfg.progress,
+                    pad_id=runner.tokenizer(trained.model).pad_token_id,
+                    progress=runner.cfg.progress and "features" not in trained.inputs,  # a probe's: a fraction of a second
                     desc=stage.label)
     gt = [y for _, y in data.weak]
     # how good the labels are against the (hidden) ground truth of that half
