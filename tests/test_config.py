@@ -107,6 +107,26 @@ def test_misspelt_key_names_the_valid_keys_on_the_command_line(tmp_path):
     assert proc.returncode != 0 and "valid keys:" in proc.stderr and "train.epochs" in proc.stderr, proc.stderr
     proc = run_w2sg(["loss=logconf", "loss.alpha=2", "--cfg", "job"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "valid: aux_coef, warmup_frac" in proc.stderr, proc.stderr
+    # a + typo would otherwise run the default's stages while the user believes a setting changed
+    proc = run_w2sg(["+train.epoch=3", "--cfg", "job"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Could not add 'train.epoch'" in proc.stderr and "train.epochs" in proc.stderr
+
+
+@pytest.mark.parametrize("override,hint", [("+train.epoch=3", "Did you mean train.epochs?"),
+                                           ("+task.n_trian=100", "Did you mean task.n_train?"),
+                                           ("+foo=1", "valid keys: weak, strong, task"),
+                                           ("++train.lora.rnk=2", "Did you mean train.lora.rank?")])
+def test_added_keys_are_checked_against_the_schema(override, hint):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="Could not add") as e:
+        compose([override])
+    assert hint in str(e.value)
+
+
+def test_added_keys_go_where_a_node_takes_new_keys():
+    cfg = compose(["+task.load_kwargs.sep=tab", "++train.epochs=2", "loss=logconf", "+loss.extra=1"])
+    assert cfg.task.load_kwargs["sep"] == "tab" and cfg.train.epochs == 2
 
 
 def test_chain_with_pair_is_an_error():

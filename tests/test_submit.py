@@ -13,7 +13,7 @@ JOBS = [[*job, "launcher=slurm_local"] for job in [
     ["experiment=smoke", "seed=0"],
     ["experiment=smoke", "seed=7", "loss=logconf", "loss.aux_coef=0.25"],
     ["experiment=smoke", "seed=1", "weak=tiny_random_l2", "train.lr=0.001"],
-    ["pair=tiny", "seed=2", "train=lora", "train.lora.rank=2", "+extra_note=hello"],
+    ["pair=tiny", "seed=2", "train=lora", "train.lora.rank=2", "+task.load_kwargs.extra_note=hello"],
     ["experiment=smoke", "seed=3", "stages=[weak,weak_labels]", "recompute=[weak]", "hydra.job.name=other"],
     ["experiment=smoke", "seed=4", "task.data_files={train: a.jsonl, test: b.jsonl}", "store.keep_weights=all"],
 ]]

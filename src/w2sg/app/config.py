@@ -132,6 +132,24 @@ def _unknown_key_message(cfg: Any, key: str, input_line: str) -> str:
     return msg
 
 
+def _adds_to_a_schema(cfg: Any, key: str) -> bool:
+    """Whether ``+key=...`` would add a key the config does not have under a node with a schema (a dataclass of
+    w2sg.core.config, or the root): such a key is read by nothing, so the run would silently be the one without it.
+    Free-form mappings (loss and labels parameters, task.splits, task.load_kwargs, ...) take new keys."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if key.split(".")[0] == "hydra":
+        return False
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth > 0 and not isinstance(OmegaConf.select(cfg, ".".join(parts[:depth]), default=None), DictConfig):
+        depth -= 1  # the deepest existing config node on the key's path
+    node = OmegaConf.select(cfg, ".".join(parts[:depth])) if depth else cfg
+    if parts[depth] in node:
+        return False  # Hydra reports adding an existing key itself
+    return OmegaConf.get_type(node) not in (dict, None)
+
+
 def _name_valid_keys_on_unknown_overrides() -> None:
     """Wrap Hydra's override step so that an unknown key names the valid ones (idempotent).
 
@@ -148,6 +166,12 @@ def _name_valid_keys_on_unknown_overrides() -> None:
 
     @functools.wraps(original)
     def apply(overrides: List[Any], cfg: Any) -> None:
+        for o in overrides:  # +key / ++key: Hydra adds any key; under a schema a new key is a typo, never a setting
+            if (o.is_add() or o.is_force_add()) and _adds_to_a_schema(cfg, o.key_or_group):
+                raise ConfigCompositionException(
+                    _unknown_key_message(cfg, o.key_or_group, o.input_line).replace("Could not override",
+                                                                                     "Could not add", 1)
+                    + "\n(a + override adds a key; the schema of this node has a fixed set of keys)") from None
         try:
             original(overrides, cfg)
         except ConfigCompositionException as e:
