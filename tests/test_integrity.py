@@ -274,6 +274,8 @@ def test_predictions_that_are_not_finite_are_an_error():
     ("train.lr=-1", "train.lr=-1.0 is out of range: need 0 < train.lr"),
     ("train.warmup_frac=2", "train.warmup_frac=2.0 is out of range: need 0 <= train.warmup_frac <= 1"),
     ("weak.lr=0", "weak.lr=0.0 is out of range: need 0 < weak.lr"),
+    ("seed=-1", "seed=-1 is out of range: need 0 <= seed"),  # it would draw what seed=1 draws
+    ("task.pool_seed=-2", "task.pool_seed=-2 is out of range: need 0 <= task.pool_seed"),
 ])
 def test_settings_out_of_range_fail_before_anything_runs(tmp_path, override, message):
     cfg = compose(TINY + ["logger=none", override])

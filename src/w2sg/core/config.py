@@ -219,6 +219,8 @@ class Config:
 # Allowed ranges of numeric settings: key -> (low, high, low inclusive, high inclusive); None: unbounded.
 # The schema types catch "abc" for an int; these catch values of the right type that cannot give a valid result.
 RANGES: Dict[str, tuple] = {
+    # seeds: Python's random.Random(-s) draws what random.Random(s) draws, so a negative seed repeats a positive one
+    "seed": (0, None, True, True), "task.pool_seed": (0, None, True, True),
     "task.n_train": (2, None, True, True), "task.n_test": (1, None, True, True),
     "task.num_classes": (2, None, True, True),
     "train.epochs": (1, None, True, True), "train.batch_size": (1, None, True, True),
