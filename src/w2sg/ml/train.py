@@ -47,18 +47,19 @@ class Encoded:
     ids_b: Optional[List[List[int]]] = None
 
     @classmethod
-    def of(cls, tokenizer: Any, texts: Sequence[Any], max_length: int) -> "Encoded":
-        if texts and isinstance(texts[0], (tuple, list)):
-            side = tokenizer.truncation_side
-            tokenizer.truncation_side = "left"
-            try:
+    def of(cls, tokenizer: Any, texts: Sequence[Any], max_length: int, side: Optional[str] = None) -> "Encoded":
+        """Token ids of single texts (cut on ``side``, default the tokenizer's own) or of pairs (cut on the left)."""
+        pairs = bool(texts) and isinstance(texts[0], (tuple, list))
+        previous = tokenizer.truncation_side
+        tokenizer.truncation_side = "left" if pairs else (side or previous)
+        try:
+            if pairs:
                 a = tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)["input_ids"]
                 b = tokenizer([t[1] for t in texts], truncation=True, max_length=max_length)["input_ids"]
-            finally:
-                tokenizer.truncation_side = side
-            return cls(ids=a, ids_b=b)
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        return cls(ids=enc["input_ids"])
+                return cls(ids=a, ids_b=b)
+            return cls(ids=tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
+        finally:
+            tokenizer.truncation_side = previous
 
     def __len__(self) -> int:
         return len(self.ids)

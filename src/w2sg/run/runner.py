@@ -207,13 +207,8 @@ class Runner:
                             trainable=False)
         self.load_init(stage, model)
         tokenizer = self.tokenizer(stage.model)
-        previous = tokenizer.truncation_side
-        tokenizer.truncation_side = side
-        try:
-            ids = tokenizer(list(texts), truncation=True, max_length=stage.spec["max_length"])["input_ids"]
-        finally:
-            tokenizer.truncation_side = previous
-        x, _ = extract_features(model, Encoded(ids), batch_size=self.eval_batch_size(stage.model),
+        encoded = Encoded.of(tokenizer, list(texts), stage.spec["max_length"], side=side)
+        x, _ = extract_features(model, encoded, batch_size=self.eval_batch_size(stage.model),
                                 pad_id=tokenizer.pad_token_id, progress=self.cfg.progress, desc=stage.label,
                                 policy=self.policy)
         return x
