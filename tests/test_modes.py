@@ -148,6 +148,19 @@ def test_a_probe_head_is_fitted_full_batch_whatever_the_order_of_its_examples():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_a_full_batch_probe_keeps_its_best_validated_weights():
+    from w2sg.ml.train import fit_probe
+
+    data, y = separable(n=120)
+    val = Validation(data.subset(range(100, 120)), y[100:], every=5, keep_best="loss")
+    torch.manual_seed(0)
+    head = Head(8, 2)
+    result = fit_probe(head, data.subset(range(100)), y[:100], XENT, epochs=40, lr=0.5, validation=val)
+    assert [e["step"] for e in result.evals] == list(range(5, 41, 5))
+    assert result.best == min(result.evals, key=lambda e: e["loss"])
+    assert val.evaluate(head, 0, 64)["loss"] == pytest.approx(result.best["loss"], abs=1e-6), "the kept weights"
+
+
 def test_grouped_batches_hold_similar_lengths_in_a_random_order():
     from w2sg.ml.train import GROUP_BATCHES, epoch_order
 

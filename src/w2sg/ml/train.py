@@ -243,6 +243,38 @@ class Validation:
 
 
 
+def _optimizer(model: torch.nn.Module, optimizer: str, schedule: str, lr: float, weight_decay: float,
+               warmup_frac: float, total: int) -> Tuple[torch.optim.Optimizer, Any]:
+    """The optimizer over the trainable parameters and its schedule over ``total`` steps (names checked)."""
+    from transformers import get_scheduler
+
+    if schedule not in SCHEDULES:
+        raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise W2SGError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+    sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * total), num_training_steps=total)
+    return opt, sched
+
+
+def _validate(model: torch.nn.Module, validation: Validation, result: TrainResult, pad_id: int, batch_size: int,
+              policy: Any, log: Callable[[Dict[str, float]], None]) -> Optional[Dict[str, torch.Tensor]]:
+    """One validation, recorded in ``result`` and logged; the weights to keep when ``keep_best`` finds it the best
+    so far (``result.best`` updated), else None."""
+    entry = {"step": result.steps, **validation.evaluate(model, pad_id, batch_size, policy)}
+    model.train()
+    result.evals.append(entry)
+    log({f"val/{k}": v for k, v in entry.items()})
+    metric = validation.keep_best
+    if metric is None:
+        return None
+    value, sign = entry[metric], 1 if BEST_METRICS[metric] else -1
+    if result.best is not None and sign * value <= sign * result.best[metric]:
+        return None
+    result.best = entry
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def train_model(
     model: torch.nn.Module,
     data: Any,
@@ -277,23 +309,16 @@ def train_model(
     ``policy`` (w2sg.run.device): where batches go and the autocast precision, with a gradient scaler for fp16.
     ``batch_order``: "grouped" (batches of similar lengths, :func:`epoch_order`) or "random".
     """
-    from transformers import get_scheduler
-
     from w2sg.ml.device import CPU
 
     policy = policy or CPU
     scaler = policy.grad_scaler()
-    if schedule not in SCHEDULES:
-        raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if optimizer not in OPTIMIZERS:
-        raise W2SGError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     ckpt = checkpointer or Checkpointer(None)
     n = len(data)
     mb = minibatch_size or batch_size
     steps_per_epoch = math.ceil(n / batch_size)
     total = steps_per_epoch * epochs
-    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
-    sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * total), num_training_steps=total)
+    opt, sched = _optimizer(model, optimizer, schedule, lr, weight_decay, warmup_frac, total)
     y = torch.as_tensor(labels, dtype=torch.float32).to(policy.input_device)
     result = TrainResult()
     sums = {"loss": 0.0, "correct": 0}
@@ -325,16 +350,7 @@ def train_model(
 
     def validate() -> None:
         nonlocal best_state
-        entry = {"step": result.steps, **validation.evaluate(model, pad_id, eval_batch_size, policy)}
-        model.train()
-        result.evals.append(entry)
-        log({f"val/{k}": v for k, v in entry.items()})
-        metric = validation.keep_best
-        if metric is not None:
-            value, sign = entry[metric], 1 if BEST_METRICS[metric] else -1
-            if result.best is None or sign * value > sign * result.best[metric]:
-                result.best = entry
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        best_state = _validate(model, validation, result, pad_id, eval_batch_size, policy, log) or best_state
 
     model.train()
     order: Optional[List[int]] = None
@@ -416,21 +432,14 @@ def fit_probe(
     schedule). No minibatch order, no checkpoints and no progress bar: a head on thousands of examples fits in a
     fraction of a second. Validation (``validation.every`` steps apart, else every step) and ``keep_best`` work as
     in :func:`train_model`. Raises W2SGError on a non-finite loss."""
-    from transformers import get_scheduler
-
     from w2sg.ml.device import CPU
 
     policy = policy or CPU
-    if schedule not in SCHEDULES:
-        raise W2SGError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if optimizer not in OPTIMIZERS:
-        raise W2SGError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
-    sched = get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=int(warmup_frac * epochs),
-                          num_training_steps=epochs)
+    opt, sched = _optimizer(model, optimizer, schedule, lr, weight_decay, warmup_frac, epochs)
     batch = policy.to(data.batch(range(len(data))))
     y = torch.as_tensor(labels, dtype=torch.float32).to(policy.input_device)
     target = y.argmax(-1)
+    log = on_log or (lambda entry: None)
     result = TrainResult()
     best_state: Optional[Dict[str, torch.Tensor]] = None
     model.train()
@@ -454,20 +463,9 @@ def fit_probe(
             acc = float((logits.argmax(-1) == target).float().mean())
             entry = {"epoch": step + 1, "loss": loss.item(), "train_acc": acc, "lr": sched.get_last_lr()[0]}
             result.history.append(entry)
-            if on_log is not None:
-                on_log({f"train/{k}": v for k, v in entry.items()})
+            log({f"train/{k}": v for k, v in entry.items()})
             if validation is not None and (result.steps % validation.every == 0 if validation.every else True):
-                check = {"step": result.steps, **validation.evaluate(model, 0, eval_batch_size, policy)}
-                model.train()
-                result.evals.append(check)
-                if on_log is not None:
-                    on_log({f"val/{k}": v for k, v in check.items()})
-                metric = validation.keep_best
-                if metric is not None:
-                    sign = 1 if BEST_METRICS[metric] else -1
-                    if result.best is None or sign * check[metric] > sign * result.best[metric]:
-                        result.best = check
-                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_state = _validate(model, validation, result, 0, eval_batch_size, policy, log) or best_state
     finally:
         torch.set_num_threads(threads)
     if best_state is not None:
