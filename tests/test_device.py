@@ -296,3 +296,11 @@ def test_gpu_check_runs_its_code_paths_on_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for line in ("weak->strong: qwen2_5_0_5b -> qwen2_5_1_5b (random init, train.mode=full)", "w2s ", "w2sg / bare throughput", "gpu tests passed"):
         assert line in proc.stdout
+
+
+def test_models_build_without_a_kv_cache():
+    """Training and scoring read each text once: a decoder's forward must not build a KV cache."""
+    model = build_model(tiny_decoder(), 2, 0)
+    out = model.backbone(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert model.backbone.config.use_cache is False
+    assert getattr(out, "past_key_values", None) is None

@@ -115,6 +115,8 @@ def model_config(cfg: Any):
         setattr(hf_config, key, value)
     if cfg.num_layers is not None:
         setattr(hf_config, _layer_key(hf_config), int(cfg.num_layers))
+    if hasattr(hf_config, "use_cache"):  # no KV cache: training and scoring read each text once, whole
+        hf_config.use_cache = False
     return path, hf_config
 
 
