@@ -88,8 +88,11 @@ def model_source(cfg: Any, cache_dir: Optional[str] = None) -> str:
     A local (or ``pkg://``) directory is keyed by the bytes of its files (weights, config, tokenizer; not
     hidden files or *.md), so changed weights get new keys and the same files at another path reuse stages.
     A randomly initialised model reads no weights, so only its other files count. Hub ids are keyed by name
-    (the hub revision is whatever the local cache holds)."""
+    (the hub revision is whatever the local cache holds). A GGUF file (converted once, w2sg.core.paths) is keyed by
+    its bytes, so a new package version under the same file name gets new keys."""
     path = Path(resolve_path(cfg.path)).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf" and cfg.random_init is None:
+        return "sha256:" + files_fingerprint([(path.name, path)], cache_dir)
     if not path.is_dir():
         return str(cfg.path)
     files = [(f.name, f) for f in path.iterdir()
