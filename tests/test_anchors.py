@@ -236,7 +236,7 @@ def test_sweep_settings_are_the_sources_settings():
     assert (t.train.lr, t.train.optimizer, t.train.schedule, t.train.warmup_frac) == (None, "adam", "cosine", 0.0)
     assert t.train.val_frac == 0.0 and t.train.weight_decay == 0.0
     e = compose(["sweep=eleuther"])
-    assert (e.train.mode, e.train.lr, e.weak.lr, e.strong.lr) == ("lora", None, 5e-4, 8e-5)
+    assert (e.train.mode, e.train.lr, e.weak.lora_lr, e.strong.lora_lr) == ("lora", None, 5e-4, 8e-5)
     assert (e.train.lora.rank, e.train.lora.alpha, e.train.epochs, e.train.keep_best) == (8, 8.0, 3, "auroc")
     assert (e.task.n_train, e.task.n_test, e.train.val_frac, e.train.eval_every) == (10000, 5000, 0.1, 25)
     assert sorted(e.train.lora.target_modules) == sorted(
@@ -265,7 +265,10 @@ def test_every_task_and_pair_of_the_packs_composes_and_validates(sweep):
         cfg = compose([f"sweep={sweep}", "seed=0", "loss=logconf", *combo])
         validate(cfg)
         if sweep == "eleuther":  # each side's own learning rate, as EleutherAI's weak_lr / strong_lr
-            assert (cfg.weak.lr, cfg.strong.lr, cfg.train.lr) == (5e-4, 8e-5, None)
+            from w2sg.core.plan import plan
+
+            stages = plan(cfg)
+            assert (stages["weak"].spec["train"]["lr"], stages["w2s"].spec["train"]["lr"]) == (5e-4, 8e-5)
 
 
 def test_paper_nlp_models_carry_openais_learning_rates():

@@ -36,20 +36,28 @@ def test_pinned_keys_of_the_default_pair():
 
     Changed again when training batches became length-grouped (train.batch_order=grouped, the default; issue 20):
     another batch composition trains other weights, so the grouped order is in the key, and the order before it
-    (train.batch_order=random) keeps the earlier keys, and with them the earlier stored results."""
+    (train.batch_order=random) keeps the earlier keys, and with them the earlier stored results.
+
+    Changed again when gradients became clipped (train.max_grad_norm=1.0, the default, as HF Trainer in
+    EleutherAI/w2s; issue 21): clipped steps train other weights. train.max_grad_norm=null (no clipping) keeps the
+    keys before it (the first two below); probe heads are never clipped, so the default experiment's keys stay."""
     assert keys()["weak"] != keys(["train=full"])["weak"]
-    assert keys(["train=full", "train.batch_order=random"]) == {
+    assert keys(["train=full", "train.batch_order=random", "train.max_grad_norm=null"]) == {
         "weak": "dc11779c4d2e480c28ff6004", "weak_labels": "a79d1256e27ce4d7fc27bcdc",
         "ceiling": "5bd6419df557a7dac29176fb", "w2s": "05890a9ccd50e8fd6c9d12d7"}
-    assert keys(["train=full"]) == {
+    assert keys(["train=full", "train.max_grad_norm=null"]) == {
         "weak": "f42f8b167446d986aa624397", "weak_labels": "3b756d2bcf6971c38e7558f5",
         "ceiling": "b4c162b02553488e13273dce", "w2s": "4565f3637c9d6744d1091939"}
+    assert keys(["train=full", "train.max_grad_norm=0"]) == keys(["train=full", "train.max_grad_norm=null"])
+    assert keys(["train=full"]) == {
+        "weak": "078d1d677b8e20aad7289710", "weak_labels": "ffe15557d281b4f14e13caf8",
+        "ceiling": "2aa13cec5bcaef57c04afb42", "w2s": "22f8e55c2357b7c9bb44d2f2"}
 
 
 def test_keys_leave_out_what_cannot_change_results():
     base = keys()
     assert keys(["progress=false", "store_dir=/elsewhere", "train.eval_batch_size=7",
-                 "train.checkpoint_every=5", "weak.name=renamed", "strong.size=big"]) == base
+                 "train.checkpoint_every=5", "train.checkpoint_minutes=1", "weak.name=renamed", "strong.size=big"]) == base
 
 
 def _conf_with(tmp_path, name, edit):

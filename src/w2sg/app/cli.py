@@ -75,7 +75,7 @@ def validate(cfg: Config, overrides: Optional[Sequence[str]] = None) -> None:
     validate_task(cfg.task)
     t = cfg.train
     check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, t.val_frac, t.val_labels, t.batch_size,
-                         t.minibatch_size, t.batch_order)
+                         t.minibatch_size, t.batch_order, t.truncation, t.head_init)
     check_device_settings(t.device, t.precision, t.device_map, t.mode)
     g = cfg.generative
     if g.enabled:

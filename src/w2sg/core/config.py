@@ -32,7 +32,11 @@ class ModelConfig:
     params: int = MISSING  # parameter count of the built model (checked by the tests), for grids and plots
     size: str = ""  # short size label, e.g. "1L"
     lr: float = 5e-5  # default learning rate for this model (train.lr overrides it when set)
+    lora_lr: Optional[float] = None  # its default learning rate under train=lora (null: 5e-4; train.lr overrides it)
     pooling: str = "mean"  # mean | cls | last: how token states become one feature vector
+    # which hidden state is pooled: null (the last layer's output) | middle (layer num_layers // 2's, as
+    # EleutherAI/w2s probes) | k (layer k's output; 0: the embeddings). Any: a name or an int (in keys only when set)
+    feature_layer: Any = None
     # When set, build a randomly initialised model from this config (hub config keys) instead of loading
     # weights: only for fast tests, never a default.
     random_init: Optional[Dict[str, Any]] = None
@@ -43,8 +47,8 @@ class ModelConfig:
     arch: Optional[Dict[str, Any]] = None
     attn_implementation: str = "auto"  # auto (flash-attention 2 when installed on a GPU, else SDPA) | sdpa | eager | ...
     eval_batch_size: Optional[int] = None  # caps train.eval_batch_size for this model (large models; null: no cap)
-    lora_targets: Optional[List[str]] = None  # default LoRA target modules (null: per family, w2sg.ml.models.LORA_TARGETS)
-    # estimated GPU memory (GiB) in bf16 at minibatch 8 x length 512, per mode (w2sg.run.device.estimate_memory)
+    lora_targets: Optional[List[str]] = None  # default LoRA target modules (null: per family, w2sg.core.options.LORA_TARGETS)
+    # estimated GPU memory (GiB) in bf16 at minibatch 8 x length 512, per mode (w2sg.run.device.stage_estimate, headroom included)
     memory_gb: Optional[Dict[str, float]] = None
     resources: Resources = field(default_factory=lambda: Resources())
 
@@ -112,6 +116,12 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | constant | linear
     # grouped: each batch holds texts of similar length (random groups, shuffled batches: little padding) | random
     batch_order: str = "grouped"
+    # a text longer than max_length: auto (keep its end for last-token pooling, its start for mean/cls pooling) |
+    # left (keep the end) | right (keep the start) | drop (leave over-long training examples out, as
+    # openai/weak-to-strong does; texts to label or test keep their end). Pairs are always cut on the left.
+    truncation: str = "auto"
+    max_grad_norm: Optional[float] = 1.0  # clip the gradient's norm to this (null or 0: no clipping); not probes
+    head_init: str = "default"  # the class head's initial weights: default (torch's nn.Linear) | zero (as the paper)
     # validation: the share of the training half held out (0: none); what w2s stages validate against: "weak"
     # (the weak labels, all a real user has) or "ground_truth" (an oracle, for analysis)
     val_frac: float = 0.0
@@ -127,7 +137,10 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
     device_map: Optional[str] = None  # auto: shard the model over every GPU of the node (LoRA, probe features, labels)
-    checkpoint_every: int = 50  # save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGUSR1)
+    # a resumable checkpoint (trainable weights, optimizer, position) at most every this many minutes of training
+    # (0: only on SIGTERM/SIGUSR1), and every checkpoint_every optimizer steps (0: by time only)
+    checkpoint_minutes: float = 10.0
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -228,12 +241,13 @@ RANGES: Dict[str, tuple] = {
     "train.max_length": (1, None, True, True), "train.weight_decay": (0, None, True, True),
     "train.warmup_frac": (0, 1, True, True), "train.val_frac": (0, 1, True, False),
     "train.eval_every": (0, None, True, True), "train.eval_batch_size": (1, None, True, True),
-    "train.checkpoint_every": (0, None, True, True), "train.lora.rank": (1, None, True, True),
+    "train.checkpoint_every": (0, None, True, True), "train.checkpoint_minutes": (0, None, True, True),
+    "train.max_grad_norm": (0, None, True, True), "train.lora.rank": (1, None, True, True),
     "train.lora.alpha": (0, None, False, True), "train.lora.dropout": (0, 1, True, False),
     "generative.epochs": (1, None, True, True), "generative.batch_size": (1, None, True, True),
     "generative.lr": (0, None, False, True), "generative.mlm_probability": (0, 1, False, False),
 }
-MODEL_RANGES = {"lr": (0, None, False, True), "num_layers": (1, None, True, True)}
+MODEL_RANGES = {"lr": (0, None, False, True), "lora_lr": (0, None, False, True), "num_layers": (1, None, True, True)}
 # loss parameters by name, whichever loss has them (w2sg.ml.losses)
 # (product's alpha/beta: any real exponent is defined)
 LOSS_RANGES = {"aux_coef": (0, 1, True, True), "warmup_frac": (0, 1, True, True), "radius": (0, None, False, True)}

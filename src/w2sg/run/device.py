@@ -17,15 +17,18 @@ estimates memory is w2sg.ml.device.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import logging
+from typing import Any, Dict
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.options import DEVICES, PRECISIONS, check_device_settings
 # the mechanics of a policy and the memory estimate (w2sg.ml.device), here too for callers of the policy
-from w2sg.ml.device import (BYTES, CPU, GIB, Policy, attn_implementation, available_memory,  # noqa: F401
-                            check_memory, describe, estimate_memory)
+from w2sg.ml.device import (ACTIVATION_FACTORS, AUTOCAST_COPY_BYTES, BYTES, CPU, GIB, LOGIT_BYTES,  # noqa: F401
+                            Policy, activation_bytes, attn_implementation, available_memory, check_memory, describe,
+                            estimate_memory, intermediate_size, ways_out)
 
 check_settings = check_device_settings  # the config check (w2sg.core.options)
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)  # asked per stage key (key_precision): a 1,000-job sweep plans ~5,000 stages
@@ -80,6 +83,46 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if _bf16_gpu() else "fp16"
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether the machine has an NVIDIA GPU whatever torch sees (the driver's device files)."""
+    import glob
+    import os
+
+    return os.path.exists("/proc/driver/nvidia/gpus") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def warn_cpu_build(device_setting: str, device: str) -> None:
+    """train.device=auto resolved to the CPU on a machine with an NVIDIA GPU because torch is a CPU build: say so,
+    instead of computing on the CPU without a word."""
+    import torch
+
+    if device_setting == "auto" and device == "cpu" and torch.version.cuda is None and nvidia_gpu_present():
+        log.warning("train.device=auto: this machine has an NVIDIA GPU but torch %s is a CPU build, so every stage "
+                    "computes on the CPU; install a CUDA build of torch (https://pytorch.org/get-started/locally/), "
+                    "or set train.device=cpu to say that the CPU is meant", torch.__version__)
+
+
+def attention_kernel(model: Any) -> str:
+    """The attention implementation a model computes with (transformers' config), or none for a probe head."""
+    if model is None:
+        return "n/a"
+    config = getattr(getattr(model, "backbone", model), "config", None)
+    if config is None:
+        return "none (probe head)"
+    return str(getattr(config, "_attn_implementation", None) or "default")
+
+
+def describe_runtime(policy: Policy, model: Any = None) -> Dict[str, Any]:
+    """Where a stage computed: device (and the GPU's name), compute dtype, attention kernel, peak GPU memory."""
+    rt: Dict[str, Any] = {"device": policy.device, "dtype": policy.precision, "attention": attention_kernel(model)}
+    if policy.device == "cuda":
+        import torch
+
+        rt["gpu"] = torch.cuda.get_device_name()
+        rt["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    return rt
+
+
 def runtime_policy(train: Any) -> Policy:
     """The policy of this process, from train.device / precision / gradient_checkpointing / device_map.
 
@@ -93,6 +136,7 @@ def runtime_policy(train: Any) -> Policy:
         raise W2SGError(f"train.device=cuda but torch {torch.__version__} sees no GPU (a CPU build of torch, or "
                         "CUDA_VISIBLE_DEVICES empty?); use train.device=auto or train.device=cpu")
     precision = resolve_precision(train.precision, device)
+    warn_cpu_build(device_setting, device)
     if device == "cuda":
         import torch
 
@@ -112,3 +156,71 @@ def runtime_policy(train: Any) -> Policy:
     return Policy(device, precision, train.gradient_checkpointing, train.device_map)
 
 
+
+
+# --- the memory estimate of a stage ---------------------------------------------------------------------------
+
+def hf_config_of(model_cfg: Any) -> Any:
+    """The transformers config of a model (w2sg.ml.models.model_config). A model with ``arch`` is read from those
+    fields, the architecture the catalogue's tests check, so that an estimate needs no download (a hub config, a
+    GGUF file's conversion); others from their path."""
+    import copy
+
+    from w2sg.ml.models import model_config
+
+    if model_cfg.arch is not None and model_cfg.random_init is None:
+        model_cfg = copy.copy(model_cfg)
+        model_cfg.random_init = {}  # model_config builds a config with arch and random_init from arch alone
+    return model_config(model_cfg)[1]
+
+
+def layer_count(hf_config: Any) -> int:
+    return int(next((getattr(hf_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                     if hasattr(hf_config, k)), 1))
+
+
+def lora_params(hf_config: Any, targets: Any, rank: int) -> int:
+    """Trainable parameters of rank-``rank`` LoRA adapters on the modules named ``targets`` (peft's matching: the
+    name or its last dotted parts), counted on the backbone built on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoModel
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(hf_config)
+    total = 0
+    for name, module in backbone.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2's projections: weight (in, out)
+            total += rank * sum(module.weight.shape)
+        elif isinstance(module, torch.nn.Embedding):
+            total += rank * (module.num_embeddings + module.embedding_dim)
+    return total
+
+
+def stage_estimate(model_cfg: Any, mode: str, batch: int, length: int, precision: str, *,
+                   gradient_checkpointing: bool = False, optimizer: str = "adamw", vocab: int = 0,
+                   lora_rank: int = 8) -> Dict[str, int]:
+    """Bytes a stage of ``model_cfg`` (a w2sg.core.config.ModelConfig) needs on the GPU, by part, "headroom"
+    included (w2sg.ml.device.estimate_memory): its parameter count, its architecture's hidden, intermediate and
+    layer sizes and family; in lora mode the adapters counted on the model's lora_targets (else the family's,
+    w2sg.ml.models.LORA_TARGETS) at ``lora_rank``. ``vocab``: an LM head's logits, and its weights when they are
+    not tied to the embeddings (generative finetuning)."""
+    from w2sg.ml.device import intermediate_size
+    from w2sg.ml.models import LORA_TARGETS, hidden_size
+
+    hf = hf_config_of(model_cfg)
+    family = getattr(hf, "model_type", "")
+    trainable = None  # an unknown family without targets: the estimate's share of the parameters
+    targets = model_cfg.lora_targets or LORA_TARGETS.get(family)
+    if mode == "lora" and targets:
+        trainable = lora_params(hf, list(targets), lora_rank)
+    params = model_cfg.params  # the backbone and a classifier head; an LM head of its own adds vocab x hidden
+    if vocab and not getattr(hf, "tie_word_embeddings", True):
+        params += vocab * hidden_size(hf)
+    return estimate_memory(params, precision, mode, batch, length, hidden_size(hf), layer_count(hf),
+                           gradient_checkpointing, vocab, family=family, intermediate=intermediate_size(hf),
+                           optimizer=optimizer, trainable=trainable)
