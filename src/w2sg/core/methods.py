@@ -5,15 +5,30 @@ users' methods, in w2sg.core.registry. No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from w2sg.core.config import Config, ModelConfig, plain
 from w2sg.core.errors import W2SGError
+from w2sg.core.paths import FEATURE_LAYERS, check_feature_layer
 from w2sg.core.registry import NEEDS_FEATURES, check_choice, labels_methods
 
 # each probe's own parameters (the others are left out of a method's spec); topo: EleutherAI/w2s's TopoFilter
-PROBE_PARAMS: Dict[str, Tuple[str, ...]] = {"knn": ("k",), "logreg": ("C",), "topo": ("k_cc", "k_zeta")}
+PROBE_PARAMS: Dict[str, Tuple[str, ...]] = {"knn": ("k", "knn_metric"), "logreg": ("logreg_fit", "l2p", "C"),
+                                            "topo": ("k_cc", "k_zeta")}
+# knn: euclidean (EleutherAI/w2s's KnnProbe, torch.cdist) | cosine (the earlier w2sg probe, kept by that name)
+KNN_METRICS = ("euclidean", "cosine")
+# logreg: soft_bce (EleutherAI/w2s's LogisticProbe: BCE on the soft labels + l2p * |w|^2, L-BFGS) | sklearn_hard
+# (the earlier w2sg probe: scikit-learn's LogisticRegression(C) on the hard labels, kept by that name)
+LOGREG_FITS = ("soft_bce", "sklearn_hard")
+# a probe parameter at this value is left out of the spec: the form the spec had before the parameter existed, so
+# stage keys stored then are reached by naming it (labels.knn_metric=cosine, labels.logreg_fit=sklearn_hard)
+EARLIER_FORM = {"knn_metric": "cosine", "logreg_fit": "sklearn_hard"}
+# parameters the plan reads rather than the method's function: the hidden state the probe's features are
+# (feature_layer; null: the strong model's own features, as before the parameter) and whether each strong-to-strong
+# iteration's labels go through the method too (reapply_s2s; the s2s stages' inputs carry it, not this spec)
+PLAN_PARAMS = ("feature_layer", "reapply_s2s")
 
 
 def method_params(fn: Callable[..., Any]) -> Dict[str, Any]:
@@ -35,21 +50,88 @@ def validate_labels(cfg: Mapping[str, Any]) -> None:
             raise W2SGError(f"labels.{k}={p[k]}: need at least 1 neighbour")
     if "C" in p and float(p["C"]) <= 0:
         raise W2SGError(f"labels.C={p['C']}: the inverse regularisation strength must be positive")
+    if "l2p" in p and float(p["l2p"]) < 0:
+        raise W2SGError(f"labels.l2p={p['l2p']}: the L2 penalty must be >= 0")
+    for key, valid_values in (("knn_metric", KNN_METRICS), ("logreg_fit", LOGREG_FITS)):
+        if key in p and p[key] not in valid_values:
+            raise W2SGError(f"labels.{key}={p[key]!r}: unknown; valid: {', '.join(valid_values)}")
+    if "feature_layer" in p:
+        check_probe_layer(p["feature_layer"])
+    if "reapply_s2s" in p and not isinstance(p["reapply_s2s"], bool):
+        raise W2SGError(f"labels.reapply_s2s={p['reapply_s2s']!r}: must be true or false")
+
+
+def check_probe_layer(value: Any) -> None:
+    """``labels.feature_layer``'s form (its range is checked against the strong model in ``probe_features_model``)."""
+    if value is None or value in FEATURE_LAYERS or (isinstance(value, int) and not isinstance(value, bool)
+                                                    and value >= 0):
+        return
+    raise W2SGError(f"labels.feature_layer={value!r}: unknown; valid: null (the strong model's own features), "
+                    f"{', '.join(FEATURE_LAYERS)} (layer num_layers // 2, as EleutherAI/w2s probes), or a layer "
+                    "number (0: the embeddings)")
+
+
+def used_probe_params(params: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The probe parameters the chosen probe reads, in their spec's form: a knn probe's k (and knn_metric unless
+    cosine), a logreg probe's C (sklearn_hard) or logreg_fit and l2p (soft_bce), a topo probe's k_cc and k_zeta."""
+    probe = params["probe"]
+    if probe == "logreg":
+        fit = params.get("logreg_fit", EARLIER_FORM["logreg_fit"])
+        return ("C",) if fit == "sklearn_hard" else ("logreg_fit", "l2p")
+    return tuple(k for k in PROBE_PARAMS[probe] if k in params and params[k] != EARLIER_FORM.get(k))
 
 
 def method_spec(labels: Mapping[str, Any]) -> Dict[str, Any]:
     """What of ``labels=`` changes the result: the name and the parameters the method uses (a knn probe's spec has
-    no C, a logreg probe's no k; an ensemble's members are the stage's inputs)."""
+    no C, a logreg probe's no k; an ensemble's members are the stage's inputs). ``feature_layer`` enters when set
+    (its features stage, an input, differs too); ``reapply_s2s`` never (it adds s2s stages, whose inputs carry it)."""
     cfg = plain(dict(labels))
     validate_labels(cfg)
     name = cfg["name"]
     params = {**method_params(labels_methods()[name]), **{k: v for k, v in cfg.items() if k != "name"}}
     if "probe" in params:
-        unused = set().union(*PROBE_PARAMS.values()) - set(PROBE_PARAMS[params["probe"]])
+        unused = set().union(*PROBE_PARAMS.values()) - set(used_probe_params(params))
         params = {k: v for k, v in params.items() if k not in unused}
+    params.pop("reapply_s2s", None)
+    if params.get("feature_layer", 0) is None:  # the strong model's own features: the spec of before
+        del params["feature_layer"]
     if name == "ensemble":
         params = {}
     return {"name": name, **params}
+
+
+def method_kwargs(spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """The keyword arguments a method's function gets from its spec (``method_spec``): the spec's parameters, with
+    those it leaves out in their earlier form (EARLIER_FORM: knn_metric cosine, logreg_fit sklearn_hard) put back,
+    so that a spec of before runs the probe it ran then, not today's default."""
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    accepted = method_params(labels_methods()[spec["name"]])
+    if "probe" in kwargs:
+        kwargs.update({k: v for k, v in EARLIER_FORM.items() if k in accepted and k not in kwargs})
+    return kwargs
+
+
+def reapplies(labels: Mapping[str, Any]) -> bool:
+    """Whether each strong-to-strong iteration's labels go through the method too (``reapply_s2s``, as
+    EleutherAI/w2s re-applies its probe at every transfer), not only the weak labels."""
+    cfg = plain(dict(labels))
+    params = {**method_params(labels_methods()[cfg["name"]]), **cfg}
+    return bool(params.get("reapply_s2s", False))
+
+
+def probe_features_model(strong: ModelConfig, spec: Mapping[str, Any]) -> ModelConfig:
+    """The strong model whose frozen features a probe method reads: with the spec's ``feature_layer`` (middle:
+    EleutherAI/w2s's layer) in place of the model's own, its pooling kept (last token for the decoders, as
+    EleutherAI/w2s; the mean for the encoders); without one, the model as configured."""
+    layer = spec.get("feature_layer")
+    if layer is None:
+        return strong
+    model = dataclasses.replace(strong, feature_layer=layer)
+    try:
+        check_feature_layer(model)
+    except W2SGError as e:
+        raise W2SGError(f"labels.feature_layer={layer!r}: {e}") from None
+    return model
 
 
 def needs_features(spec: Mapping[str, Any]) -> bool:

@@ -5,13 +5,14 @@ which the Slurm launcher and ``w2sg status`` use too). Works on the typed config
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 from w2sg.core.config import Config, ModelConfig
 from w2sg.core.errors import W2SGError
 from w2sg.core.graph import (Role, Side, Stage, features_stage, labels_stage, member_stage, train_stage,
                              transform_stage)
-from w2sg.core.methods import budget_spec, ensemble_members, method_spec, needs_features
+from w2sg.core.methods import (budget_spec, ensemble_members, method_spec, needs_features, probe_features_model,
+                                reapplies)
 from w2sg.core.registry import load as load_extensions
 
 
@@ -76,21 +77,36 @@ def method_stages(cfg: Config, stages: Dict[str, Stage]) -> Stage:
                 cfg, member, member.label.replace("weak:", "weak_labels:", 1))
     else:
         labels = {"labels": stages["weak_labels"]}
-    features = features_stage(cfg, cfg.strong, Side.STRONG) if needs_features(method) else None
+    features = probe_features(cfg, method)
     stages["train_labels"] = transform_stage(cfg, labels, features, f"train_labels:{method['name']}", method,
                                              budget_spec(cfg.budget))
     return stages["train_labels"]
 
 
+def probe_features(cfg: Config, method: Dict[str, Any]) -> Optional[Stage]:
+    """The strong model's frozen features a method reads (its ``feature_layer``), None for one that reads none."""
+    if not needs_features(method):
+        return None
+    return features_stage(cfg, probe_features_model(cfg.strong, method), Side.STRONG)
+
+
 def s2s_stages(cfg: Config, stages: Dict[str, Stage]) -> None:
     """``s2s=N``: N strong-to-strong iterations after w2s, each a fresh strong model trained (with the run's loss)
-    on the previous student's soft labels of the whole weak-label half (student labels cost no budget)."""
+    on the previous student's soft labels of the whole weak-label half (student labels cost no budget); a method
+    with ``reapply_s2s`` (the probe methods' default, as EleutherAI/w2s) transforms those labels first
+    (``<name>_train_labels``, no budget)."""
     if cfg.s2s < 0:
         raise W2SGError(f"s2s={cfg.s2s}: the number of strong-to-strong iterations must be >= 0")
+    method = method_spec(cfg.labels)
+    reapply = reapplies(cfg.labels)
     teacher, name = stages["w2s"], "w2s"
     for i in range(1, cfg.s2s + 1):
         labels = labels_stage(cfg, teacher, f"{name}_labels:{cfg.strong.name}")
         stages[f"{name}_labels"] = labels
+        if reapply:
+            labels = transform_stage(cfg, {"labels": labels}, probe_features(cfg, method),
+                                     f"{name}_train_labels:{method['name']}", method, None)
+            stages[f"{name}_train_labels"] = labels
         name = f"s2s{i}"
         teacher = stages[name] = train_stage(cfg, cfg.strong, labels, cfg.loss, f"s2s{i}:{cfg.strong.name}",
                                              Role.S2S, Side.STRONG)

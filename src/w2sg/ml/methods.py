@@ -2,11 +2,12 @@
 
 ``labels=<method>`` transforms the weak labels of the weak-label half before the w2s stage (a registry of plain
 functions, like the losses): ``confidence_filter``, ``probe_relabel`` / ``probe_filter`` (probes on the strong
-model's frozen features, after EleutherAI/w2s) and ``ensemble`` (the average soft labels of several weak
-supervisors). ``budget=`` mixes n weak and m ground-truth labels (Mallen & Belrose 2024). Both make one stored
-stage (kind ``transform``, plan name ``train_labels``) whose output is a training set: soft labels plus the rows of
-the weak-label half they belong to, so two w2s runs (e.g. two losses) share it. ``s2s=N`` (strong-to-strong
-iterations) needs no method of its own: it chains ordinary train and labels stages (w2sg.core.plan.plan).
+model's frozen features, as EleutherAI/w2s's w2s/probe.py and w2s/topo.py compute them) and ``ensemble`` (the
+average soft labels of several weak supervisors). ``budget=`` mixes n weak and m ground-truth labels (Mallen &
+Belrose 2024). Both make one stored stage (kind ``transform``, plan name ``train_labels``) whose output is a
+training set: soft labels plus the rows of the weak-label half they belong to, so two w2s runs (e.g. two losses)
+share it. ``s2s=N`` (strong-to-strong iterations) chains ordinary train and labels stages (w2sg.core.plan.plan);
+a probe method with ``reapply_s2s`` (the default, as EleutherAI/w2s) transforms each iteration's labels too.
 
 Order inside the stage: average the ensemble's labels, draw the budget's rows (ground truth first, then weak),
 apply the method to the weak-labelled rows, add the ground-truth rows with one-hot labels.
@@ -23,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from w2sg.core.errors import W2SGError
-from w2sg.core.methods import PROBE_PARAMS
+from w2sg.core.methods import KNN_METRICS, LOGREG_FITS, PROBE_PARAMS, method_kwargs
 from w2sg.core.registry import METHODS, NEEDS_FEATURES, record
 
 Result = Tuple[np.ndarray, np.ndarray]
@@ -65,9 +66,15 @@ def disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- probes on frozen features -------------------------------------------------------------------------------
 
-def knn_probe(x: np.ndarray, probs: np.ndarray, k: int = 50, chunk: int = 1024) -> np.ndarray:
-    """Each row's prediction: the mean soft label of its k most cosine-similar rows, itself included (as
-    EleutherAI/w2s's ``knn_average``, which ranks every row against all rows of the same set)."""
+def knn_probe(x: np.ndarray, probs: np.ndarray, k: int = 50, metric: str = "euclidean", chunk: int = 1024
+              ) -> np.ndarray:
+    """Each row's prediction: the mean soft label of its k nearest rows, itself included. ``euclidean``: as
+    EleutherAI/w2s's KnnProbe (torch.cdist, fitted on and predicting the same rows); ``cosine``: the k most
+    cosine-similar rows (the earlier w2sg probe). k above the row count: all rows."""
+    if metric == "euclidean":
+        return np.asarray(probs, dtype=np.float32)[_neighbours(x, k, within=np.arange(len(x)), chunk=chunk)].mean(1)
+    if metric != "cosine":
+        raise W2SGError(f"knn metric {metric!r}: unknown; valid: {', '.join(KNN_METRICS)}")
     x = np.asarray(x, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     k = min(int(k), len(x))
@@ -79,9 +86,54 @@ def knn_probe(x: np.ndarray, probs: np.ndarray, k: int = 50, chunk: int = 1024) 
     return out
 
 
+BCE_MAX_ITER = 10_000  # EleutherAI/w2s Classifier.fit's L-BFGS iterations (one optimizer step)
+
+
+def bce_logreg_probe(x: np.ndarray, probs: np.ndarray, l2p: float = 1e-3, max_iter: int = BCE_MAX_ITER
+                     ) -> np.ndarray:
+    """EleutherAI/w2s's LogisticProbe (w2s/logistic.py Classifier.fit): a linear model from zero weights, fit by
+    L-BFGS (strong Wolfe line search, ``max_iter`` iterations at most) to the binary cross-entropy with the soft
+    labels plus ``l2p`` * |w|^2 (the bias unpenalised), in float32; its predicted probabilities of the same rows.
+    Two classes: one logit, sigmoid (as theirs); more: softmax and the soft labels' cross-entropy, same penalty."""
+    import torch
+
+    p = np.asarray(probs, dtype=np.float32)
+    n_classes = p.shape[1]
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.ascontiguousarray(p[:, 1] if n_classes == 2 else p))
+    linear = torch.nn.Linear(xt.shape[1], 1 if n_classes == 2 else n_classes)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+    optimizer = torch.optim.LBFGS(linear.parameters(), line_search_fn="strong_wolfe", max_iter=int(max_iter))
+
+    def data_loss(logits: "torch.Tensor") -> "torch.Tensor":
+        if n_classes == 2:
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), yt)
+        return -(yt * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+    def closure() -> float:
+        optimizer.zero_grad()
+        loss = data_loss(linear(xt))
+        if l2p:
+            loss = loss + float(l2p) * linear.weight.square().sum()
+        loss.backward()
+        return float(loss.detach())
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        logits = linear(xt)
+        if n_classes == 2:
+            p1 = torch.sigmoid(logits.squeeze(-1)).numpy()
+            return np.stack([1 - p1, p1], axis=1).astype(np.float32)
+        return torch.softmax(logits, -1).numpy().astype(np.float32)
+
+
 def logreg_probe(x: np.ndarray, probs: np.ndarray, C: float = 1.0) -> np.ndarray:
-    """scikit-learn's LogisticRegression (C) fit on the hard weak labels; its predicted probabilities of the same
-    rows. Labels of one class only: that class, with probability 1 (the only fit there is)."""
+    """The earlier w2sg probe (logreg_fit=sklearn_hard): scikit-learn's LogisticRegression (C) fit on the hard weak
+    labels; its predicted probabilities of the same rows. Labels of one class only: that class, with probability 1
+    (the only fit there is)."""
     from sklearn.linear_model import LogisticRegression
 
     y = np.asarray(probs).argmax(axis=1)
@@ -151,9 +203,17 @@ def topo_label(x: np.ndarray, probs: np.ndarray, k_cc: int = 50, k_zeta: int = 5
     return probs[_neighbours(x, k_zeta, within=inside)].mean(axis=1)
 
 
+def _logreg(x: np.ndarray, p: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    if params["logreg_fit"] == "sklearn_hard":
+        return logreg_probe(x, p, C=params["C"])
+    if params["logreg_fit"] != "soft_bce":
+        raise W2SGError(f"labels.logreg_fit={params['logreg_fit']!r}: unknown; valid: {', '.join(LOGREG_FITS)}")
+    return bce_logreg_probe(x, p, l2p=params["l2p"])
+
+
 PROBES: Dict[str, Callable[..., np.ndarray]] = {  # x, probs, params -> predictions; w2sg.core.methods.PROBE_PARAMS
-    "knn": lambda x, p, params: knn_probe(x, p, k=params["k"]),
-    "logreg": lambda x, p, params: logreg_probe(x, p, C=params["C"]),
+    "knn": lambda x, p, params: knn_probe(x, p, k=params["k"], metric=params["knn_metric"]),
+    "logreg": _logreg,
     "topo": lambda x, p, params: topo_label(x, p, k_cc=params["k_cc"], k_zeta=params["k_zeta"]),
 }
 assert set(PROBES) == set(PROBE_PARAMS)
@@ -163,6 +223,12 @@ def _probe(features: Optional[np.ndarray], probs: np.ndarray, probe: str, **para
     if features is None:
         raise W2SGError("probe methods need the strong model's features")
     return PROBES[probe](features, probs, params)
+
+
+def _earlier(probe: str, knn_metric: str, logreg_fit: str) -> bool:
+    """Whether the probe is one of the earlier w2sg probes (knn cosine, logreg sklearn_hard), whose filter drops a
+    rounded share; EleutherAI/w2s's Probe.filter drops int(contamination * n) rows."""
+    return (probe == "knn" and knn_metric == "cosine") or (probe == "logreg" and logreg_fit == "sklearn_hard")
 
 
 # --- the methods ---------------------------------------------------------------------------------------------
@@ -182,23 +248,35 @@ def confidence_filter(probs: np.ndarray, features: Optional[np.ndarray], drop_fr
 
 @register_method("probe_relabel", needs_features=True)
 def probe_relabel(probs: np.ndarray, features: Optional[np.ndarray], probe: str = "knn", k: int = 50,
-                  C: float = 1.0, k_cc: int = 50, k_zeta: int = 50) -> Result:
-    """Replace every weak label by the probe's prediction (knn: k; logreg: C; topo: k_cc, k_zeta)."""
-    return _probe(features, probs, probe, k=k, C=C, k_cc=k_cc, k_zeta=k_zeta), _all(probs)
+                  knn_metric: str = "euclidean", logreg_fit: str = "soft_bce", l2p: float = 1e-3, C: float = 1.0,
+                  k_cc: int = 50, k_zeta: int = 50, feature_layer: Any = "middle", reapply_s2s: bool = True) -> Result:
+    """Replace every weak label by the probe's prediction (knn: k, knn_metric; logreg: logreg_fit, l2p or C; topo:
+    k_cc, k_zeta), as EleutherAI/w2s's probe_relabel. ``feature_layer`` and ``reapply_s2s`` are read by the plan
+    (w2sg.core.methods.PLAN_PARAMS): which features arrive, and which labels."""
+    return _probe(features, probs, probe, k=k, knn_metric=knn_metric, logreg_fit=logreg_fit, l2p=l2p, C=C,
+                  k_cc=k_cc, k_zeta=k_zeta), _all(probs)
 
 
 @register_method("probe_filter", needs_features=True)
 def probe_filter(probs: np.ndarray, features: Optional[np.ndarray], probe: str = "knn", k: int = 50,
-                 C: float = 1.0, contamination: float = 0.1, k_cc: int = 50, k_zeta: int = 50) -> Result:
-    """Drop the ``contamination`` share of rows where the probe disagrees most with the weak label; the topo probe
-    filters as TopoFilter does (topo_filter)."""
+                 knn_metric: str = "euclidean", logreg_fit: str = "soft_bce", l2p: float = 1e-3, C: float = 1.0,
+                 contamination: float = 0.1, k_cc: int = 50, k_zeta: int = 50, feature_layer: Any = "middle",
+                 reapply_s2s: bool = True) -> Result:
+    """Drop the ``contamination`` share of rows where the probe disagrees most with the weak label (total
+    variation: |p - q| of class 1 for two classes), int(contamination * n) rows as EleutherAI/w2s's Probe.filter
+    (the earlier knn cosine and logreg sklearn_hard probes: the rounded share); the topo probe filters as TopoFilter
+    does (topo_filter). ``feature_layer`` and ``reapply_s2s``: as probe_relabel's."""
     if probe == "topo":
         if features is None:
             raise W2SGError("probe methods need the strong model's features")
         keep = topo_filter(features, probs, contamination, k_cc=k_cc, k_zeta=k_zeta)
+        return probs[keep], keep
+    score = disagreement(_probe(features, probs, probe, k=k, knn_metric=knn_metric, logreg_fit=logreg_fit, l2p=l2p,
+                                C=C, k_cc=k_cc, k_zeta=k_zeta), probs)
+    if _earlier(probe, knn_metric, logreg_fit):
+        keep = _drop(score, contamination)
     else:
-        keep = _drop(disagreement(_probe(features, probs, probe, k=k, C=C, k_cc=k_cc, k_zeta=k_zeta), probs),
-                     contamination)
+        keep = np.sort(np.argsort(-score, kind="stable")[int(contamination * len(score)):])
     return probs[keep], keep
 
 
@@ -251,9 +329,9 @@ def build_training_set(spec: Mapping[str, Any], probs: np.ndarray, features: Opt
         weak_rows, gt_rows = np.arange(n), np.arange(0)
     else:
         weak_rows, gt_rows = budget_rows(n, budget["n_weak"], budget["n_gt"], int(spec["seed"]))
-    method = dict(spec["method"])
-    name = method.pop("name")
-    new, kept = METHODS[name](probs[weak_rows], features[weak_rows] if features is not None else None, **method)
+    name = spec["method"]["name"]
+    new, kept = METHODS[name](probs[weak_rows], features[weak_rows] if features is not None else None,
+                              **method_kwargs(spec["method"]))
     rows = np.concatenate([weak_rows[kept], gt_rows])
     labels = np.concatenate([np.asarray(new, dtype=np.float32),
                              np.eye(num_classes, dtype=np.float32)[np.asarray(truth)[gt_rows]]])
