@@ -21,7 +21,7 @@ import torch
 from helpers import TINY, check_results, compose, run_w2sg, task_test_labels
 
 from w2sg.core.errors import W2SGError
-from w2sg.core.paths import check_model_path, gguf_folder_path, resolve_path
+from w2sg.core.paths import check_feature_layer, check_model_path, gguf_folder_path, resolve_path
 from w2sg.core.plan import plan
 from w2sg.ml import models
 from w2sg.ml.models import build_model
@@ -315,6 +315,8 @@ def test_feature_layer_pools_the_chosen_hidden_state():
     assert torch.allclose(got[0], mean[0], atol=1e-6)
     assert torch.allclose(got[None], got[4], atol=1e-6), "the last layer's output, as without feature_layer"
     assert not torch.allclose(got["middle"], got[None], atol=1e-3)
+    cfg.feature_layer = "middle"  # EleutherAI/w2s's hidden_states[(L + 1) // 2]: one layer's model probes its output
+    assert [check_feature_layer(cfg, n) for n in (1, 3, 30)] == [1, 2, 15]
 
 
 def test_feature_layer_enters_the_keys_only_when_set():

@@ -87,12 +87,12 @@ def check_feature_layer(cfg: Any, num_layers: Optional[int] = None) -> Optional[
         num_layers = next((n for n in stated if n is not None), None)
     known = num_layers is not None
     if value == "middle":
-        return int(num_layers) // 2 if known else None
+        return (int(num_layers) + 1) // 2 if known else None  # EleutherAI/w2s: hidden_states[(L + 1) // 2]
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (not known or value <= num_layers):
         return value
     layers = f"0..{num_layers}" if known else "0..<its number of layers>"
     raise W2SGError(f"model {cfg.name!r}: unknown feature_layer {value!r}; valid: null (the last layer's output), "
-                    f"{', '.join(FEATURE_LAYERS)} (layer num_layers // 2), or a layer number {layers} "
+                    f"{', '.join(FEATURE_LAYERS)} (layer (num_layers + 1) // 2), or a layer number {layers} "
                     "(0: the embeddings), e.g. strong.feature_layer=middle")
 
 
