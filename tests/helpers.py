@@ -33,10 +33,11 @@ def compose(overrides: List[str] = ()):
 
 
 def fixture_task(task: str) -> List[str]:
-    """Overrides that point a hub task at the local fixture files of the same format."""
+    """Overrides that point a hub task at the local fixture files of the same format (whose test files repeat
+    train rows: duplicates are kept)."""
     d = FIXTURES / task
     test_split = compose([f"task={task}"]).task.splits["test"]  # files are keyed by the data set's split names
-    return [f"task={task}", "task.dataset=json",
+    return [f"task={task}", "task.dataset=json", "task.dedupe=false",
             f"task.data_files={{train: {d / 'train.jsonl'}, {test_split}: {d / 'test.jsonl'}}}"]
 
 

@@ -29,15 +29,20 @@ def isolated(monkeypatch):
     features = set(extensions.NEEDS_FEATURES)
     modules = set(sys.modules)
     monkeypatch.syspath_prepend(str(EXT_DIR))
-    yield
-    for d, copy in saved:
-        d.clear()
-        d.update(copy)
-    extensions.NEEDS_FEATURES.clear()
-    extensions.NEEDS_FEATURES.update(features)
-    for name in set(sys.modules) - modules:  # the extensions' modules (not libraries they imported first: numpy
-        if name.startswith("w2sg_test"):   # and torch cannot be imported twice in one process)
-            del sys.modules[name]
+
+    def restore():
+        """As before the test: the next ``load`` imports the extensions afresh (a new process, as far as they see)."""
+        for d, copy in saved:
+            d.clear()
+            d.update(copy)
+        extensions.NEEDS_FEATURES.clear()
+        extensions.NEEDS_FEATURES.update(features)
+        for name in set(sys.modules) - modules:  # the extensions' modules (not libraries they imported first: numpy
+            if name.startswith("w2sg_test"):   # and torch cannot be imported twice in one process)
+                del sys.modules[name]
+
+    yield restore
+    restore()
 
 
 def keys(overrides):
@@ -93,10 +98,90 @@ def test_a_version_given_in_the_config_replaces_the_hash(isolated):
 
 
 def test_an_extension_that_registers_nothing_enters_every_key(isolated, tmp_path, monkeypatch):
-    (tmp_path / "w2sg_test_patch.py").write_text("__version__ = '0.3'\n")
+    """Its ``__version__`` is not its version: an edit that leaves it as it was still changes the keys."""
+    patch = tmp_path / "w2sg_test_patch.py"
+    patch.write_text("__version__ = '0.3'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     stages = keys(["pair=tiny", "extensions=[w2sg_test_patch]"])
-    assert all(s.spec["extensions"] == {"w2sg_test_patch": "0.3"} for s in stages.values())
+    version = extensions._LOADED["w2sg_test_patch"].version
+    assert version.startswith("src-") and all(s.spec["extensions"] == {"w2sg_test_patch": version}
+                                              for s in stages.values())
+    isolated()
+    patch.write_text("__version__ = '0.3'\nPATCHED = True\n")
+    edited = keys(["pair=tiny", "extensions=[w2sg_test_patch]"])
+    assert all(edited[k].key != stages[k].key for k in stages)
+
+
+PKG_USE = ["pair=tiny", "extensions=[w2sg_test_pkg.methods]", "labels.name=ext_pkg_keep_confident",
+           "+labels.threshold=0.7"]
+
+
+def test_editing_a_helper_module_of_an_extensions_package_changes_its_version(isolated, tmp_path, monkeypatch):
+    """The version covers every source file of the listed module's top-level package, by its path inside the
+    package: the same package elsewhere keeps its keys (its stages are reused), an edited helper changes them."""
+    for where in ("a", "b"):
+        shutil.copytree(EXT_DIR / "w2sg_test_pkg", tmp_path / where / "w2sg_test_pkg")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    first = keys(PKG_USE)
+    version = extensions._LOADED["w2sg_test_pkg.methods"].version
+    assert first["train_labels"].spec["extensions"] == {"w2sg_test_pkg.methods": version}
+    assert version.startswith("src-")
+    isolated()
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))  # found first now: the same files at another path
+    moved = keys(PKG_USE)
+    assert sys.modules["w2sg_test_pkg"].__file__.startswith(str(tmp_path / "b"))
+    assert {k: s.key for k, s in moved.items()} == {k: s.key for k, s in first.items()}, "unchanged: reused"
+    isolated()
+    helper = tmp_path / "b" / "w2sg_test_pkg" / "helpers.py"
+    helper.write_text(helper.read_text().replace(">= threshold", "> threshold"))
+    edited = keys(PKG_USE)
+    assert extensions._LOADED["w2sg_test_pkg.methods"].version != version
+    assert {k for k in first if first[k].key != edited[k].key} == {"train_labels", "w2s"}  # w2s trains on its labels
+    isolated()
+    given = keys([*PKG_USE[:1], "extensions=[{module: w2sg_test_pkg.methods, version: '7'}]", *PKG_USE[2:]])
+    assert given["train_labels"].spec["extensions"] == {"w2sg_test_pkg.methods": "7"}, "a version given wins"
+
+
+def test_a_single_module_extension_counts_the_modules_next_to_it_that_it_imports(isolated, tmp_path, monkeypatch):
+    (tmp_path / "w2sg_test_flat.py").write_text(
+        "from w2sg.extensions import register_method\nimport w2sg_test_flat_helpers as h\n\n\n"
+        "@register_method('ext_flat')\ndef flat(probs, features):\n    return h.same(probs)\n")
+    helper = tmp_path / "w2sg_test_flat_helpers.py"
+    helper.write_text("import numpy as np\n\n\ndef same(probs):\n    return probs, np.arange(len(probs))\n")
+    (tmp_path / "w2sg_test_other.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    use = ["pair=tiny", "extensions=[w2sg_test_flat]", "labels.name=ext_flat"]
+    first = keys(use)["train_labels"].key
+    isolated()
+    (tmp_path / "w2sg_test_other.py").write_text("X = 2\n")  # next to it, but not imported by it
+    assert keys(use)["train_labels"].key == first
+    isolated()
+    helper.write_text(helper.read_text() + "# edited\n")
+    assert keys(use)["train_labels"].key != first
+
+
+def test_planning_reads_no_source_file_after_the_import(isolated, tmp_path, monkeypatch):
+    """Versions are hashed once, at import (a function registered by a module not listed: when registered), so
+    the keys of thousands of stages cost no file reads."""
+    import importlib
+
+    (tmp_path / "w2sg_test_unlisted.py").write_text(
+        "from w2sg.extensions import register_method\n\n\n"
+        "@register_method('ext_unlisted')\ndef unlisted(probs, features):\n    return probs, list(range(len(probs)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("w2sg_test_unlisted")
+    use = ["pair=tiny", *USE_EXT, "labels.name=ext_unlisted"]
+    before = keys(use)
+
+    class NoReads(type(Path())):
+        def read_bytes(self):
+            raise AssertionError(f"read {self} while planning")
+
+    monkeypatch.setattr(extensions, "Path", NoReads)
+    planned = keys(use)
+    assert planned["w2s"].spec["extensions"] == {EXT: extensions._LOADED[EXT].version}
+    assert planned["train_labels"].spec["extensions"]["w2sg_test_unlisted"].startswith("src-")
+    assert {k: s.key for k, s in planned.items()} == {k: s.key for k, s in before.items()}
 
 
 def test_bad_extensions_name_the_module_and_what_went_wrong(isolated, tmp_path, monkeypatch):

@@ -113,7 +113,7 @@ def test_a_missing_data_file_is_named_when_keys_are_computed():
 # --- item 9: n_train / n_test larger than the data -------------------------------------------------------------
 
 def test_short_data_warns_and_the_sizes_used_are_recorded(tmp_path, caplog):
-    overrides = boolq_files(BOOLQ) + ["task.n_train=1000", "task.n_test=500"]
+    overrides = boolq_files(BOOLQ) + ["task.n_train=1000", "task.n_test=500", "task.dedupe=false"]  # fixture repeats
     with caplog.at_level(logging.WARNING, logger="w2sg"):
         data = load_task(compose(overrides).task, 0)
     assert (len(data.gt) + len(data.weak), len(data.test)) == (24, 12)

@@ -25,7 +25,8 @@ from w2sg.run.runner import Runner
 XENT = make_loss({"name": "xent"})
 HH_RM = ["task=anthropic_hh_rm", "task.dataset=json",
          f"task.data_files={{train: {FIXTURES / 'anthropic_hh' / 'train.jsonl'}, "
-         f"test: {FIXTURES / 'anthropic_hh' / 'test.jsonl'}}}", "task.n_train=20", "task.n_test=10"]
+         f"test: {FIXTURES / 'anthropic_hh' / 'test.jsonl'}}}", "task.n_train=20", "task.n_test=10",
+         "task.dedupe=false"]  # the fixture's test file repeats train rows
 
 
 def separable(n=64, dim=8, seed=0):

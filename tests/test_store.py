@@ -40,18 +40,26 @@ def test_pinned_keys_of_the_default_pair():
 
     Changed again when gradients became clipped (train.max_grad_norm=1.0, the default, as HF Trainer in
     EleutherAI/w2s; issue 21): clipped steps train other weights. train.max_grad_norm=null (no clipping) keeps the
-    keys before it (the first two below); probe heads are never clipped, so the default experiment's keys stay."""
+    keys before it (the first two below); probe heads are never clipped, so the default experiment's keys stay.
+
+    Changed again when duplicate texts left the task's pool (task.dedupe=true, the default; issue 22): the tweet
+    CSV repeats texts, some of which were in a train half and the test set at once; without them the data
+    differs. task.dedupe=false keeps the data and the keys before it (the three pinned with it below)."""
     assert keys()["weak"] != keys(["train=full"])["weak"]
-    assert keys(["train=full", "train.batch_order=random", "train.max_grad_norm=null"]) == {
+    before = ["task.dedupe=false"]
+    assert keys(["train=full", "train.batch_order=random", "train.max_grad_norm=null", *before]) == {
         "weak": "dc11779c4d2e480c28ff6004", "weak_labels": "a79d1256e27ce4d7fc27bcdc",
         "ceiling": "5bd6419df557a7dac29176fb", "w2s": "05890a9ccd50e8fd6c9d12d7"}
-    assert keys(["train=full", "train.max_grad_norm=null"]) == {
+    assert keys(["train=full", "train.max_grad_norm=null", *before]) == {
         "weak": "f42f8b167446d986aa624397", "weak_labels": "3b756d2bcf6971c38e7558f5",
         "ceiling": "b4c162b02553488e13273dce", "w2s": "4565f3637c9d6744d1091939"}
     assert keys(["train=full", "train.max_grad_norm=0"]) == keys(["train=full", "train.max_grad_norm=null"])
-    assert keys(["train=full"]) == {
+    assert keys(["train=full", *before]) == {
         "weak": "078d1d677b8e20aad7289710", "weak_labels": "ffe15557d281b4f14e13caf8",
         "ceiling": "2aa13cec5bcaef57c04afb42", "w2s": "22f8e55c2357b7c9bb44d2f2"}
+    assert keys(["train=full"]) == {
+        "weak": "fabfd38280f1f41a999df4e2", "weak_labels": "7ba902ad34a0d1ef967a4c28",
+        "ceiling": "297c00650b12ed9cbcc92305", "w2s": "0b691c141718461550f4324f"}
 
 
 def test_keys_leave_out_what_cannot_change_results():
@@ -77,8 +85,14 @@ def test_pinned_keys_of_the_default_experiment():
     examples for every seed: task.pool_seed=0). Changed once (issue 20) when features became keyed by the encoder
     and found by text (test_modes: their key holds no seed, size or task), the heads full-batch fits (300 steps)
     and the seeds started splitting one pool; the keys of docs/default_choice.md's runs (seed 0's w2s stage
-    16dcb22debf3) were those before."""
+    16dcb22debf3) were those before.
+
+    Changed again (issue 22) when duplicate texts left the pool (task.dedupe=true, the default): 84 rows, some
+    of whose texts were in a train half and the test set at once. task.dedupe=false keeps the keys before it."""
     assert keys() == {
+        "weak": "6a02a0c9201dd26986f04b50", "weak_labels": "c1cdba35dd89d10d1f678f1b",
+        "ceiling": "55fcd9f711ead6aa9b20ca80", "w2s": "9311f909ea0bc18a91900d22"}
+    assert keys(["task.dedupe=false"]) == {
         "weak": "1863765f7cadea5da6ec17a0", "weak_labels": "ab6cbd3946edd87d6bd303bb",
         "ceiling": "ce9b2327db43078725474934", "w2s": "6583afaf2572fc6d74f03a7c"}
 

@@ -1,5 +1,6 @@
 """Every task loader reads local files of its hub data set's format through datasets.load_dataset."""
 
+import json
 import random
 
 import pytest
@@ -7,7 +8,7 @@ from helpers import FIXTURES, compose, fixture_task
 
 from w2sg.core.errors import W2SGError
 from w2sg.data.formats import FORMATTERS
-from w2sg.data.tasks import load_task
+from w2sg.data.tasks import DEDUPE_RULE, load_task, text_key
 
 HUB_TASKS = ["sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh", "sst2",
              # the EleutherAI/w2s task registry
@@ -15,8 +16,14 @@ HUB_TASKS = ["sciq", "boolq", "cosmos_qa", "amazon_polarity", "anthropic_hh", "s
              "ethics_deontology", "ethics_justice", "ethics_virtue", "ethics_utilitarianism"]
 
 
+# The fixtures check formats: they repeat a few texts on purpose (test files reuse train rows), so the loaders are
+# checked on them with duplicates kept; removing duplicates has tests of its own below.
+KEEP_DUPLICATES = ["task.dedupe=false"]
+
+
 def local_files(task: str):
-    """Like helpers.fixture_task, with both files keyed by the task's split names (mc_taco trains on 'test').
+    """Like helpers.fixture_task, with both files keyed by the task's split names (mc_taco trains on 'test'), and
+    duplicate texts kept.
 
     task.data_files only has the fields train/validation/test, so a task reading other split names (anli:
     train_r2/test_r2) reads its local files as train/test instead.
@@ -26,7 +33,7 @@ def local_files(task: str):
     extra = []
     if not {train, test} <= {"train", "validation", "test"}:
         train, test, extra = "train", "test", ["task.splits={train: train, test: test}"]
-    return [f"task={task}", "task.dataset=json", *extra,
+    return [f"task={task}", "task.dataset=json", *extra, *KEEP_DUPLICATES,
             f"task.data_files={{{train}: {d / 'train.jsonl'}, {test}: {d / 'test.jsonl'}}}"]
 
 
@@ -42,13 +49,13 @@ def test_loader_reads_local_files_of_the_hub_format(task):
 
 
 def test_formats_follow_the_paper_code():
-    data = load_task(compose(fixture_task("sciq")).task, seed=0)
+    data = load_task(compose(fixture_task("sciq") + KEEP_DUPLICATES).task, seed=0)
     assert all(t.startswith("Q: ") and " A: " in t for t, _ in data.gt)
-    data = load_task(compose(fixture_task("boolq")).task, seed=0)
+    data = load_task(compose(fixture_task("boolq") + KEEP_DUPLICATES).task, seed=0)
     assert all(t.startswith("Passage: ") and "\nQuestion: " in t for t, _ in data.gt)
-    data = load_task(compose(fixture_task("cosmos_qa")).task, seed=0)
+    data = load_task(compose(fixture_task("cosmos_qa") + KEEP_DUPLICATES).task, seed=0)
     assert all(t.startswith("Context: ") and "\nAnswer: " in t for t, _ in data.gt)
-    data = load_task(compose(fixture_task("anthropic_hh")).task, seed=0)
+    data = load_task(compose(fixture_task("anthropic_hh") + KEEP_DUPLICATES).task, seed=0)
     for text, label in data.gt:
         assert ("Figure it out yourself" in text) == (label == 0)
 
@@ -71,6 +78,120 @@ def test_default_task_is_balanced_real_text():
     assert len(data.gt) == len(data.weak) == 2000 and len(data.test) == 3000
     full = load_task(compose(["train=full"]).task, 0)  # full finetuning keeps the task's own sizes
     assert (len(full.gt), len(full.weak), len(full.test)) == (300, 300, 400)
+
+
+def keys_of(data):
+    return [text_key(t) for part in (data.gt, data.weak, data.test) for t, _ in part]
+
+
+def test_the_default_task_has_each_text_once_and_one_pool_for_every_seed():
+    """Issue 22: the default pool held 72 rows whose text another row of it held (81 counting case and spacing),
+    so tweets of the test set were also in a train half (39 with seed 3). Duplicates leave before the split."""
+    cfg = compose().task
+    a, b = load_task(cfg, 3), load_task(cfg, 4)
+    for data in (a, b):
+        labels = [y for _, y in data.gt + data.weak + data.test]
+        assert labels.count(0) == labels.count(1) == 3500, "the balanced sizes are still reached"
+        assert (len(data.gt), len(data.weak), len(data.test)) == (2000, 2000, 3000)
+        assert len(set(keys_of(data))) == 7000, "each text (casefolded, spacing collapsed) once in the pool"
+        assert data.duplicates_removed == 84  # measured: 73 exact copies, 11 more differing in case or spacing
+    assert a.gt != b.gt and sorted(keys_of(a)) == sorted(keys_of(b)), "task.pool_seed: one pool, split per seed"
+    kept = load_task(compose(["task.dedupe=false"]).task, 3)
+    train = {t for t, _ in kept.gt + kept.weak}
+    assert sum(t in train for t, _ in kept.test) == 39 and kept.duplicates_removed is None, "the data as before"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def local_task(train, test=None, *extra):
+    files = f"{{train: {train}" + (f", test: {test}}}" if test else "}")
+    return compose(["task.dataset=json", f"task.data_files={files}", "task.load_kwargs={}",
+                    f"task.splits={{train: train, test: {'test' if test else 'null'}}}", "task.label_column=label",
+                    "task.label_map=null", "task.balance=false", *extra]).task
+
+
+# 30 texts, then copies of five of them: exact, in other case and spacing, in full-width letters (NFKC), and one
+# with the other label; "review 9!" differs by its punctuation, so it is another text
+ROWS = [{"text": f"review {i}", "label": i % 2} for i in range(30)] + [
+    {"text": "review 3", "label": 1}, {"text": "  REVIEW 5\n", "label": 1}, {"text": "\uff52eview 11", "label": 1},
+    {"text": "Review\t 7", "label": 0}, {"text": "review 9!", "label": 1}]
+
+
+def test_duplicate_texts_leave_the_pool_before_the_split_and_the_first_drawn_copy_stays(tmp_path):
+    from w2sg.data.tasks import _examples, _load_split
+
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    for pool_seed in range(4):  # 32 asked for, 31 distinct texts: every row is drawn, every copy seen
+        cfg = local_task(path, None, "task.n_train=20", "task.n_test=12", f"task.pool_seed={pool_seed}")
+        data = load_task(cfg, 0)
+        assert sorted(keys_of(data)) == sorted({f"review {i}" for i in range(30)} | {"review 9!"})
+        assert data.duplicates_removed == 4 and (len(data.gt), len(data.weak), len(data.test)) == (9, 10, 12)
+        drawn = list(_examples(_load_split(cfg, "train"), cfg, pool_seed))
+        first = {}
+        for text, label in drawn:
+            first.setdefault(text_key(text), (text, label))
+        assert sorted(data.gt + data.weak + data.test) == sorted(first.values()), "the copy drawn first stays"
+    labels_of_7 = set()
+    for pool_seed in range(12):  # the copy of "review 7" with the other label stays when it is drawn first
+        data = load_task(local_task(path, None, "task.n_train=20", "task.n_test=12", f"task.pool_seed={pool_seed}"), 0)
+        labels_of_7 |= {y for t, y in data.gt + data.weak + data.test if text_key(t) == "review 7"}
+    assert labels_of_7 == {0, 1}
+    kept = load_task(local_task(path, None, "task.n_train=20", "task.n_test=12", "task.dedupe=false"), 0)
+    assert len(set(keys_of(kept))) < 31 and kept.duplicates_removed is None, "task.dedupe=false keeps copies"
+
+
+def test_a_test_split_holds_no_text_of_the_train_pool(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"review {i}", "label": i % 2} for i in range(20)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": f"Review {i}", "label": i % 2} for i in range(10)]
+                       + [{"text": f"other {i}", "label": i % 2} for i in range(12)])
+    data = load_task(local_task(train, test, "task.n_train=20", "task.n_test=12"), 0)
+    assert len(data.test) == 12 and {t for t, _ in data.test} == {f"other {i}" for i in range(12)}
+    assert data.duplicates_removed == 10
+    # a copy in a class that is full would not have entered the pool: it is left out, but not counted
+    data = load_task(local_task(train, test, "task.n_train=20", "task.n_test=2", "task.balance=true"), 0)
+    assert len(set(keys_of(data))) == 22 and data.duplicates_removed < 10
+    copies = write_jsonl(tmp_path / "copies.jsonl", [{"text": f"REVIEW {i}", "label": i % 2} for i in range(10)])
+    with pytest.raises(W2SGError, match=r"only 20 train and 0 test examples after formatting; 10 rows were left "
+                                        r"out as copies of a text already in the pool .*task.dedupe=false keeps them"):
+        load_task(local_task(train, copies, "task.n_train=20", "task.n_test=5"), 0)
+
+
+def test_a_pair_is_a_duplicate_in_either_order(tmp_path):
+    rows = [{"chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(12)]
+    rows += [dict(r) for r in rows[:6]]  # each copy is formatted in its own random order
+    rows += [{"chosen": "BAD answer 7", "rejected": "good  answer 7"}]  # the other preference: a copy all the same
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    # 13 asked for, 12 distinct pairs: every row is drawn, every copy seen
+    data = load_task(local_task(path, None, "task.kind=pairwise", "task.n_train=8", "task.n_test=5"), 0)
+    examples = data.gt + data.weak + data.test
+    assert sorted(text_key(t) for t, _ in examples) == sorted(text_key((r["chosen"], r["rejected"])) for r in rows[:12])
+    assert data.duplicates_removed == 7
+    chosen = {(t[0] if y else t[1]) for t, y in examples}
+    assert chosen - {"good answer 7", "BAD answer 7"} == {f"good answer {i}" for i in range(12) if i != 7}
+
+
+def test_dedupe_enters_the_task_spec_as_the_number_of_its_rule():
+    from w2sg.core.graph import task_spec
+
+    assert task_spec(compose().task)["dedupe"] == DEDUPE_RULE == 1
+    assert "dedupe" not in task_spec(compose(["task.dedupe=false"]).task), "false: the keys before dedupe existed"
+
+
+def test_the_rows_left_out_are_in_the_task_sizes(tmp_path):
+    from w2sg.core.store import Store
+    from w2sg.run.runner import Runner
+
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    overrides = ["task.dataset=json", f"task.data_files={{train: {path}}}", "task.load_kwargs={}",
+                 "task.splits={train: train, test: null}", "task.label_column=label", "task.label_map=null",
+                 "task.balance=false", "task.n_train=20", "task.n_test=12"]  # all 35 rows drawn
+    sizes = Runner(compose(overrides), Store(tmp_path / "store")).task_sizes()
+    assert sizes == {"n_train": 19, "n_test": 12, "gt": 9, "weak": 10, "duplicates_removed": 4}
+    kept = Runner(compose(overrides + ["task.dedupe=false"]), Store(tmp_path / "store")).task_sizes()
+    assert kept == {"n_train": 20, "n_test": 12, "gt": 10, "weak": 10}
 
 
 def test_hub_data_set_offline_names_the_problem_and_the_way_out():

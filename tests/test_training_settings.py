@@ -114,7 +114,7 @@ def test_drop_leaves_over_long_training_examples_out_and_counts_them(tmp_path):
         for i in range(240):  # a third of the texts are long
             words = rng.choices(FILLER, k=40 if i % 3 == 0 else 4)
             f.write(json.dumps({"text": " ".join(words + [("good", "bad")[i % 2]]), "label": i % 2}) + "\n")
-    task = task_overrides(path)
+    task = task_overrides(path) + ["task.dedupe=false"]  # short texts of 16 words repeat
     m, runner = run(TINY + ["train.truncation=drop", "train.max_length=16"] + task, tmp_path / "s")
     stored = Store(runner.cfg.store_dir).get(plan(runner.cfg)["weak"].key).read_json("metrics.json")
     long_gt = sum(runner.encode(runner.cfg.weak, "gt").cut)
@@ -284,3 +284,25 @@ def test_decoder_sweeps_read_texts_long_enough_and_keep_their_end(sweep):
     cfg = compose([f"sweep={sweep}"])
     assert cfg.train.max_length == 512
     assert plan(cfg)["w2s"].spec["train"]["truncation"] == "left"
+
+
+# --- students apart, selection on validation -----------------------------------------------------------------------
+
+def test_student_settings_retrain_only_the_students():
+    """Tuning student.lr leaves the weak and ceiling models (the gap PGR divides by) as they are."""
+    base, tuned = plan(compose(["train=full"])), plan(compose(["train=full", "student.lr=1e-3", "student.epochs=2"]))
+    assert [base[n].key == tuned[n].key for n in ("weak", "weak_labels", "ceiling", "w2s")] == [True, True, True, False]
+    assert (tuned["w2s"].spec["train"]["lr"], tuned["w2s"].spec["train"]["epochs"]) == (1e-3, 2)
+    assert plan(compose(["train=full", "student.lr=null"]))["w2s"].key == base["w2s"].key
+    with pytest.raises(Exception, match="no key 'lrr' in 'student'; valid keys: lr, epochs"):
+        compose(["student.lrr=1e-3"])
+
+
+def test_each_trained_model_is_measured_on_its_held_out_rows(tmp_path):
+    """With train.val_frac, each train stage records its final model's validation accuracy (w2s: against the weak
+    labels by default), which tuning objectives read instead of the test split."""
+    _, runner = run(TINY + ["train.val_frac=0.25"], tmp_path / "s")
+    stages = plan(runner.cfg)
+    val = {n: runner.store.get(stages[n].key).read_json("metrics.json")["val"] for n in ("weak", "ceiling", "w2s")}
+    assert [val[n]["labels"] for n in ("weak", "ceiling", "w2s")] == ["ground_truth", "ground_truth", "weak"]
+    assert all(0 <= v["acc"] <= 1 for v in val.values())

@@ -88,6 +88,10 @@ class TaskConfig:
     # seed (every seed its own sample); a number draws one pool for every seed, which the seed then only splits
     # (halves and, without a test split, the test set), so seeds share their texts' probe features
     pool_seed: Optional[int] = None
+    # true: rows whose text (casefolded, whitespace collapsed; pairs in either order) is already in the pool are left
+    # out while drawing it, so no text is in two of the sets (w2sg.data.tasks.text_key); false: keys and data as
+    # before deduplication existed
+    dedupe: bool = True
 
 
 @dataclass
@@ -141,6 +145,22 @@ class TrainConfig:
     # (0: only on SIGTERM/SIGUSR1), and every checkpoint_every optimizer steps (0: by time only)
     checkpoint_minutes: float = 10.0
     checkpoint_every: int = 0
+
+
+@dataclass
+class StudentConfig:
+    """Settings of every model trained on another model's labels (w2s, chain links, strong-to-strong) that differ
+    from ``train``'s; null: as ``train``. Tuning ``student.lr`` retrains only the students, so the weak and ceiling
+    models (and the gap PGR divides by) stay fixed."""
+
+    lr: Optional[float] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    optimizer: Optional[str] = None
+    weight_decay: Optional[float] = None
+    warmup_frac: Optional[float] = None
+    schedule: Optional[str] = None
+    max_grad_norm: Optional[float] = None  # 0: no clipping
 
 
 @dataclass
@@ -203,6 +223,7 @@ class Config:
     # function's signature, checked before anything runs, so a new loss is one function plus one YAML file
     loss: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)  # w2s (and other students') settings apart
     chain: Optional[ChainConfig] = None
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -244,6 +265,9 @@ RANGES: Dict[str, tuple] = {
     "train.checkpoint_every": (0, None, True, True), "train.checkpoint_minutes": (0, None, True, True),
     "train.max_grad_norm": (0, None, True, True), "train.lora.rank": (1, None, True, True),
     "train.lora.alpha": (0, None, False, True), "train.lora.dropout": (0, 1, True, False),
+    "student.lr": (0, None, False, True), "student.epochs": (1, None, True, True),
+    "student.batch_size": (1, None, True, True), "student.weight_decay": (0, None, True, True),
+    "student.warmup_frac": (0, 1, True, True), "student.max_grad_norm": (0, None, True, True),
     "generative.epochs": (1, None, True, True), "generative.batch_size": (1, None, True, True),
     "generative.lr": (0, None, False, True), "generative.mlm_probability": (0, 1, False, False),
 }

@@ -15,6 +15,7 @@ Adding a stage kind: a member of ``Kind``, a builder here (its spec), and its bo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -144,13 +145,16 @@ def task_spec(task: Any, cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """The task's values, with local data files (and pkg:// files) replaced by the hash of their bytes.
 
     Edited data under the same path gets new keys; the same data at another path reuses stages. A hub data set
-    is keyed by its name, subset and ``load_kwargs`` (which hold its ``revision`` when one is pinned)."""
+    is keyed by its name, subset and ``load_kwargs`` (which hold its ``revision`` when one is pinned). Removing
+    duplicate texts (task.dedupe) enters as the number of its rule."""
     from w2sg.core.fingerprint import data_fingerprints
 
     t = plain(task)
     t.pop("name", None)
     if t.get("pool_seed") is None:
         t.pop("pool_seed", None)  # the pool follows the run's seed: keys as before pool_seed existed
+    if t.pop("dedupe", True):  # false: the data and keys as before deduplication existed
+        t["dedupe"] = 1  # the rule's number (w2sg.data.tasks.DEDUPE_RULE): a new rule, new keys
     t["data_files"] = data_fingerprints(task, cache_dir)
     return t
 
@@ -304,6 +308,12 @@ def features_stage(cfg: Config, model: ModelConfig, side: Side) -> Stage:
                  side)
 
 
+def student_train(cfg: Config) -> TrainConfig:
+    """The training settings of a model trained on labels: ``train`` with ``student``'s set values."""
+    changes = {k: v for k, v in plain(cfg.student).items() if v is not None}
+    return dataclasses.replace(cfg.train, **changes) if changes else cfg.train
+
+
 def train_stage(cfg: Config, model: ModelConfig, labels: Optional[Stage], loss: Any, label: str, role: Role,
                 side: Side) -> Stage:
     """A model trained on ground truth (``labels`` None) or on a teacher's labels with ``loss``."""
@@ -312,7 +322,7 @@ def train_stage(cfg: Config, model: ModelConfig, labels: Optional[Stage], loss: 
         inputs["features"] = features_stage(cfg, model, side)
     else:
         inputs.update(init_inputs(cfg, model, side))
-    tspec = train_spec(cfg.train, model)
+    tspec = train_spec(cfg.train if labels is None else student_train(cfg), model)
     if labels is None:
         tspec.pop("val_labels", None)  # ground-truth stages validate against ground truth whatever it says
     cache = fingerprint_cache(cfg)

@@ -7,16 +7,20 @@ remembers which extension's import made it.
 
 Stage keys: a stage that uses a registered name (its loss, its task's ``kind``, its model's ``pooling``) carries the
 version of the code behind it in its spec (``versions_used``), so editing an extension recomputes exactly the stages
-that use it. The version is the module's ``__version__`` when it defines one, else a hash of its source (the module's
-file, every ``.py`` file of a package, and the files of the functions it registered), unless the config gives one
-(``extensions: [{module: x, version: "2"}]``). An extension that registers nothing (it changes something else)
-enters the key of every stage.
+that use it. The version is a hash of the extension's source, taken when it is imported: every ``.py`` file of the
+top-level package the listed module belongs to (``my_project.methods``: all of ``my_project``, its helper modules
+included), by path inside the package and bytes, so the same code elsewhere has the same version; a module that is
+no package counts with the modules next to it that it imports. The files of the functions it registered from
+elsewhere count too. The config may give the version instead (``extensions: [{module: x, version: "2"}]``); a
+module's ``__version__`` does not: an edit that leaves it unchanged is still another version. An extension that
+registers nothing (it changes something else) enters the key of every stage.
 
 Light on purpose (no torch): the CLI, ``w2sg status`` and the Slurm launcher call ``load`` before planning.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -48,12 +52,13 @@ def labels_methods() -> Dict[str, Callable[..., Any]]:
 class Registration:
     fn: Callable[..., Any]
     extension: Optional[str]  # the listed extension whose import registered it (None: w2sg itself or other code)
+    source: str = ""  # hash of the function's source file when it was registered (not w2sg's own functions)
 
 
 @dataclass
 class Extension:
     module: str
-    computed: str  # __version__ or source hash, at import
+    computed: str  # hash of its source (``_source_hash``), at import
     version: str  # what enters stage keys: the config's version when it gives one, else ``computed``
     names: List[Tuple[str, str]] = field(default_factory=list)  # (kind, name) registered by its import
 
@@ -75,8 +80,9 @@ def record(registry: Dict[str, Any], kind: str, name: str, fn: Any) -> None:
                         f"register it under another name")
     registry[name] = fn
     # w2sg's own functions are never an extension's, even when an extension's import first imports their module
-    ext = _importing[-1] if _importing and not _in_module(fn, "w2sg") else None
-    _REGISTRATIONS[(kind, name)] = Registration(fn, ext)
+    own = _in_module(fn, "w2sg")
+    ext = _importing[-1] if _importing and not own else None
+    _REGISTRATIONS[(kind, name)] = Registration(fn, ext, "" if own else _function_hash(fn))
     if ext is not None and ext in _LOADED:
         _LOADED[ext].names.append((kind, name))
 
@@ -148,8 +154,7 @@ def _import(module: str) -> None:
         ext.names = [k for k, r in _REGISTRATIONS.items() if _in_module(r.fn, module)]
         for k in ext.names:
             _REGISTRATIONS[k].extension = module
-    version = getattr(mod, "__version__", None)
-    ext.computed = ext.version = str(version) if version is not None else _source_hash(mod, ext)
+    ext.computed = ext.version = _source_hash(module, ext)
 
 
 def _where(e: BaseException) -> str:
@@ -164,36 +169,91 @@ def _in_module(fn: Any, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
-def _source_files(mod: Any, ext: Extension) -> List[Path]:
-    files = set()
-    origin = getattr(mod, "__file__", None)
-    if origin:
-        files.add(Path(origin).resolve())
-    for folder in getattr(mod, "__path__", []) or []:  # a package: all of its Python files
-        files.update(p.resolve() for p in Path(folder).rglob("*.py"))
-    for kind_name in ext.names:  # functions registered from helper modules elsewhere
+# sha256 of a file's bytes by (path, size, mtime_ns): each file is read once per process while it is unchanged
+_DIGESTS: Dict[Tuple[str, int, int], str] = {}
+
+
+def _digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _DIGESTS[key]
+
+
+def _package_files(folder: Path, prefix: str) -> Dict[str, Path]:
+    """Every ``.py`` file under ``folder``, named by its path inside it (after ``prefix``)."""
+    return {f"{prefix}/{p.relative_to(folder).as_posix()}": p for p in folder.rglob("*.py") if p.is_file()}
+
+
+def _imported_siblings(path: Path) -> Dict[str, Path]:
+    """A module that is no package: its file and the modules next to it that it imports (a file ``name.py`` or a
+    package folder ``name/``), those modules' own such imports included. Found by reading the source, so the
+    result does not depend on what was imported before."""
+    folder, files, todo, done = path.parent, {path.name: path}, [path], set()
+    installed = folder.name in ("site-packages", "dist-packages")  # others there are installed projects
+    while todo and not installed:
+        current = todo.pop()
+        if current in done:
+            continue
+        done.add(current)
         try:
-            files.add(Path(inspect.getsourcefile(_REGISTRATIONS[kind_name].fn) or "").resolve())
+            tree = ast.parse(current.read_bytes(), str(current))
+        except (SyntaxError, ValueError):  # it imported, so this cannot happen for the module itself
+            continue
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.partition(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.partition(".")[0])
+        for name in sorted(names):
+            if (folder / f"{name}.py").is_file():
+                files[f"{name}.py"] = folder / f"{name}.py"
+                todo.append(folder / f"{name}.py")
+            elif (folder / name / "__init__.py").is_file():
+                files.update(_package_files(folder / name, name))
+    return files
+
+
+def _source_files(module: str, ext: Extension) -> Dict[str, Path]:
+    """The files behind an extension, named by where they are inside its package (not where that lies on disk)."""
+    top = module.partition(".")[0]
+    mod = sys.modules.get(top) or sys.modules[module]
+    files: Dict[str, Path] = {}
+    folders = list(getattr(mod, "__path__", None) or [])
+    for i, folder in enumerate(folders):  # a package: all of its Python files (a namespace package: each part)
+        files.update(_package_files(Path(folder), top if len(folders) == 1 else f"{top}[{i}]"))
+    if not folders and getattr(mod, "__file__", None):
+        files.update(_imported_siblings(Path(mod.__file__)))
+    inside = {p.resolve() for p in files.values()}
+    for kind_name in ext.names:  # functions registered from modules outside it
+        fn = _REGISTRATIONS[kind_name].fn
+        try:
+            path = Path(inspect.getsourcefile(fn) or "")
         except TypeError:  # a builtin or C function has no source file
-            pass
-    return sorted(f for f in files if f.is_file())
+            continue
+        if path.is_file() and path.resolve() not in inside:
+            files[f"{getattr(fn, '__module__', '?')}:{path.name}"] = path
+    return files
 
 
-def _source_hash(mod: Any, ext: Extension) -> str:
+def _source_hash(module: str, ext: Extension) -> str:
     h = hashlib.sha256()
-    for f in _source_files(mod, ext):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for name, path in sorted(_source_files(module, ext).items()):
+        h.update(name.encode() + b"\0" + _digest(path).encode() + b"\0")
     return "src-" + h.hexdigest()[:12]
 
 
 def _function_hash(fn: Any) -> str:
-    """A function registered outside any listed extension (and outside w2sg): the hash of its source file."""
+    """A registered function's source file, hashed: the version of one registered outside any listed extension."""
     try:
         path = inspect.getsourcefile(fn)
     except TypeError:
         path = None
-    data = Path(path).read_bytes() if path and Path(path).is_file() else _ident(fn).encode()
-    return "src-" + hashlib.sha256(data).hexdigest()[:12]
+    if path and Path(path).is_file():
+        return "src-" + _digest(Path(path))[:12]
+    return "src-" + hashlib.sha256(_ident(fn).encode()).hexdigest()[:12]
 
 
 def names_used(spec: Dict[str, Any]) -> List[Tuple[str, str]]:
@@ -221,5 +281,5 @@ def versions_used(spec: Dict[str, Any]) -> Dict[str, str]:
         if reg.extension is not None and reg.extension in _LOADED:
             versions[reg.extension] = _LOADED[reg.extension].version
         else:
-            versions[str(getattr(reg.fn, "__module__", "?"))] = _function_hash(reg.fn)
+            versions[str(getattr(reg.fn, "__module__", "?"))] = reg.source or _function_hash(reg.fn)
     return dict(sorted(versions.items()))

@@ -5,7 +5,8 @@ A task config names a data set (hub id or a builder such as ``json``/``csv``/``p
 new classification task one YAML file; the formatters live in ``w2sg.data.formats``.
 
 Every task yields three disjoint sets: the ground-truth train half (weak and ceiling models train on it),
-the weak-label train half (the weak model labels it, w2s models train on those labels), and test.
+the weak-label train half (the weak model labels it, w2s models train on those labels), and test. With
+``task.dedupe`` (the default) they are disjoint in their texts too: the pool holds each text once (``text_key``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import logging
 import random
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.paths import resolve_path
@@ -30,6 +32,38 @@ class TaskData:
     gt: List[Example]  # train half with ground truth: weak and ceiling models train on it
     weak: List[Example]  # train half the weak model labels; w2s models train on those labels
     test: List[Example]
+    # rows left out because a copy of their text was in the pool already (None: task.dedupe=false, not looked for)
+    duplicates_removed: Optional[int] = None
+
+
+# The rule that finds duplicate texts (task.dedupe). Its number enters every stage key of a deduplicated task
+# (w2sg.core.graph.task_spec): a changed rule must come with a new number there and here.
+DEDUPE_RULE = 1
+
+
+def text_key(text: Any) -> Any:
+    """What copies of one text share: its Unicode NFKC form, casefolded, every run of whitespace (line breaks
+    included) one space, none at the ends. Punctuation stays: it carries meaning (":(" in a tweet). A pair of texts
+    (pairwise tasks) is the same pair in either order: the model scores (a, b) as (b, a) with the label flipped."""
+    if isinstance(text, (tuple, list)):
+        return tuple(sorted(text_key(t) for t in text))
+    return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().split())
+
+
+class _Seen:
+    """The keys of the texts in the pool so far, over the train pool and the test set, and the copies left out."""
+
+    def __init__(self) -> None:
+        self.labels: Dict[Any, int] = {}  # text key -> label of the copy in the pool
+        self.removed = 0  # copies left out that would have entered the pool
+        self.disagreeing = 0  # of those, copies whose label differs from the kept copy's
+
+
+def _oriented(text: Any, label: int) -> int:
+    """A pair's label as if its texts were in text_key's order (label 1: the first text is the preferred one)."""
+    if isinstance(text, (tuple, list)) and len(text) == 2 and text_key(text[0]) > text_key(text[1]):
+        return 1 - label
+    return label
 
 
 def validate_task(cfg: Any) -> None:
@@ -185,22 +219,33 @@ def _label_error(ds: Any, cfg: Any, source: str, i: int, e: Exception) -> W2SGEr
                      f"{type(e).__name__}: {e}; its columns are: {', '.join(ds.column_names)}")
 
 
-def _take(examples: Iterator[Example], n: int, cfg: Any) -> List[Example]:
-    if not cfg.balance:
-        out = []
-        for ex in examples:
-            out.append(ex)
-            if len(out) == n:
-                break
+def _take(examples: Iterator[Example], n: int, cfg: Any, seen: Optional[_Seen] = None) -> List[Example]:
+    """The first ``n`` examples (balanced: as many of each class as ``n`` allows). With ``seen``, an example whose
+    text (``text_key``) is in the pool already is left out, whatever its label: the copy drawn first stays."""
+    quota = None
+    if cfg.balance:
+        quota = [n // cfg.num_classes + (1 if c < n % cfg.num_classes else 0) for c in range(cfg.num_classes)]
+    out: List[Example] = []
+    if n <= 0:
         return out
-    quota = [n // cfg.num_classes + (1 if c < n % cfg.num_classes else 0) for c in range(cfg.num_classes)]
-    out = []
     for ex in examples:
-        if quota[ex[1]] > 0:
+        if quota is not None and quota[ex[1]] == 0:
+            continue  # its class is full: not taken, and not in the pool
+        if seen is not None:
+            key = text_key(ex[0])
+            kept = seen.labels.get(key)
+            if kept is not None:
+                seen.removed += 1
+                seen.disagreeing += kept != _oriented(ex[0], ex[1])
+                continue
+            seen.labels[key] = _oriented(ex[0], ex[1])
+        out.append(ex)
+        if quota is not None:
             quota[ex[1]] -= 1
-            out.append(ex)
             if not any(quota):
                 break
+        elif len(out) == n:
+            break
     return out
 
 
@@ -213,7 +258,13 @@ def load_task(cfg: Any, seed: int) -> TaskData:
     """Load, format and split a task; the same config and seed always give the same three sets.
 
     When the data holds fewer usable rows than task.n_train / task.n_test ask for, the sets are smaller and a
-    warning says so; the sizes used are in every train stage's metrics.json (``task_sizes``) and the run's."""
+    warning says so; the sizes used are in every train stage's metrics.json (``task_sizes``) and the run's, with
+    the rows left out as copies of a text already in the pool (``duplicates_removed``, task.dedupe).
+
+    Duplicates (``text_key``) are left out while the pool is drawn, before any split: the copy drawn first stays,
+    with its label, whatever the labels of the later copies; with a test split of its own, the test set is drawn
+    after the train pool and leaves out the copies of its texts too. The pool still reaches its size when the data
+    holds enough distinct texts."""
     validate_task(cfg)
     carve_test = cfg.splits.get("test") is None
     train_split = cfg.splits["train"]
@@ -222,7 +273,9 @@ def load_task(cfg: Any, seed: int) -> TaskData:
     # the pool's rows and their formatting: drawn with task.pool_seed when set (one pool for every seed, which the
     # seed only splits), else with the run's seed
     draw = seed if getattr(cfg, "pool_seed", None) is None else int(cfg.pool_seed)
-    pool = _take(_examples(train_src, cfg, draw, _source(cfg, train_split)), n_pool, cfg)
+    # duplicates leave before the split, so no text is in two of the three sets (and none twice in one)
+    seen = _Seen() if getattr(cfg, "dedupe", True) else None
+    pool = _take(_examples(train_src, cfg, draw, _source(cfg, train_split)), n_pool, cfg, seen)
     if carve_test:
         rng = random.Random(seed + 1)
         rng.shuffle(pool)
@@ -230,14 +283,25 @@ def load_task(cfg: Any, seed: int) -> TaskData:
     else:
         train = pool
         test_split = cfg.splits["test"]
-        test = _take(_examples(_load_split(cfg, test_split), cfg, draw, _source(cfg, test_split)), cfg.n_test, cfg)
+        test = _take(_examples(_load_split(cfg, test_split), cfg, draw, _source(cfg, test_split)), cfg.n_test, cfg,
+                     seen)
     random.Random(seed + 2).shuffle(train)  # mix classes after balanced sampling
+    copies = ""
+    if seen is not None and seen.removed:
+        copies = (f"; {seen.removed} rows were left out as copies of a text already in the pool (task.dedupe; "
+                  "task.dedupe=false keeps them)")
     if len(train) < 2 or not test:
-        raise W2SGError(f"task {cfg.name!r}: only {len(train)} train and {len(test)} test examples after formatting")
+        raise W2SGError(f"task {cfg.name!r}: only {len(train)} train and {len(test)} test examples after formatting"
+                        f"{copies}")
     if len(train) < cfg.n_train or len(test) < cfg.n_test:
         log.warning("task %r: task.n_train=%d and task.n_test=%d asked for, but the data gave only %d and %d "
-                    "usable examples%s; the smaller sets are used (recorded as task_sizes in metrics.json)",
+                    "usable examples%s; the smaller sets are used (recorded as task_sizes in metrics.json)%s",
                     cfg.name, cfg.n_train, cfg.n_test, len(train), len(test),
-                    " (balanced: as many of each class as the rarest allows)" if cfg.balance else "")
+                    " (balanced: as many of each class as the rarest allows)" if cfg.balance else "", copies)
+    elif copies:
+        log.info("task %r: %d rows left out as copies of a text already in the pool (%d of them with another "
+                 "label: the copy drawn first keeps its own); task.dedupe=false keeps them", cfg.name, seen.removed,
+                 seen.disagreeing)
     half = len(train) // 2
-    return TaskData(gt=train[:half], weak=train[half:], test=test)
+    return TaskData(gt=train[:half], weak=train[half:], test=test,
+                    duplicates_removed=None if seen is None else seen.removed)

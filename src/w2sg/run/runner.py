@@ -95,9 +95,13 @@ class Runner:
         return self._data
 
     def task_sizes(self) -> Dict[str, int]:
-        """Examples per part of the task actually used (fewer than asked when the data is short)."""
+        """Examples per part of the task actually used (fewer than asked when the data is short), and the rows left
+        out as copies of a text already in the pool (task.dedupe)."""
         d = self.data
-        return {"n_train": len(d.gt) + len(d.weak), "n_test": len(d.test), "gt": len(d.gt), "weak": len(d.weak)}
+        sizes = {"n_train": len(d.gt) + len(d.weak), "n_test": len(d.test), "gt": len(d.gt), "weak": len(d.weak)}
+        if d.duplicates_removed is not None:
+            sizes["duplicates_removed"] = d.duplicates_removed
+        return sizes
 
     def tokenizer(self, model: Any):
         from w2sg.ml.models import load_tokenizer, resolve_path
