@@ -1,13 +1,16 @@
 """``objective``: the metric the ``w2sg`` task function returns, for tuning sweepers (hydra-optuna-sweeper)."""
 
 import json
+import logging
 import math
+from enum import Enum
 
 import pytest
 from helpers import compose, run_w2sg
 from omegaconf import OmegaConf
 
-from w2sg.app.cli import OBJECTIVES, objective_value, returned_objective, validate
+from w2sg.app.cli import (OBJECTIVES, check_direction, direction_names, maximize_by_default, objective_value,
+                          returned_objective, validate)
 from w2sg.core.errors import W2SGError
 
 # probe mode on the tiny pair, only the weak stage: a trial takes seconds
@@ -66,3 +69,71 @@ def test_optuna_sweeper_tunes_the_learning_rate(tmp_path, store):
     assert proc.returncode != 0
     assert "objective pgr is null for this run (only stages weak ran (stages=))" in proc.stderr
     assert "max_failure_rate" in proc.stderr
+
+
+class Direction(Enum):
+    """A stand-in for hydra-optuna-sweeper's enum, which holds its default direction (``Direction.minimize``)."""
+
+    minimize = 1
+    maximize = 2
+
+
+OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+
+
+def hydra_node(direction, target=OPTUNA):
+    return OmegaConf.create({"sweeper": {"_target_": target, "direction": direction},
+                             "overrides": {"hydra": ["hydra/sweeper=optuna"]}})
+
+
+def test_a_tuning_sweeper_maximises_unless_the_user_says_otherwise(caplog):
+    """The direction as the plugin holds its default (an enum), as a user writes it (a string) and as a list."""
+    assert direction_names(Direction.minimize) == ["minimize"] and str(Direction.minimize) != "minimize"
+    assert direction_names("maximize") == ["maximize"]
+    assert direction_names(OmegaConf.create({"d": ["maximize", Direction.minimize]}).d) == ["maximize", "minimize"]
+    # left at the default: set to maximize before the sweeper is built, and as an override every job composes with
+    hydra = hydra_node(Direction.minimize)
+    assert maximize_by_default(hydra)
+    assert hydra.sweeper.direction == "maximize"
+    assert list(hydra.overrides.hydra) == ["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize"]
+    check_direction(hydra.sweeper, "pgr")
+    # the default still in a job (the callback did not run): refused, naming the setting
+    with pytest.raises(W2SGError, match=r"would minimise objective=pgr .*set hydra.sweeper.direction=maximize"):
+        check_direction(hydra_node(Direction.minimize).sweeper, "pgr")
+    # the user's own minimize: kept, with a warning
+    mine = hydra_node("minimize")
+    assert not maximize_by_default(mine) and mine.sweeper.direction == "minimize"
+    with caplog.at_level(logging.WARNING, logger="w2sg"):
+        check_direction(mine.sweeper, "acc.w2s")
+    assert "the sweeper minimises acc.w2s, for which higher is better" in caplog.text
+    caplog.clear()
+    check_direction(hydra_node("maximize").sweeper, "pgr")
+    check_direction(hydra_node(["maximize"]).sweeper, "pgr")
+    assert not caplog.text
+    # several objectives: w2sg returns one number
+    both = hydra_node(["maximize", "minimize"])
+    assert not maximize_by_default(both)
+    with pytest.raises(W2SGError, match=r"asks for 2 objectives, but w2sg returns one number .*direction=maximize"):
+        check_direction(both.sweeper, "pgr")
+    # Hydra's basic sweeper reads no return value: left alone
+    basic = OmegaConf.create({"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+                              "overrides": {"hydra": []}})
+    assert not maximize_by_default(basic) and list(basic.overrides.hydra) == []
+
+
+def test_optuna_without_a_direction_keeps_the_largest_value(tmp_path, store):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    # the grid sampler runs both learning rates; the probe learns nothing at 1e-5 and something at 1e-1
+    sweep = ["-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2",
+             "train.lr=choice(1e-5, 1e-1)", "objective=acc.weak", *QUICK]
+    for name, extra, pick in (("default", [], max), ("minimised", ["hydra.sweeper.direction=minimize"], min)):
+        proc = run_w2sg([*sweep, *extra, f"hydra.sweep.dir={name}"], tmp_path)
+        values = [json.loads((job / "metrics.json").read_text())["acc"]["weak"]
+                  for job in sorted((tmp_path / name).glob("[0-9]*"))]
+        assert len(values) == 2 and values[0] != values[1], "the two trials must differ for the test to tell"
+        result = yaml.safe_load((tmp_path / name / "optimization_results.yaml").read_text())
+        assert result["best_value"] == pytest.approx(pick(values)), name
+        warned = "hydra.sweeper.direction=minimize: the sweeper minimises acc.weak" in proc.stdout + proc.stderr
+        assert warned == (name == "minimised")

@@ -113,8 +113,25 @@ def test_small_test_set_warns_and_a_large_one_does_not():
     entry = stats.pgr_ci_entry(small)
     assert (entry["low"], entry["high"]) == tuple(small["pgr_ci"]) and entry["warning"] == small["warning"]
     assert stats.ci_columns({"pgr_ci": entry}) == {"pgr_ci_low": entry["low"], "pgr_ci_high": entry["high"],
-                                                   "pgr_ci_warning": entry["warning"]}
-    assert stats.ci_columns({"pgr": 0.3}) == {"pgr_ci_low": None, "pgr_ci_high": None, "pgr_ci_warning": None}
+                                                   "pgr_ci_level": 0.95, "pgr_ci_warning": entry["warning"]}
+    assert stats.ci_columns({"pgr": 0.3}) == {"pgr_ci_low": None, "pgr_ci_high": None, "pgr_ci_level": None,
+                                              "pgr_ci_warning": None}
+
+
+def test_a_test_set_ci_that_includes_zero_warns_however_narrow():
+    assert "includes 0: the test set (n_test=5000) cannot tell this result from no gain" in \
+        stats.noise_warning([-0.05, 0.30], 5000)
+    assert stats.noise_warning([0.05, 0.30], 5000) is None
+    assert "wider than 1 and includes 0" in stats.noise_warning([-0.5, 0.9], 40)
+    assert "wider than 1:" in stats.noise_warning([0.1, 1.3], 40)
+    # a large test set whose student gains nothing: narrow, but no evidence of a gain
+    rng = np.random.default_rng(0)
+    weak, ceiling, _ = draw(rng, 20000, (0.6, 0.9, 0.6))
+    res = stats.bootstrap_over_test(weak, ceiling, weak.copy(), n_boot=500, seed=0)
+    assert res["pgr_ci"][1] - res["pgr_ci"][0] < 0.1 and "includes 0" in res["warning"]
+    # a run recorded under the old rule (warning only when wider than 1) is judged by today's in reports
+    old = {"pgr_ci": {"low": -0.05, "high": 0.3, "level": 0.95, "n_test": 3000, "warning": None}}
+    assert "includes 0" in stats.ci_columns(old)["pgr_ci_warning"]
 
 
 def test_no_gap_in_many_resamples_gives_an_unbounded_interval():
@@ -146,6 +163,54 @@ def test_ci_over_seeds_covers_the_true_mean():
     assert 180 <= covered <= 198  # a percentile bootstrap of 30 values: near 95%
 
 
+def test_median_ci_is_the_order_statistic_interval_with_its_real_coverage():
+    from scipy.stats import binom
+
+    # 10 values: [x_(2), x_(9)] covers the median with 1 - 2 P(Bin(10, 1/2) <= 1) = 0.9785 (x_(3), x_(8): 0.891)
+    vals = [0.40, 0.15, 0.33, 0.34, -0.07, 0.47, 0.39, 0.62, 0.55, -0.09]
+    ci = stats.median_ci(vals)
+    assert (ci["ci_low"], ci["ci_high"]) == (-0.07, 0.55) and ci["value"] == pytest.approx(0.365)
+    assert ci["ci_level"] == pytest.approx(1 - 2 * binom.cdf(1, 10, 0.5)) and ci["ci_note"] is None
+    for n, j in ((3, 1), (5, 1), (6, 1), (9, 2), (17, 5), (30, 10)):
+        assert stats.median_coverage(n, j) == pytest.approx(1 - 2 * binom.cdf(j - 1, n, 0.5))
+        assert stats.median_coverage(n, j) >= 0.95 or j == 1, "the narrowest interval that reaches 95 %"
+        assert j == (n + 1) // 2 or stats.median_coverage(n, j + 1) < 0.95
+    five = stats.median_ci([0.3, None, 0.1, float("nan"), 0.5, 0.2, 0.4])
+    assert (five["n"], five["ci_low"], five["ci_high"], five["ci_level"]) == (5, 0.1, 0.5, 0.9375)
+    assert "below 0.95 (6 or more values reach it)" in five["ci_note"]
+    # the coverage is what ci_level says: 10000 draws of 5 values from a skewed distribution
+    rng = np.random.default_rng(0)
+    hits = [(lambda c: c["ci_low"] <= np.log(2) <= c["ci_high"])(stats.median_ci(rng.exponential(size=5)))
+            for _ in range(10000)]
+    assert np.mean(hits) == pytest.approx(0.9375, abs=0.01)
+    with pytest.raises(W2SGError, match="between 0 and 1"):
+        stats.median_ci(vals, level=95)
+
+
+def test_n_seeds_counts_the_seeds_whose_pgr_is_defined():
+    rows = rows_for({"xent": [0.1, 0.2, 0.3, 0.4, 0.5]})
+    rows[0]["pgr"], rows[1]["pgr"] = None, float("nan")
+    full = stats.summarize(rows)
+    s = full.iloc[0]
+    assert (s["n_seeds"], s["n_seeds_run"], s["n_rows"]) == (3, 5, 5)
+    assert s["pgr_median"] == pytest.approx(0.4) and s["acc_w2s_median"] == pytest.approx(0.66)
+    assert s["pgr_ci_level"] == 0.75 and s["acc_w2s_ci_level"] == 0.9375  # 3 and 5 values
+    (spread,) = stats.spread_view(full, rows)  # no duplicate seeds although only 3 have a PGR
+    assert (spread["n_seeds"], spread["n_seeds_run"]) == (3, 5)
+    ci = stats.ci_view(full)
+    columns = list(ci.columns)
+    assert columns.index("n_seeds_run") == columns.index("n_seeds") + 1 and ci["n_seeds"][0] == 3
+    assert {"pgr_ci_level", "ci_method"} <= set(ci.columns) and ci["ci_method"][0].startswith("order statistics")
+
+
+def test_a_ci_over_seeds_that_includes_zero_warns():
+    s = stats.summarize_ci(rows_for({"xent": [-0.05, 0.1, 0.2, 0.3, 0.25, 0.15]})).iloc[0]
+    assert s["pgr_ci_level"] == pytest.approx(1 - 2 / 64) and s["pgr_ci_low"] == -0.05
+    assert "includes 0: these 6 seeds cannot tell the result from no gain" in s["warning"]
+    clear = stats.summarize_ci(rows_for({"xent": [0.05, 0.1, 0.2, 0.3, 0.25, 0.15]})).iloc[0]
+    assert pd.isna(clear["warning"])
+
+
 def test_fewer_than_three_seeds_give_no_ci_and_say_so():
     ci = stats.bootstrap_ci([0.1, None, 0.5])
     assert ci["value"] == pytest.approx(0.3) and ci["ci_low"] is None and "needs at least 3 seeds" in ci["ci_note"]
@@ -162,10 +227,12 @@ def test_summary_per_group_with_cis_notes_and_warnings():
     assert list(summary.index) == [("t", "aux"), ("t", "xent"), ("u", "xent")]
     xent = summary.loc[("t", "xent")]
     assert xent["n_seeds"] == 5 and xent["pgr_median"] == pytest.approx(0.2)
-    assert min(wide) <= xent["pgr_ci_low"] < 0.2 < xent["pgr_ci_high"] <= max(wide)
+    # 5 seeds: the exact interval of the median is their min-max, which covers it with 1 - 2/32, not 95 %
+    assert (xent["pgr_ci_low"], xent["pgr_ci_high"], xent["pgr_ci_level"]) == (min(wide), max(wide), 0.9375)
+    assert "93.8% CI over seeds" in xent["warning"] and "below 0.95" in xent["ci_note"]
     assert "cannot tell the result from noise" in xent["warning"] and xent["noisy_seeds"] == 3
     aux = summary.loc[("t", "aux")]
-    assert aux["warning"].startswith("2 of 5 seeds have a PGR CI over test examples wider than 1")
+    assert aux["warning"].startswith("2 of 5 seeds have a PGR CI over test examples that is unbounded, includes 0")
     rows_clean = [dict(r, pgr_ci_warning=None) for r in rows]
     aux = stats.summarize_ci(rows_clean).set_index(["task", "loss"]).loc[("t", "aux")]
     assert pd.isna(aux["warning"]) and aux["noisy_seeds"] == 0 and aux["pgr_ci_high"] - aux["pgr_ci_low"] < 0.05
@@ -187,6 +254,7 @@ def test_error_bar_plot(tmp_path):
     summary = stats.summarize_ci(rows)
     path = plots.plot_ci(summary, tmp_path / "pgr_ci.png")
     assert path.exists() and path.stat().st_size > 5000
+    assert plots.ci_label(summary, "pgr") == "CI (coverage 75.0%)", "3 seeds: the min-max, named for its coverage"
     acc = plots.plot_ci(summary, tmp_path / "acc.png", metric="acc_w2s")  # the README's name for it
     assert acc.exists()
     with pytest.raises(W2SGError, match="no column 'auroc_median'"):

@@ -107,7 +107,7 @@ def test_sweep_report_table_plots_and_wandb_summary(tmp_path, store):
         assert (r["pgr"] == "") == (m["pgr"] is None)
     with open(sweep_dir / "summary.csv") as f:
         summary = list(csv.DictReader(f))
-    assert len(summary) == 4 and all(s["n_seeds"] == "2" for s in summary)
+    assert len(summary) == 4 and all(s["n_seeds_run"] == "2" for s in summary)
     for name in ("pgr_vs_strong_size.png", "accuracy_vs_strong_size.png"):
         data = (sweep_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

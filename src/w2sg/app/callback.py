@@ -1,6 +1,8 @@
-"""The Hydra callback of every multirun (``hydra.callbacks.report`` in conf/config.yaml): when the sweep ends,
-write its report into the sweep folder (w2sg.results.report) and log it to one W&B run for the sweep
-(w2sg.results.wandb_summary, through a tracker of w2sg.run.tracking made from the sweep's logger config).
+"""The Hydra callback of every multirun (``hydra.callbacks.report`` in conf/config.yaml): when the sweep starts,
+set a tuning sweeper's direction to maximize unless the user set one (w2sg.app.cli.maximize_by_default: every
+w2sg objective is higher-is-better, and Optuna minimises by default); when the sweep ends, write its report into
+the sweep folder (w2sg.results.report) and log it to one W&B run for the sweep (w2sg.results.wandb_summary,
+through a tracker of w2sg.run.tracking made from the sweep's logger config).
 
 Here, in app/, because only app/ knows Hydra: the results package reads folders and stores, not configs.
 """
@@ -18,7 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class ReportCallback(Callback):
-    """Hydra callback: when a multirun ends, write the local report into the sweep folder and log it to W&B."""
+    """Hydra callback: when a multirun starts, maximise the objective unless told otherwise; when it ends, write the
+    local report into the sweep folder and log it to W&B."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from w2sg.app.cli import maximize_by_default
+
+        if maximize_by_default(config.hydra):  # before Hydra builds the sweeper from this config
+            log.info("hydra.sweeper.direction: maximize (objective=%s is higher-is-better; the sweeper's default "
+                     "would minimise it)", OmegaConf.select(config, "objective", default="pgr"))
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from w2sg.results import anchors

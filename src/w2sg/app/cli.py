@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from w2sg.app import hydra_compat
 from w2sg.app.config import HIDDEN_GROUPS, register, resolve
@@ -121,6 +122,63 @@ def validate_objective(cfg: Config) -> None:
     if name.startswith("chain.") and cfg.chain is None:
         raise W2SGError(f"objective {name!r} needs a bootstrap chain (chain=<name>); without one pick one of "
                         f"{', '.join(o for o in OBJECTIVES if not o.startswith('chain.'))}")
+    if _sweeper_reads_return_value():
+        check_direction(HydraConfig.get().sweeper, name)
+
+
+# --- which way a tuning sweeper optimises -------------------------------------------------------------------
+# hydra-optuna-sweeper's ``direction`` defaults to minimize, held as an enum (``Direction.minimize``: its str() is
+# "Direction.minimize", not "minimize"); a direction the user sets, on the command line or in a config file, is a
+# string, and a list (one per objective) for a multi-objective study. Every w2sg objective is higher-is-better, so
+# at the start of a sweep w2sg sets a direction the user left at that default to maximize (``maximize_by_default``,
+# from the report callback, w2sg.app.callback); each job checks what its sweeper does (``check_direction``).
+
+def direction_names(direction: Any) -> List[str]:
+    """A sweeper's ``direction`` as names: an enum member (Optuna's default) by its name, a string as it is, a list
+    (multi-objective) entry by entry."""
+    items = list(direction) if isinstance(direction, (list, tuple, ListConfig)) else [direction]
+    return [d.name if isinstance(d, Enum) else str(d) for d in items]
+
+
+def _is_tuning_sweeper(sweeper: Any) -> bool:
+    return not str(sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
+def maximize_by_default(hydra_cfg: Any) -> bool:
+    """At the start of a multirun: a tuning sweeper whose ``direction`` is still its plugin's default (an enum: no
+    command line or config file set it) is set to maximize, in the sweeper's config (which Hydra builds the sweeper
+    from next) and as a Hydra override (from which every job's config is composed, and which it records).
+    ``hydra_cfg``: the multirun's ``hydra`` node. Returns whether it set the direction."""
+    sweeper = hydra_cfg.sweeper
+    if not _is_tuning_sweeper(sweeper) or "direction" not in sweeper:
+        return False
+    if not isinstance(sweeper.direction, Enum):
+        return False  # the user's choice, which each job checks (check_direction; Hydra turns a callback's error
+        # into a warning, so a refusal belongs to the jobs)
+    sweeper.direction = "maximize"
+    hydra_cfg.overrides.hydra.append("hydra.sweeper.direction=maximize")
+    return True
+
+
+def check_direction(sweeper: Any, objective: str) -> None:
+    """Refuse a tuning sweeper that would minimise ``objective`` without being told to, or optimise several
+    objectives; warn when the user set it to minimise. ``sweeper``: the job's ``hydra.sweeper`` node."""
+    if "direction" not in sweeper:
+        return  # a sweeper without a direction setting (e.g. Nevergrad's optim.maximize): its own business
+    direction = sweeper.direction
+    names = direction_names(direction)
+    if len(names) != 1:
+        raise W2SGError(f"hydra.sweeper.direction={names} asks for {len(names)} objectives, but w2sg returns one "
+                        f"number (objective={objective}); set hydra.sweeper.direction=maximize")
+    if names[0] != "minimize":
+        return
+    if isinstance(direction, Enum):  # the plugin's default: maximize_by_default did not run
+        raise W2SGError(f"the sweeper would minimise objective={objective} (its default direction), but every w2sg "
+                        "objective is higher-is-better; set hydra.sweeper.direction=maximize (w2sg sets it itself "
+                        "at the start of a sweep through its report callback, hydra.callbacks.report, which this "
+                        "sweep does not run)")
+    log.warning("hydra.sweeper.direction=minimize: the sweeper minimises %s, for which higher is better (every w2sg "
+                "objective is); drop the setting or set hydra.sweeper.direction=maximize to maximise it", objective)
 
 
 def objective_value(metrics: Dict[str, Any], name: str) -> Optional[float]:
@@ -133,10 +191,7 @@ def objective_value(metrics: Dict[str, Any], name: str) -> Optional[float]:
 
 def _sweeper_reads_return_value() -> bool:
     """A tuning sweeper (Optuna, Nevergrad, ...) uses the return value; Hydra's basic sweeper ignores it."""
-    if not _is_multirun():
-        return False
-    target = str(HydraConfig.get().sweeper.get("_target_", ""))
-    return not target.endswith("BasicSweeper")
+    return _is_multirun() and _is_tuning_sweeper(HydraConfig.get().sweeper)
 
 
 def returned_objective(cfg: Config, metrics: Dict[str, Any]) -> float:
@@ -149,10 +204,7 @@ def returned_objective(cfg: Config, metrics: Dict[str, Any]) -> float:
     """
     value = objective_value(metrics, cfg.objective)
     if value is not None:
-        if _sweeper_reads_return_value() and str(HydraConfig.get().sweeper.get("direction", "")) == "minimize":
-            log.warning("hydra.sweeper.direction=minimize: the sweeper minimises %s; higher is better for every "
-                        "w2sg objective (set hydra.sweeper.direction=maximize)", cfg.objective)
-        return value
+        return value  # which way the sweeper optimises it was checked before the run (check_direction)
     if not _sweeper_reads_return_value():
         return float("nan")  # a single run or Hydra's basic sweeper: nobody reads it (the table says why)
     reason = metrics.get("pgr_reason") if "pgr" in cfg.objective else None

@@ -173,6 +173,16 @@ def _row(m: Dict[str, Any]) -> Dict[str, Any]:
             "acc_w2s": m["acc"]["w2s"], "pgr": m["pgr"]}
 
 
+ENSEMBLE = ("acc_ensemble", "pgr_vs_ensemble")  # labels=ensemble: the supervisor's accuracy and PGR against it
+
+
+def ensemble_columns(m: Dict[str, Any]) -> Dict[str, Any]:
+    """A labels=ensemble run's ensemble accuracy and PGR against it (``pgr`` is against the weak model); None for
+    other runs."""
+    e = m.get("ensemble") or {}
+    return {"acc_ensemble": e.get("acc"), "pgr_vs_ensemble": e.get("pgr")}
+
+
 def _one_per_experiment(found: List[Tuple[str, Tuple, Dict[str, Any]]], what: str) -> List[Dict[str, Any]]:
     """Runs of the same experiment (same ``ident``, found oldest first) give one row: the newest, saying so if
     their numbers differ."""
@@ -191,7 +201,7 @@ def rows_of(found: Found, source: Any) -> List[Dict[str, Any]]:
     """One row per distinct experiment (same w2s and ceiling stages) of finished experiments' metrics."""
     rows, legacy = [], 0
     for where, metrics in found:
-        row = {**_row(metrics), **stats.ci_columns(metrics), **diagnostics.row(metrics)}
+        row = {**_row(metrics), **ensemble_columns(metrics), **stats.ci_columns(metrics), **diagnostics.row(metrics)}
         stages = metrics["stages"]
         row["w2s_key"] = stages["w2s"]["key"][:12]
         if "settings" in metrics:
@@ -271,5 +281,6 @@ def chain_rows(found: Found) -> List[Dict[str, Any]]:
 def result_columns(rows: List[Dict[str, Any]]) -> List[str]:
     """results.csv: who, the settings that differ, seed, numbers, and the w2s stage key (to find it in a store)."""
     settings = sorted({c for r in rows for c in r if is_setting(c)})
-    extra = [c for c in [*stats.ci_columns({}), *diagnostics.KEYS] if any(r.get(c) is not None for r in rows)]
+    extra = [c for c in [*ENSEMBLE, *stats.ci_columns({}), *diagnostics.KEYS]
+             if any(r.get(c) is not None for r in rows)]
     return BASE + settings + ["seed"] + METRICS + extra + ["w2s_key"]

@@ -2,10 +2,11 @@
 
 * :func:`strong_size_curves`: median PGR vs strong-model size (bars: min-max over seeds) and accuracy vs strong
   size (``pgr_vs_strong_size[_<task>].png``, ``accuracy_vs_strong_size[_<task>].png``), from ``summary.csv``'s rows;
-* :func:`plot_ci`: a metric with its bootstrap CIs over seeds as error bars (``pgr_ci[_<task>].png``), from
-  ``summary_ci.csv``'s rows;
+* :func:`plot_ci`: a metric with its CIs over seeds as error bars, labelled with their coverage
+  (``pgr_ci[_<task>].png``), from ``summary_ci.csv``'s rows;
 * :func:`misfit_vs_gain`: the student's misfit to its teacher vs its gain (``misfit_vs_gain.png``; the
-  quantities are defined in w2sg.results.diagnostics);
+  quantities are defined in w2sg.results.diagnostics; gain ~ misfit holds under Charikar et al.'s realisability
+  assumption, and the figure says so);
 * :func:`chain_vs_direct`: bootstrap chain vs direct w2s accuracy (``chain_vs_direct.png``).
 
 matplotlib and pandas are imported inside the functions, when a plot is drawn.
@@ -114,11 +115,10 @@ def plot_ci(summary: Any, out: Union[str, Path], metric: str = "pgr", stat: str 
             x: str = "strong_params", curve: Sequence[str] = ("weak", "loss"), title: Optional[str] = None) -> Path:
     """Error-bar plot of :func:`w2sg.results.stats.summarize_ci`'s output (``summary_ci.csv``): ``metric`` vs ``x``, one curve per ``curve`` values.
 
-    Bars are the bootstrap CIs over seeds; a point without a CI (too few seeds) is drawn hollow without a bar.
-    ``x`` of strong_params / weak_params is drawn on a log scale in millions."""
+    Bars are the CIs over seeds, labelled with the coverage their ``<metric>_ci_level`` column gives (for the
+    median, order-statistic intervals: 0.9375 with 5 seeds); a point without a CI (too few seeds) is drawn hollow
+    without a bar. ``x`` of strong_params / weak_params is drawn on a log scale in millions."""
     import pandas as pd
-
-    from w2sg.results.stats import LEVEL
 
     plt = _pyplot()
     df = summary.copy() if isinstance(summary, pd.DataFrame) else pd.DataFrame(list(summary))
@@ -152,8 +152,9 @@ def plot_ci(summary: Any, out: Union[str, Path], metric: str = "pgr", stat: str 
         ax.set_xlabel(f"{x.replace('_params', '')} model parameters (M)")
     else:
         ax.set_xlabel(x)
-    ax.set_ylabel(f"{metric} ({stat} over seeds; bars: {LEVEL:.0%} bootstrap CI)")
-    ax.set_title(title or f"{metric} with {LEVEL:.0%} CIs over seeds (hollow: too few seeds for a CI)", fontsize=9)
+    bars = ci_label(df, metric)
+    ax.set_ylabel(f"{metric} ({stat} over seeds; bars: {bars})", fontsize=8)
+    ax.set_title(title or f"{metric}: {bars} over seeds (hollow: too few seeds for a CI)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out)
@@ -162,10 +163,25 @@ def plot_ci(summary: Any, out: Union[str, Path], metric: str = "pgr", stat: str 
     return path
 
 
+def ci_label(summary: Any, metric: str) -> str:
+    """What a summary's CIs of ``metric`` are: their coverage (one value, or the range over groups)."""
+    col = f"{metric}_ci_level"
+    levels = sorted({round(float(v), 4) for v in summary[col].dropna()}) if col in summary.columns else []
+    if not levels:
+        return "CI" if col in summary.columns else "CI (coverage not recorded)"
+    span = f"{levels[0]:.1%}" if len(levels) == 1 else f"{levels[0]:.1%}-{levels[-1]:.1%}"
+    return f"CI (coverage {span})"
+
+
 def misfit_vs_gain(rows: Any, out: Union[str, Path]) -> Path:
-    """Misfit vs gain, one point per run: squared misfit vs Brier gain (the theory's y = x line drawn), and
-    hard disagreement on the transfer set vs PGR and vs accuracy gain. ``rows``: a DataFrame or row dicts
-    with the columns of :func:`w2sg.results.diagnostics.row` (and ``pgr``, ``loss`` where present)."""
+    """Misfit vs gain, one point per run: squared misfit to the training targets (transfer set) vs Brier gain, the
+    same misfit measured against the weak model on the test set (where the rows have ``misfit_sq_test``) vs Brier
+    gain (the theory's y = x line drawn on both), and hard disagreement with the training targets vs PGR and vs
+    accuracy gain. ``rows``: a DataFrame or row dicts with the columns of :func:`w2sg.results.diagnostics.row`
+    (and ``pgr``, ``loss`` where present). The title carries the caveat: gain ~ misfit holds under Charikar et
+    al.'s realisability assumption."""
+    from w2sg.results.diagnostics import REALISABILITY
+
     import pandas as pd
 
     plt = _pyplot()
@@ -175,27 +191,31 @@ def misfit_vs_gain(rows: Any, out: Union[str, Path]) -> Path:
     if missing:
         raise W2SGError(f"diagnostics plot: no column(s) {missing}; pass rows with diagnostics.row(metrics) columns")
     df = df.dropna(subset=needed)
-    panels = [("misfit_sq", "gain_sq", "misfit (mean squared distance to weak labels, transfer set)",
+    panels = [("misfit_sq", "gain_sq", "misfit (mean squared distance to its training targets, transfer set)",
                "gain in Brier score over the weak model (test)")]
+    if "misfit_sq_test" in df.columns and df["misfit_sq_test"].notna().any():
+        panels.append(("misfit_sq_test", "gain_sq", "misfit (mean squared distance to the weak model, test set)",
+                       "gain in Brier score over the weak model (test)"))
     if "pgr" in df.columns:
-        panels.append(("misfit_disagreement", "pgr", "disagreement with weak labels (transfer set)", "PGR (test)"))
-    panels.append(("misfit_disagreement", "gain_acc", "disagreement with weak labels (transfer set)",
+        panels.append(("misfit_disagreement", "pgr", "disagreement with its training targets (transfer set)",
+                       "PGR (test)"))
+    panels.append(("misfit_disagreement", "gain_acc", "disagreement with its training targets (transfer set)",
                    "accuracy gain over the weak model (test)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4))
     hue = "loss" if "loss" in df.columns else None
     for ax, (x, y, xl, yl) in zip(np.atleast_1d(axes), panels):
         groups = df.groupby(hue, sort=True) if hue else [("runs", df)]
         for name, g in groups:
-            g = g.dropna(subset=[y])
+            g = g.dropna(subset=[x, y])
             ax.scatter(g[x].astype(float), g[y].astype(float), s=18, label=str(name))
-        if (x, y) == ("misfit_sq", "gain_sq") and len(df):
+        if y == "gain_sq" and df[x].notna().any():
             top = float(max(df[x].max(), df[y].max(), 0.0))
             ax.plot([0, top], [0, top], "k--", lw=0.8, label="gain = misfit")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_xlabel(xl, fontsize=8)
         ax.set_ylabel(yl, fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle("Misfit vs gain (Charikar et al. 2024: gain ~ misfit)", fontsize=10)
+    fig.suptitle(f"Misfit vs gain: {REALISABILITY}", fontsize=9)
     fig.tight_layout()
     path = Path(out)
     fig.savefig(path, dpi=120)

@@ -5,11 +5,12 @@
 writes ``results.csv`` (one row per experiment: task, weak, strong, loss, every setting that differs between
 the experiments reported, seed), ``summary.csv`` (median and spread over seeds only) and PNG plots: PGR vs
 strong-model size, one curve per weak model, loss and setting, and accuracy (weak / w2s / ceiling) vs strong
-size; also ``summary_ci.csv`` (median with a bootstrap CI over seeds), ``loss_comparisons.csv`` (paired tests
-of every two losses), ``loss_summary.csv``, ``chains.csv`` and ``anchors.csv`` where they apply. A store's
-report covers the experiments runs recorded in it (one per run that finished, with every stage still stored):
-the same rows as the report of those runs' folders. It runs at the end of every multirun too (the Hydra
-callback in w2sg.app.callback), which also logs the same table and curves to one W&B run for that sweep.
+size; also ``summary_ci.csv`` (median over seeds with its exact order-statistic CI and that CI's coverage),
+``loss_comparisons.csv`` (paired tests of every two losses), ``loss_summary.csv``, ``chains.csv`` and
+``anchors.csv`` where they apply. A store's report covers the experiments runs recorded in it (one per run that
+finished, with every stage still stored): the same rows as the report of those runs' folders. It runs at the
+end of every multirun too (the Hydra callback in w2sg.app.callback), which also logs the same table and curves
+to one W&B run for that sweep.
 
 This module writes the files (:func:`write_report`) and is the ``w2sg report`` command (:func:`main`); the rows
 come from w2sg.results.collect, the numbers from w2sg.results.stats, the pictures from w2sg.results.plots.
@@ -43,7 +44,8 @@ def write_csv(path: Path, rows: List[Dict[str, Any]], columns: List[str]) -> Non
 
 def write_stats(rows: Union[List[Dict[str, Any]], Any], out: Union[str, Path], seed: int = 0,
                 settings: Sequence[str] = (), summary: Any = None) -> List[Path]:
-    """The report's statistics files: ``summary_ci.csv`` (per group, median over seeds with CIs and warnings),
+    """The report's statistics files: ``summary_ci.csv`` (per group, median over seeds with CIs, their coverage,
+    and warnings),
     ``loss_comparisons.csv`` (every two losses, paired on PGR, when the results have two or more),
     ``pgr_ci[_<task>].png`` (error bars), and ``misfit_vs_gain.png`` when the rows carry diagnostics columns.
     ``settings``: the columns that tell experiments apart besides models, task and loss (the report's setting
@@ -78,7 +80,7 @@ def write_stats(rows: Union[List[Dict[str, Any]], Any], out: Union[str, Path], s
         part = ci if task is None else ci[ci["task"] == task]
         suffix = "" if len(tasks) == 1 else f"_{task}"
         written.append(plots.plot_ci(part, out / f"pgr_ci{suffix}.png",
-                                     title=f"PGR: {task}, {stats.LEVEL:.0%} CIs over seeds" if task else None))
+                                     title=f"PGR: {task}, {plots.ci_label(part, 'pgr')} over seeds" if task else None))
     if {"misfit_sq", "gain_sq"} <= set(df.columns) and df["misfit_sq"].notna().any():
         written.append(plots.misfit_vs_gain(df, out / "misfit_vs_gain.png"))
     return written
@@ -97,7 +99,7 @@ def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     summary = stats.spread_view(full, rows) if rows else []  # raises for experiments no setting tells apart
     write_csv(out / "results.csv", rows, columns)
     spread = [f"{c}_{s}" for c in METRICS for s in ("median", "min", "max")]
-    write_csv(out / "summary.csv", summary, GROUP + settings + ["n_seeds"] + spread)
+    write_csv(out / "summary.csv", summary, GROUP + settings + ["n_seeds", "n_seeds_run"] + spread)
     files = [out / "results.csv", out / "summary.csv"]
     losses = stats.loss_summary(rows, summary, settings)
     if losses:
@@ -123,6 +125,12 @@ def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _undefined(s: Dict[str, Any]) -> str:
+    """Seeds of a summary row whose PGR is undefined (n_seeds counts those with one)."""
+    missing = s.get("n_seeds_run", s["n_seeds"]) - s["n_seeds"]
+    return f" (+{missing} without a PGR)" if missing else ""
+
+
 def _settings_text(row: Dict[str, Any]) -> str:
     return "".join(f" {c}={v}" for c, v in row.items() if is_setting(c))
 
@@ -131,7 +139,7 @@ def print_report(report: Dict[str, Any]) -> None:
     """The summary lines of a report: per experiment, per loss, per chain, the anchors, the files written."""
     for s in report["summary"]:
         print(f"{s['task']:<16} {s['weak']:>14} -> {s['strong']:<14} {s['loss']:<8}{_settings_text(s)} "
-              f"seeds={s['n_seeds']}  acc weak {s['acc_weak_median']:.3f} w2s {s['acc_w2s_median']:.3f} "
+              f"seeds={s['n_seeds']}{_undefined(s)}  acc weak {s['acc_weak_median']:.3f} w2s {s['acc_w2s_median']:.3f} "
               f"ceiling {s['acc_ceiling_median']:.3f}  PGR {_fmt(s['pgr_median'])}")
     for ls in report["losses"]:
         print(f"{ls['task']:<16} loss {ls['loss']:<8}{_settings_text(ls)} median PGR {_fmt(ls['pgr_median'])} over "

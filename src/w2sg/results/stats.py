@@ -8,18 +8,22 @@ Two sources of noise, two intervals:
   per-example correctness, which the experiment has (every train stage stores its test predictions).
 * over seeds (a group of runs): :func:`summarize` takes a results table (one row per experiment and seed,
   the columns of ``w2sg.results.collect``: task, weak, weak_params, strong, strong_params, loss, seed, acc_weak,
-  acc_ceiling, acc_w2s, pgr) and gives, per group, the median, min and max over seeds and the median (or mean)
-  with a percentile bootstrap CI; with fewer than ``MIN_SEEDS`` seeds no CI, and it says so. That one summary
-  serves both report tables: ``summary.csv`` (:func:`spread_view`) and ``summary_ci.csv`` (:func:`ci_view`,
-  :func:`summarize_ci`). :func:`loss_summary` gives the median PGR per loss and at the largest gap.
+  acc_ceiling, acc_w2s, pgr) and gives, per group, the median, min and max over seeds and the median with its
+  exact distribution-free CI (:func:`median_ci`: order statistics, whose coverage is a binomial sum; with few
+  seeds it cannot reach the level asked for, and ``<metric>_ci_level`` says what it reaches: 0.9375 for the
+  min-max of 5 seeds), or the mean with a percentile bootstrap CI at the stated level; with fewer than
+  ``MIN_SEEDS`` seeds no CI, and it says so. That one summary serves both report tables: ``summary.csv``
+  (:func:`spread_view`) and ``summary_ci.csv`` (:func:`ci_view`, :func:`summarize_ci`). :func:`loss_summary`
+  gives the median PGR per loss and at the largest gap.
 
 :func:`paired_comparison` compares two losses (or any two values of one setting) on results paired by every
 other setting and the seed: the Wilcoxon signed-rank test, the sign test, and effect sizes (median and mean
 difference with a bootstrap CI, matched-pairs rank-biserial correlation). The plots of these numbers are in
 w2sg.results.plots (:func:`plot_ci` here draws the error bars through it).
 
-A PGR interval wider than ``WIDE_PGR`` (1: the whole range from "no gain" to "gap closed") means the test set
-is too small to tell the result from noise; the tables carry a ``warning`` column that says so.
+A PGR interval that includes 0 cannot tell the result from no gain, and one wider than ``WIDE_PGR`` (1: the
+whole range from "no gain" to "gap closed") cannot tell it from noise; :func:`noise_warning` says so of a run's
+interval over test examples, and the summaries' ``warning`` column of the interval over seeds.
 
 Every bootstrap uses ``numpy.random.default_rng(seed)``: the same inputs and seed give the same interval.
 """
@@ -27,6 +31,7 @@ Every bootstrap uses ``numpy.random.default_rng(seed)``: the same inputs and see
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -125,13 +130,17 @@ def bootstrap_over_test(weak: Sequence[bool], ceiling: Sequence[bool], w2s: Sequ
 
 
 def noise_warning(ci: Optional[Sequence[float]], n_test: Optional[int] = None, wide: float = WIDE_PGR) -> Optional[str]:
-    """A warning when a PGR interval is unbounded or wider than ``wide``; None when it is narrower."""
+    """A warning when a PGR interval over test examples is unbounded, includes 0 (the test set cannot tell the
+    result from no gain) or is wider than ``wide`` (nor from noise); None when it is clear of 0 and narrower."""
     where = f" (n_test={n_test})" if n_test is not None else ""
     if ci is None:
         return f"PGR's CI is unbounded: the test set{where} is too small to tell this result from noise"
-    if ci[1] - ci[0] > wide:
-        return (f"PGR's {ci[0]:+.2f}..{ci[1]:+.2f} CI is wider than {wide:g}: the test set{where} is too small "
-                "to tell this result from noise")
+    lo, hi = ci
+    if hi - lo > wide:
+        return (f"PGR's {lo:+.2f}..{hi:+.2f} CI is wider than {wide:g}{' and includes 0' if lo <= 0 <= hi else ''}: "
+                f"the test set{where} is too small to tell this result from noise")
+    if lo <= 0 <= hi:
+        return f"PGR's {lo:+.2f}..{hi:+.2f} CI includes 0: the test set{where} cannot tell this result from no gain"
     return None
 
 
@@ -146,35 +155,97 @@ def pgr_ci_entry(boot: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def ci_columns(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    """Columns for a results row from a run's metrics.json: its PGR CI over test examples and its warning.
+    """Columns for a results row from a run's metrics.json: its PGR CI over test examples, the CI's level and its
+    :func:`noise_warning`, judged now (a run recorded under an older rule gets today's warning).
 
     All None for a run recorded without ``pgr_ci`` (before it existed, or with only some stages)."""
     entry = metrics.get("pgr_ci") or {}
-    return {"pgr_ci_low": entry.get("low"), "pgr_ci_high": entry.get("high"), "pgr_ci_warning": entry.get("warning")}
+    warning = entry.get("warning")
+    if "low" in entry and "high" in entry:
+        ci = None if entry["low"] is None or entry["high"] is None else (entry["low"], entry["high"])
+        warning = noise_warning(ci, entry.get("n_test"))
+    return {"pgr_ci_low": entry.get("low"), "pgr_ci_high": entry.get("high"), "pgr_ci_level": entry.get("level"),
+            "pgr_ci_warning": warning}
 
 
 # --- over seeds (groups of runs) ----------------------------------------------------------------------------
 
+def _defined(values: Iterable[Any]) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and not _isnan(v)], dtype=np.float64)
+
+
 def bootstrap_ci(values: Iterable[float], stat: str = "median", n_boot: int = 10000, level: float = LEVEL,
                  seed: int = 0) -> Dict[str, Any]:
-    """Percentile bootstrap CI of the median or mean of ``values`` (e.g. one value per seed).
+    """Percentile bootstrap CI of the median or mean of ``values`` (e.g. one value per seed), at ``level``
+    (``ci_level``; nominal: with few values its real coverage is lower, and for the median of n values it is
+    at most that of their min-max, 1 - 2 / 2**n: use :func:`median_ci` for the median).
 
     None values are left out (and counted in ``n``'s absence). Fewer than ``MIN_SEEDS`` values: no interval,
     and ``ci_note`` says so."""
     _check_level(level)
     if stat not in ("median", "mean"):
         raise W2SGError(f"stat must be 'median' or 'mean', got {stat!r}")
-    vals = np.asarray([v for v in values if v is not None and not _isnan(v)], dtype=np.float64)
+    vals = _defined(values)
     fn = np.median if stat == "median" else np.mean
     out: Dict[str, Any] = {"n": len(vals), "value": float(fn(vals)) if len(vals) else None,
-                           "ci_low": None, "ci_high": None, "ci_note": None}
+                           "ci_low": None, "ci_high": None, "ci_level": None, "ci_note": None,
+                           "ci_method": f"percentile bootstrap ({n_boot} resamples)"}
     if len(vals) < MIN_SEEDS:
         out["ci_note"] = f"{len(vals)} value(s): no CI (needs at least {MIN_SEEDS} seeds)"
         return out
     rng = np.random.default_rng(seed)
     boots = fn(vals[rng.integers(0, len(vals), size=(n_boot, len(vals)))], axis=1)
     out["ci_low"], out["ci_high"] = _percentiles(boots, level)
+    out["ci_level"] = level
     return out
+
+
+def median_coverage(n: int, j: int) -> float:
+    """The probability that [x_(j), x_(n+1-j)], the j-th smallest and j-th largest of n independent draws,
+    covers the median of their distribution: 1 - 2 P(Bin(n, 1/2) <= j - 1) (exact for a continuous distribution,
+    a lower bound otherwise)."""
+    if not 1 <= j <= (n + 1) // 2:
+        raise W2SGError(f"order statistic j={j} of n={n} values: j must be between 1 and {(n + 1) // 2}")
+    return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0 ** n
+
+
+def median_ci(values: Iterable[float], level: float = LEVEL) -> Dict[str, Any]:
+    """The exact distribution-free CI of the median of ``values`` (e.g. one value per seed), from order
+    statistics: of the intervals [x_(j), x_(n+1-j)], the narrowest whose coverage (:func:`median_coverage`) is at
+    least ``level``. Too few values for ``level`` (95 %: 5 or fewer) give the widest one, [min, max], whose
+    coverage is lower (5 values: 0.9375; 4: 0.875; 3: 0.75). ``ci_level`` is the interval's coverage, never the
+    level asked for; ``ci_note`` says when it falls short of it.
+
+    None and NaN values are left out (``n`` counts the rest). Fewer than ``MIN_SEEDS`` values: no interval, and
+    ``ci_note`` says so."""
+    _check_level(level)
+    vals = np.sort(_defined(values))
+    n = len(vals)
+    out: Dict[str, Any] = {"n": n, "value": float(np.median(vals)) if n else None, "ci_low": None,
+                           "ci_high": None, "ci_level": None, "ci_note": None,
+                           "ci_method": "order statistics (exact, distribution-free)"}
+    if n < MIN_SEEDS:
+        out["ci_note"] = f"{n} value(s): no CI (needs at least {MIN_SEEDS} seeds)"
+        return out
+    j = 1
+    while j + 1 <= (n + 1) // 2 and median_coverage(n, j + 1) >= level:
+        j += 1
+    out["ci_low"], out["ci_high"] = float(vals[j - 1]), float(vals[n - j])
+    out["ci_level"] = median_coverage(n, j)
+    if out["ci_level"] < level:
+        enough = math.ceil(math.log2(2 / (1 - level)) - 1e-9)  # the fewest values whose min-max reaches level
+        out["ci_note"] = (f"{n} values: the widest interval (min to max) covers the median with probability "
+                          f"{out['ci_level']:.4g}, below {level:g} ({enough} or more values reach it)")
+    return out
+
+
+def ci_over_seeds(values: Iterable[float], stat: str = "median", n_boot: int = 10000, level: float = LEVEL,
+                  seed: int = 0) -> Dict[str, Any]:
+    """The summaries' CI over seeds: :func:`median_ci` for the median, :func:`bootstrap_ci` for the mean."""
+    if stat == "median":
+        _check_level(level)
+        return median_ci(values, level)
+    return bootstrap_ci(values, stat, n_boot, level, seed)
 
 
 def _isnan(v: Any) -> bool:
@@ -193,19 +264,23 @@ def summarize(rows: Table, group: Optional[List[str]] = None, metrics: Sequence[
               stat: str = "median", n_boot: int = 10000, level: float = LEVEL, seed: int = 0):
     """The summary over seeds, per group (default: every setting but the seed), as one DataFrame: it serves both
     report tables, ``summary.csv`` (median, min and max; :func:`spread_view`) and ``summary_ci.csv`` (the
-    median with a bootstrap CI; :func:`summarize_ci`).
+    median with its CI over seeds; :func:`summarize_ci`).
 
-    Columns: the group's values (lists and dicts as their repr), ``n_rows``, ``n_seeds``, per metric
+    Columns: the group's values (lists and dicts as their repr), ``n_rows``, ``n_seeds`` (the seeds whose PGR is
+    defined, i.e. not null or NaN; with no ``pgr`` metric, every seed), ``n_seeds_run`` (every seed), per metric
     ``<metric>_median``, ``<metric>_min``, ``<metric>_max`` (None values left out), ``<metric>_<stat>`` with
-    ``<metric>_ci_low`` and ``<metric>_ci_high`` (a percentile bootstrap CI of ``stat`` over seeds); ``ci_note``
-    (too few seeds for a CI), ``warning`` (PGR's CI wider than ``WIDE_PGR``: these seeds cannot tell the result
-    from noise) and, when the rows carry per-seed test-set CIs (the columns of :func:`ci_columns`),
-    ``noisy_seeds``: the seeds whose own PGR CI over test examples is unbounded or wider than ``WIDE_PGR``,
-    which ``warning`` then names. Sorted by the group's values; the index is the position of each group's first
-    row in ``rows`` (sort by it for the groups in the order the rows first show them).
+    ``<metric>_ci_low``, ``<metric>_ci_high`` and ``<metric>_ci_level`` (:func:`ci_over_seeds`: for the median
+    the exact order-statistic interval and its real coverage, e.g. 0.9375 for the min-max of 5 seeds; for the
+    mean a percentile bootstrap at ``level``); ``ci_method``; ``ci_note`` (too few seeds for a CI, or for one at
+    ``level``), ``warning`` (PGR's CI over seeds includes 0, or is wider than ``WIDE_PGR``: these seeds cannot
+    tell the result from no gain, or from noise) and, when the rows carry per-seed test-set CIs (the columns of
+    :func:`ci_columns`), ``noisy_seeds``: the seeds whose own PGR CI over test examples has a
+    :func:`noise_warning` (unbounded, includes 0, or wider than ``WIDE_PGR``), which ``warning`` then names.
+    Sorted by the group's values; the index is the position of each group's first row in ``rows`` (sort by it
+    for the groups in the order the rows first show them).
 
-    With few seeds the bootstrap over seeds understates the uncertainty (with 3 seeds the median's interval
-    cannot reach beyond their min and max); the per-seed CIs over test examples show the other source of noise."""
+    The CI over seeds covers the seed-to-seed spread of results measured on each seed's own test split; the
+    per-seed CIs over test examples show that source of noise on its own."""
     import pandas as pd
 
     df = _frame(rows).reset_index(drop=True)
@@ -220,37 +295,54 @@ def summarize(rows: Table, group: Optional[List[str]] = None, metrics: Sequence[
     for key, g in df.groupby(group, sort=True, dropna=False) if group else [((), df)]:
         key = key if isinstance(key, tuple) else (key,)
         s: Dict[str, Any] = dict(zip(group, key))
-        s["n_rows"], s["n_seeds"] = len(g), int(g["seed"].nunique())
-        notes: Dict[str, None] = {}  # ordered set
+        defined = g[[v is not None and not _isnan(v) for v in g["pgr"].tolist()]] if "pgr" in metrics else g
+        s["n_rows"], s["n_seeds"] = len(g), int(defined["seed"].nunique())
+        s["n_seeds_run"] = int(g["seed"].nunique())
+        notes: Dict[str, List[str]] = {}  # note -> the metrics it is about, in order
         for m in metrics:
             vals = [v for v in g[m].tolist() if v is not None and not _isnan(v)]
             s[f"{m}_median"] = statistics.median(vals) if vals else None
             s[f"{m}_min"], s[f"{m}_max"] = (min(vals), max(vals)) if vals else (None, None)
-            ci = bootstrap_ci(vals, stat, n_boot, level, seed)
+            ci = ci_over_seeds(vals, stat, n_boot, level, seed)
             s[f"{m}_{stat}"], s[f"{m}_ci_low"], s[f"{m}_ci_high"] = ci["value"], ci["ci_low"], ci["ci_high"]
+            s[f"{m}_ci_level"] = ci["ci_level"]
+            s["ci_method"] = ci["ci_method"]
             if ci["ci_note"]:
-                notes[f"{m}: {ci['ci_note']}"] = None
-        s["ci_note"] = "; ".join(notes) or None
-        s["warning"] = None
-        if "pgr" in metrics and s["pgr_ci_low"] is not None and s["pgr_ci_high"] - s["pgr_ci_low"] > WIDE_PGR:
-            s["warning"] = (f"PGR's CI over seeds is wider than {WIDE_PGR:g}: these {s['n_seeds']} seeds cannot "
-                            "tell the result from noise")
+                notes.setdefault(ci["ci_note"], []).append(m)
+        s["ci_note"] = "; ".join(f"{', '.join(ms)}: {note}" for note, ms in notes.items()) or None
+        s["warning"] = seeds_warning(s) if "pgr" in metrics else None
         if "pgr_ci_warning" in g.columns:
             s["noisy_seeds"] = int(g["pgr_ci_warning"].notna().sum())
             if s["noisy_seeds"]:
                 s["warning"] = "; ".join(filter(None, [s["warning"], (
-                    f"{s['noisy_seeds']} of {len(g)} seeds have a PGR CI over test examples wider than {WIDE_PGR:g} "
-                    "or unbounded: the test set is too small to tell their results from noise")]))
+                    f"{s['noisy_seeds']} of {len(g)} seeds have a PGR CI over test examples that is unbounded, "
+                    f"includes 0 or is wider than {WIDE_PGR:g}: their test sets cannot tell their results from no "
+                    "gain or from noise")]))
         out.append(s)
         first.append(int(g.index[0]))
     return pd.DataFrame(out, index=first)
 
 
+def seeds_warning(s: Dict[str, Any]) -> Optional[str]:
+    """The warning of a summary row's PGR CI over seeds: it includes 0, or is wider than ``WIDE_PGR``."""
+    lo, hi, level = s.get("pgr_ci_low"), s.get("pgr_ci_high"), s.get("pgr_ci_level")
+    if lo is None or hi is None or _isnan(lo) or _isnan(hi):
+        return None
+    span = f"PGR's {level:.1%} CI over seeds, {lo:+.2f}..{hi:+.2f},"
+    if hi - lo > WIDE_PGR:
+        return (f"{span} is wider than {WIDE_PGR:g}{' and includes 0' if lo <= 0 <= hi else ''}: these "
+                f"{s['n_seeds']} seeds cannot tell the result from noise")
+    if lo <= 0 <= hi:
+        return f"{span} includes 0: these {s['n_seeds']} seeds cannot tell the result from no gain"
+    return None
+
+
 def summarize_ci(rows: Table, group: Optional[List[str]] = None, metrics: Sequence[str] = METRICS,
                  stat: str = "median", n_boot: int = 10000, level: float = LEVEL, seed: int = 0):
-    """Per group (default: every setting but the seed), ``stat`` over seeds with a bootstrap CI, as a DataFrame
-    (``summary_ci.csv``): the group's values, ``n_seeds``, per metric ``<metric>_<stat>``, ``<metric>_ci_low``,
-    ``<metric>_ci_high``, then ``ci_note``, ``warning`` and (with per-seed test-set CIs) ``noisy_seeds``; see
+    """Per group (default: every setting but the seed), ``stat`` over seeds with its CI, as a DataFrame
+    (``summary_ci.csv``): the group's values, ``n_seeds``, ``n_seeds_run``, per metric ``<metric>_<stat>``,
+    ``<metric>_ci_low``, ``<metric>_ci_high``, ``<metric>_ci_level`` (the interval's coverage), then
+    ``ci_method``, ``ci_note``, ``warning`` and (with per-seed test-set CIs) ``noisy_seeds``; see
     :func:`summarize`, whose columns these are."""
     return ci_view(summarize(rows, group, metrics, stat, n_boot, level, seed), metrics, stat)
 
@@ -265,27 +357,28 @@ def ci_view(summary: Any, metrics: Sequence[str] = METRICS, stat: str = "median"
     """:func:`summarize_ci`'s columns of a :func:`summarize` DataFrame, sorted by the group's values."""
     if summary.empty:
         return summary
-    per_metric = [f"{m}_{x}" for m in metrics for x in (stat, "ci_low", "ci_high")]
-    tail = ["ci_note", "warning"] + (["noisy_seeds"] if "noisy_seeds" in summary.columns else [])
-    return summary[_group_columns(summary) + ["n_seeds"] + per_metric + tail].reset_index(drop=True)
+    per_metric = [f"{m}_{x}" for m in metrics for x in (stat, "ci_low", "ci_high", "ci_level")]
+    tail = ["ci_method", "ci_note", "warning"] + (["noisy_seeds"] if "noisy_seeds" in summary.columns else [])
+    return summary[_group_columns(summary) + ["n_seeds", "n_seeds_run"] + per_metric + tail].reset_index(drop=True)
 
 
 def spread_view(summary: Any, rows: List[Dict[str, Any]], metrics: Sequence[str] = METRICS) -> List[Dict[str, Any]]:
     """``summary.csv``'s rows of a :func:`summarize` DataFrame of ``rows`` (a list of row dicts): per group, in
-    the order the rows first show the groups, its values as the rows hold them, ``n_seeds`` and each metric's
-    median, min and max over seeds. Raises ValueError for a group with two rows of one seed: two experiments that
-    no recorded setting tells apart."""
+    the order the rows first show the groups, its values as the rows hold them, ``n_seeds`` (PGR defined),
+    ``n_seeds_run`` and each metric's median, min and max over seeds. Raises ValueError for a group with two rows
+    of one seed: two experiments that no recorded setting tells apart."""
     group = _group_columns(summary)
     out = []
     for first, s in summary.sort_index().iterrows():
         row = {c: rows[first].get(c) for c in group}
-        if s["n_rows"] > s["n_seeds"]:
+        if s["n_rows"] > s["n_seeds_run"]:
             same = [r for r in rows if all(json.dumps(r.get(c), default=repr) == json.dumps(v, default=repr)
                                            for c, v in row.items())]
-            raise ValueError(f"{s['n_rows'] - s['n_seeds']} experiment(s) of {row.get('weak')} -> {row.get('strong')} "
+            raise ValueError(f"{s['n_rows'] - s['n_seeds_run']} experiment(s) of {row.get('weak')} -> "
+                             f"{row.get('strong')} "
                              "share a seed and every recorded setting (w2s stages "
                              f"{', '.join(str(r.get('w2s_key')) for r in same)}); report their folders separately")
-        row["n_seeds"] = int(s["n_seeds"])
+        row["n_seeds"], row["n_seeds_run"] = int(s["n_seeds"]), int(s["n_seeds_run"])
         for m in metrics:
             for x in ("median", "min", "max"):
                 v = s[f"{m}_{x}"]

@@ -73,9 +73,13 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
     if subset:
         metrics["subset"] = list(selected)  # the stages that ran; reports skip such results
         return metrics
-    # student vs teacher (misfit) and PGR's CI over test examples, from the stored predictions
-    metrics["diagnostics"], metrics["pgr_ci"] = diagnostics.for_run(
-        runner, {k: outcomes[k].key for k in ("weak", "weak_labels", "ceiling", "w2s")})
+    # student vs teacher (misfit, against the labels it trained on) and PGR's CI over test examples, from the
+    # stored predictions
+    keys = {k: outcomes[k].key for k in ("weak", "weak_labels", "ceiling", "w2s")}
+    keys["targets"] = stages["w2s"].inputs["labels"].key
+    metrics["diagnostics"], metrics["pgr_ci"] = diagnostics.for_run(runner, keys)
+    if "train_labels" in stages and any(n.startswith("member") for n in stages["train_labels"].inputs):
+        metrics["ensemble"] = ensemble_report(runner, stages, acc)
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
     from w2sg.results.collect import settings_of_stages
@@ -101,6 +105,26 @@ def method_metrics(cfg: Config, outcomes: Dict[str, Outcome], acc: Dict[str, Any
         out["s2s"] = {"iterations": n, "acc": last, **(
             {"pgr": None, "pgr_reason": "not every stage ran (stages=)"} if subset or last is None
             else _pgr_entry(acc["weak"], last, acc["ceiling"]))}
+    return out
+
+
+def ensemble_report(runner: Runner, stages: Dict[str, Stage], acc: Dict[str, Any]) -> Dict[str, Any]:
+    """labels=ensemble: the ensemble's own test accuracy (its members' test probabilities averaged, as their labels
+    are for the student) and PGR against it: (w2s - ensemble) / (ceiling - ensemble). The student's supervisor is
+    the ensemble, so this PGR says what it recovered beyond its supervisor; ``pgr`` stays against the run's weak
+    model (``acc.weak``), as for every other run."""
+    from w2sg.ml.methods import average
+    from w2sg.ml.metrics import accuracy
+
+    members = [dep.inputs["model"] for name, dep in sorted(stages["train_labels"].inputs.items())
+               if name.startswith("member")]
+    probs = average([runner.store.get(m.key).read_array("test_probs") for m in members])
+    ens = accuracy(probs, [y for _, y in runner.data.test])
+    value, reason = pgr(ens, acc["w2s"], acc["ceiling"])
+    out = {"members": len(members), "acc": ens, "pgr": value}
+    if reason:
+        out["pgr_reason"] = (f"ceiling ({acc['ceiling']:.4f}) does not exceed the ensemble ({ens:.4f}): "
+                             "no gap to recover")
     return out
 
 
@@ -133,6 +157,8 @@ def track_experiment(cfg: Config, tracker: Tracker, metrics: Dict[str, Any], com
 
     summary.update({k: v for k, v in stats.ci_columns(metrics).items() if v is not None})  # PGR's CI, noise warning
     summary.update({f"diag_{k}": v for k, v in diagnostics.row(metrics).items() if v is not None})
+    if "ensemble" in metrics:
+        summary.update(acc_ensemble=metrics["ensemble"]["acc"], pgr_vs_ensemble=metrics["ensemble"]["pgr"])
     if "chain" in metrics:
         ch = metrics["chain"]
         summary.update(acc_chain=ch["end_to_end"]["acc"], pgr_chain=ch["end_to_end"]["pgr"],
@@ -185,6 +211,10 @@ def table(metrics: Dict[str, Any]) -> str:
             continue
         rows.append((f"acc {k}", f"{metrics['acc'][k]:.4f}" + (f"   auroc {au:.4f}" if au is not None else "")))
     rows.append(("PGR", f"{metrics['pgr']:.3f}" if metrics["pgr"] is not None else f"n/a: {metrics['pgr_reason']}"))
+    if "ensemble" in metrics:  # labels=ensemble: the supervisor's own accuracy, and PGR against it
+        e = metrics["ensemble"]
+        rows.append((f"acc ensemble ({e['members']})", f"{e['acc']:.4f}"))
+        rows.append(("PGR vs ensemble", f"{e['pgr']:.3f}" if e["pgr"] is not None else f"n/a: {e['pgr_reason']}"))
     rows.extend(_ci_rows(metrics))
     if "chain" in metrics:
         ch = metrics["chain"]
@@ -213,6 +243,11 @@ def table(metrics: Dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _transformed(d: Dict[str, Any]) -> bool:
+    """Whether the student trained on other labels than the weak model's raw ones (labels= / budget=)."""
+    return d.get("targets") == "train_labels"
+
+
 def _ci_rows(metrics: Dict[str, Any]) -> List[Tuple[str, str]]:
     """PGR's CI over test examples, its noise warning, and the student-vs-teacher diagnostics."""
     rows: List[Tuple[str, str]] = []
@@ -227,8 +262,16 @@ def _ci_rows(metrics: Dict[str, Any]) -> List[Tuple[str, str]]:
     if d:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         rows.append(("misfit (transfer)", f"sq {fmt(d['misfit_sq'])}  kl {fmt(d['misfit_kl'])}  "
-                                          f"disagreement {fmt(d['misfit_disagreement'])}"))
+                                          f"disagreement {fmt(d['misfit_disagreement'])}"
+                                          + ("  (vs its training targets)" if _transformed(d) else "")))
+        if _transformed(d):
+            rows.append(("misfit (raw weak)", f"sq {fmt(d['misfit_sq_raw_weak'])}  kl {fmt(d['misfit_kl_raw_weak'])}  "
+                                              f"disagreement {fmt(d['misfit_disagreement_raw_weak'])}"))
+        if d.get("misfit_sq_test") is not None:
+            rows.append(("misfit (test)", f"sq {fmt(d['misfit_sq_test'])}  kl {fmt(d['misfit_kl_test'])}  "
+                                          f"disagreement {fmt(1 - d['teacher_agreement_test'])}"))
         rows.append(("gain (test)", f"brier {fmt(d['gain_sq'])}  xent {fmt(d['gain_xent'])}  acc {fmt(d['gain_acc'])}"))
+        rows.append(("  note", diagnostics.REALISABILITY))
         rows.append(("student vs teacher", f"agreement on test {fmt(d['teacher_agreement_test'])}  "
                                            f"weak-label fit {fmt(d['weak_label_fit'])}  "
                                            f"weak-label acc {fmt(d['weak_label_acc'])}"))
