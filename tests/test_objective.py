@@ -9,7 +9,7 @@ import pytest
 from helpers import compose, run_w2sg
 from omegaconf import OmegaConf
 
-from w2sg.app.cli import (OBJECTIVES, check_direction, direction_names, maximize_by_default, objective_value,
+from w2sg.app.cli import (OBJECTIVES, check_direction, check_selection_split, direction_names, maximize_by_default, objective_value,
                           returned_objective, validate)
 from w2sg.core.errors import W2SGError
 
@@ -19,7 +19,7 @@ QUICK = ["pair=tiny", "train=probe", "task.n_train=64", "task.n_test=32", "progr
 
 
 def test_a_misspelt_objective_lists_the_valid_ones():
-    with pytest.raises(W2SGError, match=r"unknown objective 'acc.w2'; valid: pgr, acc.w2s, .*did you mean acc.w2s"):
+    with pytest.raises(W2SGError, match=r"unknown objective 'acc.w2'; valid: val.acc.w2s, .*did you mean acc.w2s"):
         validate(compose(["pair=tiny", "objective=acc.w2"]), [])
     with pytest.raises(W2SGError, match="needs a bootstrap chain"):
         validate(compose(["pair=tiny", "objective=chain.end_to_end.pgr"]), [])
@@ -137,3 +137,39 @@ def test_optuna_without_a_direction_keeps_the_largest_value(tmp_path, store):
         assert result["best_value"] == pytest.approx(pick(values)), name
         warned = "hydra.sweeper.direction=minimize: the sweeper minimises acc.weak" in proc.stdout + proc.stderr
         assert warned == (name == "minimised")
+
+
+def test_tuning_selects_on_held_out_rows_not_on_the_test_split(caplog):
+    """The default objective is read on validation rows (the student's against the weak labels); a val.* objective
+    without them, or the oracle without ground truth for the student, is refused; a test-split objective warns."""
+    import logging
+
+    assert compose([]).objective == "val.acc.w2s"
+    with pytest.raises(W2SGError, match="train.val_frac=0 holds none out; set train.val_frac=0.1"):
+        check_selection_split(compose([]))
+    check_selection_split(compose(["train.val_frac=0.1"]))
+    with pytest.raises(W2SGError, match="set train.val_labels=ground_truth"):
+        check_selection_split(compose(["train.val_frac=0.1", "objective=val.pgr_oracle"]))
+    check_selection_split(compose(["train.val_frac=0.1", "objective=val.pgr_oracle", "train.val_labels=ground_truth"]))
+    with caplog.at_level(logging.WARNING, logger="w2sg"):
+        check_selection_split(compose(["objective=pgr"]))
+    assert "objective=pgr is read on the test split: a result selected on it is optimistic" in caplog.text
+
+
+def test_validation_accuracies_and_the_oracle_pgr_are_in_the_metrics(tmp_path):
+    from helpers import TINY
+
+    from w2sg.core.store import Store
+    from w2sg.run import experiment
+    from w2sg.run.runner import Runner
+
+    cfg = compose(TINY + ["logger=none", f"store_dir={tmp_path}", "train.val_frac=0.25",
+                          "train.val_labels=ground_truth"])
+    m = experiment.run(cfg, Runner(cfg, Store(cfg.store_dir)))
+    val = m["val"]
+    assert val["labels"] == {"weak": "ground_truth", "ceiling": "ground_truth", "w2s": "ground_truth"}
+    acc = val["acc"]
+    gap = acc["ceiling"] - acc["weak"]
+    expected = (acc["w2s"] - acc["weak"]) / gap if gap > 0 else None
+    assert val.get("pgr_oracle") == (pytest.approx(expected) if expected is not None else None)
+    assert objective_value(m, "val.acc.w2s") == acc["w2s"]

@@ -306,3 +306,12 @@ def test_each_trained_model_is_measured_on_its_held_out_rows(tmp_path):
     val = {n: runner.store.get(stages[n].key).read_json("metrics.json")["val"] for n in ("weak", "ceiling", "w2s")}
     assert [val[n]["labels"] for n in ("weak", "ceiling", "w2s")] == ["ground_truth", "ground_truth", "weak"]
     assert all(0 <= v["acc"] <= 1 for v in val.values())
+
+
+def test_student_settings_are_checked_like_trains():
+    from w2sg.app.cli import validate
+
+    with pytest.raises(W2SGError, match="unknown student.optimizer 'sgd'; valid: adamw, adam, adafactor"):
+        validate(compose(["student.optimizer=sgd"]), overrides=[])
+    with pytest.raises(W2SGError, match="student.lr=-1.0 is out of range"):
+        Runner(compose(["student.lr=-1"]), Store("/tmp/unused-store-for-range-check"))

@@ -78,6 +78,14 @@ def validate(cfg: Config, overrides: Optional[Sequence[str]] = None) -> None:
     check_train_settings(t.mode, t.optimizer, t.schedule, t.keep_best, t.val_frac, t.val_labels, t.batch_size,
                          t.minibatch_size, t.batch_order, t.truncation, t.head_init)
     check_device_settings(t.device, t.precision, t.device_map, t.mode)
+    from w2sg.core.options import OPTIMIZERS, SCHEDULES, one_of
+
+    for key, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if getattr(cfg.student, key) is not None:
+            one_of(f"student.{key}", getattr(cfg.student, key), valid)
+    if cfg.student.batch_size is not None and t.minibatch_size and cfg.student.batch_size % t.minibatch_size:
+        raise W2SGError(f"train.minibatch_size={t.minibatch_size} must divide student.batch_size="
+                        f"{cfg.student.batch_size}")
     g = cfg.generative
     if g.enabled:
         if g.objective not in GENERATIVE_OBJECTIVES:
@@ -107,8 +115,15 @@ def validate(cfg: Config, overrides: Optional[Sequence[str]] = None) -> None:
 
 
 # What the task function returns (for tuning sweepers): entries of metrics.json, higher is better for each.
-OBJECTIVES = ("pgr", "acc.w2s", "acc.weak", "acc.ceiling", "auroc.w2s", "auroc.weak", "auroc.ceiling",
-              "weak_label_acc", "chain.end_to_end.pgr", "chain.end_to_end.acc", "chain.bootstrap_minus_direct")
+# val.*: read on held-out rows of the training halves (train.val_frac > 0), so a tuned result is not selected on the
+# test split; the w2s model's against its validation labels (the weak labels by default: all a real user has);
+# val.pgr_oracle needs train.val_labels=ground_truth (ground truth selects the student: an oracle). The others are
+# read on the test split, which a sweep should report once, not select on.
+VAL_OBJECTIVES = ("val.acc.w2s", "val.auroc.w2s", "val.acc.weak", "val.auroc.weak", "val.acc.ceiling",
+                  "val.auroc.ceiling", "val.pgr_oracle")
+OBJECTIVES = VAL_OBJECTIVES + (
+    "pgr", "acc.w2s", "acc.weak", "acc.ceiling", "auroc.w2s", "auroc.weak", "auroc.ceiling", "weak_label_acc",
+    "chain.end_to_end.pgr", "chain.end_to_end.acc", "chain.bootstrap_minus_direct")
 
 
 def validate_objective(cfg: Config) -> None:
@@ -124,6 +139,24 @@ def validate_objective(cfg: Config) -> None:
                         f"{', '.join(o for o in OBJECTIVES if not o.startswith('chain.'))}")
     if _sweeper_reads_return_value():
         check_direction(HydraConfig.get().sweeper, name)
+        check_selection_split(cfg)
+
+
+def check_selection_split(cfg: Config) -> None:
+    """Under a tuning sweeper: a val.* objective needs held-out rows (and val.pgr_oracle ground truth for the
+    student's); an objective read on the test split is allowed, with a warning that selecting on it is optimistic."""
+    name, t = cfg.objective, cfg.train
+    if name in VAL_OBJECTIVES and not t.val_frac:
+        raise W2SGError(f"objective={name} is read on held-out rows of the training halves, and train.val_frac=0 "
+                        "holds none out; set train.val_frac=0.1 (or another share)")
+    if name == "val.pgr_oracle" and t.val_labels != "ground_truth":
+        raise W2SGError("objective=val.pgr_oracle measures the student against ground truth: set "
+                        "train.val_labels=ground_truth (an oracle), or tune on objective=val.acc.w2s (against the "
+                        "weak labels, all a real user has)")
+    if name not in VAL_OBJECTIVES:
+        log.warning("objective=%s is read on the test split: a result selected on it is optimistic, and the test "
+                    "split should be reported once; tune on a val.* objective (train.val_frac=0.1 "
+                    "objective=val.acc.w2s) and report the test split of the chosen setting", name)
 
 
 # --- which way a tuning sweeper optimises -------------------------------------------------------------------
@@ -211,7 +244,8 @@ def returned_objective(cfg: Config, metrics: Dict[str, Any]) -> float:
     raise W2SGError(f"objective {cfg.objective} is null for this run" + (f" ({reason})" if reason else "")
                     + "; the sweeper records the trial as failed (hydra.sweeper.max_failure_rate sets how many failed "
                     "trials it tolerates)" + ("; objective=acc.w2s has a value whenever the w2s stage runs"
-                                              if cfg.objective == "pgr" else ""))
+                                              if cfg.objective == "pgr" else "")
+                    + ("; val.* objectives need train.val_frac > 0" if cfg.objective in VAL_OBJECTIVES else ""))
 
 
 def run(composed: DictConfig) -> Dict[str, Any]:

@@ -69,6 +69,9 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
         },
         **({"warnings": warnings} if warnings else {}),
     }
+    val = validation_metrics(outcomes)
+    if val is not None:
+        metrics["val"] = val
     metrics.update(method_metrics(cfg, outcomes, acc, auroc, subset))
     if subset:
         metrics["subset"] = list(selected)  # the stages that ran; reports skip such results
@@ -87,6 +90,23 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
     metrics["settings"] = settings_of_stages(stages)  # what tells this experiment apart in reports
     metrics["settings"].update(method_settings(cfg))
     return metrics
+
+
+def validation_metrics(outcomes: Dict[str, Outcome]) -> Optional[Dict[str, Any]]:
+    """train.val_frac > 0: each model's final accuracy on its held-out rows (what tuning objectives, val.*, read, so
+    the test split is read once): weak and ceiling against ground truth (their ground-truth half's), w2s against its
+    validation labels (train.val_labels: the weak labels by default, all a real user has). ``pgr_oracle``: PGR from
+    these accuracies when w2s validated against ground truth (an oracle: ground truth selects the student; the
+    three models are measured on held-out rows of their own training halves)."""
+    vals = {k: outcomes[k].metrics.get("val") if k in outcomes else None for k in ("weak", "ceiling", "w2s")}
+    if not any(vals.values()):
+        return None
+    out: Dict[str, Any] = {m: {k: v[m] if v else None for k, v in vals.items()} for m in ("acc", "auroc")}
+    out["labels"] = {k: v["labels"] if v else None for k, v in vals.items()}
+    if out["labels"]["w2s"] == "ground_truth" and None not in out["acc"].values():
+        entry = _pgr_entry(out["acc"]["weak"], out["acc"]["w2s"], out["acc"]["ceiling"])
+        out["pgr_oracle"] = entry["pgr"]
+    return out
 
 
 def method_metrics(cfg: Config, outcomes: Dict[str, Outcome], acc: Dict[str, Any], auroc: Dict[str, Any],
