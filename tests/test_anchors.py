@@ -33,22 +33,47 @@ def row(task, weak, strong, loss, seed, pgr, **settings):
 
 # --- the shipped anchors ----------------------------------------------------------------------------------
 
-def test_shipped_anchors_hold_the_published_figures_and_refer_to_configs_that_exist():
+GPT2 = "gpt2|gpt2_medium|gpt2_large|gpt2_xl"
+
+
+def anchor(**fields):
+    """One parsed median anchor (sciq xent 0.33 over gpt2 -> gpt2_xl, per run, per-seed medians) with ``fields`` changed."""
+    raw = dict.fromkeys(anchors.FIELDS, "")
+    raw.update({"source": "src", "sweep": "paper_nlp", "kind": "median", "task": "sciq", "loss": "xent",
+           "models": "gpt2|gpt2_xl", "metric": "pgr", "value": "0.33", "verified": "no"})
+    raw.update({k: str(v) for k, v in fields.items()})
+    return anchors._parse(raw, "test")
+
+
+def test_shipped_anchors_hold_the_figures_read_in_their_sources():
     shipped = anchors.load()
     medians = {(a["task"], a["loss"]): a["value"] for a in shipped if a["kind"] == "median"}
-    assert medians == {("sciq", "xent"): 0.33, ("sciq", "logconf"): 0.31, ("boolq", "xent"): 0.05,
-                       ("boolq", "logconf"): -0.36, ("cosmos_qa", "xent"): 0.35, ("cosmos_qa", "logconf"): 0.37,
-                       ("amazon_polarity", "xent"): 0.58, ("amazon_polarity", "logconf"): 0.52,
-                       ("anthropic_hh", "xent"): None, ("anthropic_hh", "logconf"): None}  # none published
+    assert medians == {("sciq", "xent"): 0.3322, ("sciq", "logconf"): 0.3102, ("boolq", "xent"): 0.0484,
+                       ("boolq", "logconf"): -0.3545, ("cosmos_qa", "xent"): 0.3518, ("cosmos_qa", "logconf"): 0.3693,
+                       ("amazon_polarity", "xent"): 0.5757, ("amazon_polarity", "logconf"): 0.5207,
+                       ("anthropic_hh", "xent"): -0.1237, ("anthropic_hh", "logconf"): 0.8061}
+    for a in shipped:
+        if a["kind"] == "median":  # notebooks/Plotting.ipynb's definition, over its seven models
+            assert a["verified"] == "yes" and f"notebooks/{a['task']}.png" in a["note"], a
+            assert (a["population"], a["averaging"], a["pooling"], a["pgr_from"]) == (
+                "strong_more_accurate", "seed_mean_baselines", "pairs_and_seeds", "accuracy")
+            assert a["models"][4:] == ["Qwen/Qwen-1_8B", "Qwen/Qwen-7B", "Qwen/Qwen-14B"]
     wins = [a for a in shipped if a["kind"] == "wins"]
-    assert [(a["loss"], a["baseline"], a["count"], a["n"], a["p_value"]) for a in wins] == [
-        ("logconf", "xent", 16, 21, 0.079)]
+    assert [(a["loss"], a["baseline"], a["count"], a["n"], a["p_value"], a["pgr_from"], a["verified"])
+            for a in wins] == [("logconf", "xent", 16, 21, 0.079, "auroc", "no")]  # the count: not found in a source
     assert wins[0]["value"] == pytest.approx(16 / 21)
     for a in shipped:
         assert a["task"] == "*" or a["task"] in options("task"), a
         assert {a["loss"], a["baseline"] or a["loss"]} <= options("loss"), a
         assert (SWEEPS / f"{a['sweep']}.yaml").exists(), a
-        assert a["verified"] == "no" and "issue 16" in a["note"], a  # none checked against its source here
+
+
+def test_shipped_openai_medians_are_not_comparable_with_gpt2_rows_alone():
+    rows = [row("sciq", "gpt2", "gpt2_xl", "xent", s, 0.33, acc_weak=0.6, acc_ceiling=0.8, acc_w2s=0.666)
+            for s in range(3)]
+    (c,) = anchors.compare(rows)
+    assert c["verdict"] == "not comparable" and "Qwen/Qwen-1_8B" in c["detail"]
+    assert c["ours"] == pytest.approx(0.33)  # ours is still shown
 
 
 @pytest.mark.parametrize("sweep", ["paper_nlp", "eleuther"])
@@ -86,19 +111,28 @@ def test_a_broken_anchor_file_is_a_clear_error(tmp_path, text, message):
 # --- verdicts ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pgrs,verdict,ci", [
-    ((0.30, 0.33, 0.36), "reproduced", (0.30, 0.36)),   # 0.33 inside [0.30, 0.36]
-    ((0.60, 0.62, 0.64), "differs", (0.60, 0.64)),      # 0.33 outside
-    ((-0.50, 0.30, 0.90), "too noisy", (-0.50, 0.90)),  # CI wider than 1
-    ((0.30, 0.33), "no CI", (None, None)),              # 2 seeds
+    ((0.30, 0.33, 0.36), "reproduced", (0.30, 0.36)),    # 0.33 inside [0.30, 0.36]
+    ((0.60, 0.62, 0.64), "differs", (0.60, 0.64)),       # 0.33 outside
+    ((0.10, 0.33, 0.70), "inconclusive", (0.10, 0.70)),  # holds 0.33, but 0.6 wide (> WIDE_MEDIAN)
+    ((0.30, 0.33), "no CI", (None, None)),               # 2 seeds
 ])
 def test_median_anchor_verdicts(pgrs, verdict, ci):
     rows = [row("sciq", "gpt2", "gpt2_xl", "xent", seed, p) for seed, p in enumerate(pgrs)]
-    (c,) = anchors.compare(rows)
+    (c,) = anchors.compare(rows, anchors=[anchor()])
     assert (c["task"], c["loss"], c["theirs"], c["verdict"]) == ("sciq", "xent", 0.33, verdict)
     assert c["ours"] == pytest.approx(sorted(pgrs)[len(pgrs) // 2] if len(pgrs) == 3 else sum(pgrs) / 2)
     assert (c["ci_low"], c["ci_high"]) == (pytest.approx(ci[0]) if ci[0] is not None else None,
                                            pytest.approx(ci[1]) if ci[1] is not None else None)
+    assert c["ci_level"] == (0.75 if len(pgrs) == 3 else None)  # exact order-statistic coverage of 3 seeds
     assert c["n_seeds"] == len(pgrs) and c["n_runs"] == len(pgrs)
+
+
+def test_three_seeds_spread_over_a_whole_unit_reproduce_no_anchor():
+    rows = [row("sciq", "gpt2", "gpt2_xl", "xent", s, p) for s, p in enumerate((-0.1, 0.3, 0.8))]
+    got = [anchors.compare(rows, anchors=[anchor(value=v)])[0]["verdict"] for v in (0.05, 0.58, 0.52)]
+    assert got == ["inconclusive"] * 3
+    assert anchors.median_verdict(0.33, 0.1, 0.6) == "reproduced"  # 0.5 wide: still narrow enough
+    assert anchors.median_verdict(0.33, 0.1, 0.61) == "inconclusive"
 
 
 def test_median_is_over_the_weak_smaller_pairs_of_each_seed_then_over_seeds():
@@ -109,11 +143,30 @@ def test_median_is_over_the_weak_smaller_pairs_of_each_seed_then_over_seeds():
                  row("boolq", "gpt2_large", "gpt2_xl", "logconf", seed, 0.4 + 0.1 * seed),
                  row("boolq", "gpt2_large", "gpt2_medium", "logconf", seed, 5.0),   # weak larger: left out
                  row("boolq", "gpt2_medium", "gpt2_medium", "logconf", seed, None)]  # PGR undefined: left out
-    (c,) = anchors.compare(rows)
+    (c,) = anchors.compare(rows, anchors=[anchor(task="boolq", loss="logconf", value=-0.36, models=GPT2)])
     assert c["ours"] == pytest.approx(0.3)  # per seed 0.2, 0.3, 0.4
     assert (c["ci_low"], c["ci_high"]) == (pytest.approx(0.2), pytest.approx(0.4))
     assert c["verdict"] == "differs" and c["theirs"] == -0.36 and c["n_runs"] == 9
     assert c["detail"].startswith("3 pair(s): gpt2->gpt2_medium, gpt2->gpt2_xl, gpt2_large->gpt2_xl")
+
+
+def test_openai_pooling_averages_baselines_over_seeds_keeps_strong_better_pairs_one_median():
+    """A hand-made table: (weak, strong) -> per seed (acc_weak, acc_ceiling, acc_w2s)."""
+    table = {("gpt2", "gpt2_medium"): [(0.60, 0.70, 0.65), (0.62, 0.72, 0.69), (0.64, 0.68, 0.60)],
+             ("gpt2", "gpt2_xl"): [(0.60, 0.80, 0.70), (0.62, 0.84, 0.80), (0.64, 0.82, 0.64)],
+             ("gpt2_medium", "gpt2_large"): [(0.70, 0.66, 0.70), (0.72, 0.68, 0.72), (0.68, 0.70, 0.69)]}
+    rows = [row("sciq", w, s, "xent", seed, 123.0, acc_weak=a, acc_ceiling=c, acc_w2s=x)
+            for (w, s), per_seed in table.items() for seed, (a, c, x) in enumerate(per_seed)]
+    # seed means: gpt2 weak 0.62, gpt2_medium ceiling 0.70, gpt2_xl ceiling 0.82, gpt2_medium weak 0.70,
+    # gpt2_large ceiling 0.68 < 0.70: that pair is left out. PGRs (w2s - 0.62) / (ceiling - 0.62):
+    # gpt2->gpt2_medium: 0.375, 0.875, -0.25; gpt2->gpt2_xl: 0.4, 0.9, 0.1; one median of the six: 0.3875
+    a = anchor(value=0.39, models=GPT2, population="strong_more_accurate", averaging="seed_mean_baselines",
+               pooling="pairs_and_seeds")
+    (c,) = anchors.compare(rows, anchors=[a])
+    assert c["ours"] == pytest.approx(0.3875) and c["n_runs"] == 6
+    # CI over the per-seed medians (0.3875, 0.8875, -0.075): min to max, coverage 0.75
+    assert (c["ci_low"], c["ci_high"], c["ci_level"]) == (pytest.approx(-0.075), pytest.approx(0.8875), 0.75)
+    assert c["verdict"] == "inconclusive" and "gpt2_medium->gpt2_large" not in c["detail"]
 
 
 def test_rows_no_anchor_covers_give_no_comparison():
@@ -128,33 +181,38 @@ def test_rows_no_anchor_covers_give_no_comparison():
 
 def test_a_task_without_a_published_figure_shows_ours_and_says_so():
     rows = [row("anthropic_hh", "gpt2", "gpt2_xl", "xent", s, 0.1 * s) for s in range(3)]
-    (c,) = anchors.compare(rows)
+    (c,) = anchors.compare(rows, anchors=[anchor(task="anthropic_hh", value="")])
     assert c["verdict"] == "no anchor figure" and c["theirs"] is None and c["ours"] == pytest.approx(0.1)
 
 
 def test_rows_that_differ_in_a_setting_are_compared_apart():
     rows = [row("sciq", "gpt2", "gpt2_xl", "xent", s, p, **{"train.lr": lr})
             for lr, ps in ((1e-5, (0.3, 0.33, 0.36)), (1e-4, (0.6, 0.62, 0.64))) for s, p in enumerate(ps)]
-    got = {c["settings"]: c["verdict"] for c in anchors.compare(rows, settings=["train.lr"])}
+    got = {c["settings"]: c["verdict"] for c in anchors.compare(rows, settings=["train.lr"], anchors=[anchor()])}
     assert got == {"train.lr=1e-05": "reproduced", "train.lr=0.0001": "differs"}
 
 
+def auroc(pgr):
+    """AUROC columns whose PGR is ``pgr`` (weak 0.6, ceiling 0.8); the accuracy ``pgr`` is set to -1 apart."""
+    return {"auroc_weak": 0.6, "auroc_ceiling": 0.8, "auroc_w2s": 0.6 + 0.2 * pgr}
+
+
 def eleuther_rows(n_tasks, logconf_wins, seeds=3):
-    """xent PGR 0.3 on every task; logconf 0.4 on the first `logconf_wins` tasks and 0.2 on the rest."""
+    """AUROC PGR: xent 0.3 on every task; logconf 0.4 on the first `logconf_wins` tasks and 0.2 on the rest."""
     tasks = (ELEUTHER_TASKS + ["extra"])[:n_tasks]
     out = []
     for i, task in enumerate(tasks):
         for s in range(seeds):
-            out.append(row(task, "qwen2_5_0_5b", "llama3_1_8b", "xent", s, 0.3 + 0.01 * s))
-            out.append(row(task, "qwen2_5_0_5b", "llama3_1_8b", "logconf", s,
-                           (0.4 if i < logconf_wins else 0.2) + 0.01 * s + 0.001 * i))
+            lc = (0.4 if i < logconf_wins else 0.2) + 0.01 * s + 0.001 * i
+            out.append(row(task, "qwen2_5_0_5b", "llama3_1_8b", "xent", s, -1.0, **auroc(0.3 + 0.01 * s)))
+            out.append(row(task, "qwen2_5_0_5b", "llama3_1_8b", "logconf", s, -1.0, **auroc(lc)))
     return out
 
 
 @pytest.mark.parametrize("n_tasks,wins,verdict", [
     (21, 16, "reproduced"),  # 16/21: exact CI [0.53, 0.92] holds their 0.76
     (21, 5, "differs"),      # 5/21: CI [0.08, 0.47]
-    (4, 3, "too noisy"),     # 3/4: CI [0.19, 0.99], wider than 0.5
+    (4, 3, "inconclusive"),  # 3/4: CI [0.19, 0.99], wider than 0.5
     (2, 2, "no CI"),         # fewer than 3 data sets
 ])
 def test_cross_task_wins_verdicts(n_tasks, wins, verdict):
@@ -166,11 +224,17 @@ def test_cross_task_wins_verdicts(n_tasks, wins, verdict):
         from scipy.stats import wilcoxon
 
         diffs = [(0.4 if i < wins else 0.2) + 0.001 * i - 0.3 for i in range(21)]
-        assert c["our_p"] == pytest.approx(wilcoxon(diffs, alternative="greater").pvalue)
+        assert c["our_p"] == pytest.approx(wilcoxon(diffs, alternative="greater").pvalue)  # from AUROC PGRs
         assert c["our_sign_p"] is not None and c["our_wilcoxon_p_two_sided"] is not None
         printed = "\n".join(anchors.lines([c]))
         assert f"logconf beats xent on {wins / 21:.0%} [" in printed and "of data sets vs EleutherAI/w2s 76%" in printed
-        assert "vs theirs 0.079" in printed and printed.endswith(f": {verdict} ({c['detail']})")
+        assert "(verified no, PGR from auroc)" in printed and "vs theirs 0.079" in printed and printed.endswith(f": {verdict} ({c['detail']})")
+
+
+def test_cross_task_without_auroc_is_not_comparable():
+    rows = [{k: v for k, v in r.items() if not k.startswith("auroc")} for r in eleuther_rows(21, 16)]
+    (c,) = [c for c in anchors.compare(rows) if c["kind"] == "wins"]
+    assert c["verdict"] == "not comparable" and "auroc" in c["detail"] and c["ours"] is None
 
 
 def test_cross_task_needs_both_losses():
@@ -204,14 +268,17 @@ def test_report_writes_anchors_csv_and_prints_ours_next_to_theirs(tmp_path, caps
         (tmp_path / str(i) / "metrics.json").write_text(json.dumps(m))
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "anchors: ours [95% CI: over seeds for a median, over data sets for a share] vs published" in out
-    assert "sciq             xent     median PGR 0.33 [0.32, 0.34] vs openai/weak-to-strong 0.33" in out
-    assert "(3 seeds, 3 runs): reproduced" in out
-    assert "logconf  median PGR 0.65 [0.60, 0.70] vs openai/weak-to-strong 0.31" in out and ": differs" in out
+    assert "anchors: ours [CI (coverage): over seeds for a median, 95% over data sets for a share] vs published" in out
+    # openai's medians pool seven models (three Qwen with no catalogue entry): one GPT-2 pair is not comparable
+    assert ("sciq             xent     median PGR 0.33 [0.32, 0.34] (0.75) vs openai/weak-to-strong 0.33 "
+            "(verified yes, PGR from accuracy)") in out
+    assert "(3 seeds, 3 runs): not comparable" in out
+    assert "logconf  median PGR 0.65 [0.60, 0.70] (0.75) vs openai/weak-to-strong 0.31" in out
     written = {(r["task"], r["loss"]): r for r in csv.DictReader(open(tmp_path / "anchors.csv"))}
     assert set(written) == {("sciq", "xent"), ("sciq", "logconf")}
-    assert written["sciq", "xent"]["verdict"] == "reproduced" and written["sciq", "logconf"]["verdict"] == "differs"
-    assert float(written["sciq", "xent"]["theirs"]) == 0.33 and written["sciq", "xent"]["n_seeds"] == "3"
+    assert {r["verdict"] for r in written.values()} == {"not comparable"}
+    assert float(written["sciq", "xent"]["theirs"]) == 0.3322 and written["sciq", "xent"]["n_seeds"] == "3"
+    assert written["sciq", "xent"]["verified"] == "yes" and written["sciq", "xent"]["ci_level"] == "0.75"
     assert "anchors.csv" in out.splitlines()[-1]
 
 
@@ -285,3 +352,13 @@ def test_cross_task_pairs_the_baseline_with_each_setting_of_the_losss_own_parame
     got = {c["settings"]: (c["verdict"], c["n_runs"])
            for c in anchors.compare(rows, settings=["loss.aux_coef"]) if c["kind"] == "wins"}
     assert got == {"loss.aux_coef=0.5": ("reproduced", 126), "loss.aux_coef=0.25": ("differs", 126)}
+
+
+def test_report_rows_carry_the_aurocs_auroc_anchors_compare_on():
+    from w2sg.results.collect import _row
+
+    m = {"task": "t", "weak": {"model": "a", "params": 1}, "strong": {"model": "b", "params": 2}, "loss": "xent",
+         "seed": 0, "acc": {"weak": 0.6, "ceiling": 0.8, "w2s": 0.7}, "pgr": 0.5,
+         "auroc": {"weak": 0.65, "ceiling": 0.9, "w2s": 0.8}}
+    row = _row(m)
+    assert (row["auroc_weak"], row["auroc_ceiling"], row["auroc_w2s"]) == (0.65, 0.9, 0.8)

@@ -170,7 +170,9 @@ def _row(m: Dict[str, Any]) -> Dict[str, Any]:
     return {"task": m["task"], "weak": m["weak"]["model"], "weak_params": m["weak"]["params"],
             "strong": m["strong"]["model"], "strong_params": m["strong"]["params"], "loss": m["loss"],
             "seed": m["seed"], "acc_weak": m["acc"]["weak"], "acc_ceiling": m["acc"]["ceiling"],
-            "acc_w2s": m["acc"]["w2s"], "pgr": m["pgr"]}
+            "acc_w2s": m["acc"]["w2s"], "pgr": m["pgr"],
+            # AUROCs: anchors whose PGR is computed from ROC AUC (EleutherAI/w2s) compare on them
+            **{f"auroc_{k}": (m.get("auroc") or {}).get(k) for k in ("weak", "ceiling", "w2s")}}
 
 
 ENSEMBLE = ("acc_ensemble", "pgr_vs_ensemble")  # labels=ensemble: the supervisor's accuracy and PGR against it
