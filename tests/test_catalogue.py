@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import CONF, compose
+from helpers import CONF, compose, model_params
 
 from w2sg.ml.models import add_lora, arch_config, build_model, count_params, hidden_size
 from w2sg.run.device import ACTIVATION_FACTORS, GIB, stage_estimate
@@ -28,7 +28,7 @@ def test_the_catalogue_has_every_family_and_size():
         assert len([m for m in CATALOGUE if m.startswith(family)]) == n, family
 
 
-@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("name", model_params(CATALOGUE))
 def test_params_match_the_full_size_architecture(name):
     cfg = model(name)
     with torch.device("meta"):
@@ -39,7 +39,7 @@ def test_params_match_the_full_size_architecture(name):
     assert count_params(backbone) + hidden * 2 + 2 == cfg.params  # the backbone and a 2-class head
 
 
-@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("name", model_params(CATALOGUE))
 def test_memory_estimate_is_the_formula(name):
     """memory_gb: w2sg.run.device.stage_estimate in bf16 at minibatch 8 x length 512 (LoRA: rank 8 on the family's
     targets), with the activation constants calibrated for the model's family."""
@@ -51,7 +51,7 @@ def test_memory_estimate_is_the_formula(name):
         assert math.isclose(sum(parts.values()) / GIB, gb, abs_tol=0.051), (mode, gb)
 
 
-@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("name", model_params(CATALOGUE))
 def test_a_shrunk_random_model_of_each_architecture_trains(name):
     """Forward and backward through the classifier, fully and with the model's LoRA targets."""
     cfg = model(name)

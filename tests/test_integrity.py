@@ -158,17 +158,16 @@ def test_a_missing_column_names_the_file_the_column_and_the_columns_present(tmp_
 
 
 def test_string_labels_without_label_map_say_how_to_map_them(tmp_path):
-    rows = [{"sentence": f"text {i}", "label": ["neg", "pos"][i % 2]} for i in range(8)]
+    rows = [{"sentence": f"text {i}", "label": ["neg", "pos"][i % 2]} for i in range(40)]
     train, test = _write_jsonl(tmp_path / "train.jsonl", rows), _write_jsonl(tmp_path / "test.jsonl", rows)
+    sizes = ["task.n_train=16", "task.n_test=8"]  # every class in each set
     with pytest.raises(W2SGError) as e:
-        load_task(_local_task(train, test), 0)
+        load_task(_local_task(train, test, sizes), 0)
     msg = str(e.value)
     assert str(train) in msg and "column 'label' is not a class index" in msg
-    assert "values seen: neg, pos" in msg and "label_map in the task's YAML file, e.g. 'label_map: {neg: 0, pos: 1}'" in msg
-    # (a command-line task.label_map=... over a null label_map fails in OmegaConf 2.3's merge: hence the YAML file)
-    cfg = _local_task(train, test)
-    cfg.label_map = {"neg": 0, "pos": 1}
-    data = load_task(cfg, 0)
+    assert "values seen: neg, pos" in msg and ("with task.label_map='{neg: 0, pos: 1}' on the command line, or "
+                                                "'label_map: {neg: 0, pos: 1}' in the task's YAML file") in msg
+    data = load_task(_local_task(train, test, [*sizes, "task.label_map={neg: 0, pos: 1}"]), 0)  # the advice works
     assert {y for _, y in data.gt + data.weak} == {0, 1}
 
 
@@ -183,10 +182,11 @@ def test_a_kind_format_reading_a_missing_column_lists_the_columns(tmp_path):
 
 def test_files_with_other_columns_are_read_each_on_its_own(tmp_path):
     """A test file whose columns differ from the train file's must not break (or be blamed on) the train split."""
-    train = _write_jsonl(tmp_path / "train.jsonl", ROWS)
-    test = _write_jsonl(tmp_path / "test.jsonl", [{**r, "extra": 1} for r in ROWS])
-    data = load_task(_local_task(train, test), 0)
-    assert len(data.test) == 2
+    rows = [{"sentence": f"text {i}", "label": i % 2} for i in range(40)]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    test = _write_jsonl(tmp_path / "test.jsonl", [{**r, "extra": 1} for r in rows])
+    data = load_task(_local_task(train, test, ["task.n_train=16", "task.n_test=8"]), 0)  # every class in each set
+    assert len(data.test) == 8
 
 
 def test_an_unparsable_local_file_is_named_without_a_hub_hint(tmp_path):

@@ -291,3 +291,35 @@ def test_a_store_without_experiment_records_says_how_many_and_the_way_out(tmp_pa
     assert "rerun their experiments: every stage is reused, and the run records the experiment" in err
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert [(r["weak"], r["strong"]) for r in rows] == [("m2", "m3")]
+
+
+def test_a_store_s_report_without_out_goes_to_a_new_folder_here_never_into_the_store(tmp_path, monkeypatch, capsys):
+    from w2sg.core.store import Store
+
+    store = Store(tmp_path / "store")
+    _store_experiment(store, run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65)))
+    before = sorted(p.name for p in store.root.iterdir())
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main([str(store.root)]) == 0
+    assert sorted(p.name for p in store.root.iterdir()) == before, "nothing written into the store"
+    [out] = here.iterdir()
+    assert out.name.startswith("w2sg-report-store-") and (out / "results.csv").is_file()
+    assert str(out / "results.csv") in capsys.readouterr().out
+    assert main([str(store.root)]) == 0 and len(list(here.iterdir())) == 2, "a second report: a folder of its own"
+
+
+def test_an_unwritable_report_folder_is_named_with_the_way_out(tmp_path, capsys):
+    from w2sg.core.errors import W2SGError
+    from w2sg.core.store import Store
+
+    store = Store(tmp_path / "store")
+    _store_experiment(store, run_metrics("m1", "m2", "xent", 0, (0.6, 0.7, 0.65)))
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "report"  # cannot be created, even by root
+    with pytest.raises(W2SGError, match=rf"cannot write the report into {out}: .*pass --out"):
+        write_report(store.root, out)
+    assert main([str(store.root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report into {out}" in err and "--out" in err and "Traceback" not in err

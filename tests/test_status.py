@@ -251,3 +251,20 @@ def test_the_store_dir_read_without_omegaconf_is_the_one_omegaconf_resolves(tmp_
             monkeypatch.setenv("W2SG_STORE", env)
         expected = str(OmegaConf.load(tmp_path / "config.yaml").store_dir)
         assert status.default_store_dir(tmp_path) == expected, (value, env)
+
+
+def test_the_run_summary_counts_every_stage_that_ran_inputs_included(tmp_path, store):
+    """A probe run's features stages are inputs of its train stages, not in the plan's top level; the summary's
+    stage count is every stage that ran (here: every stage the store holds after a cold run)."""
+    import re
+
+    from helpers import run_w2sg
+
+    args = TINY + ["train.mode=probe", "logger=none"]
+    cold = run_w2sg(args, tmp_path)
+    stored = len(list((store / "stages").iterdir()))
+    [line] = re.findall(r"^stages\s+(.*)$", cold.stdout, re.M)
+    assert stored > len(cold.metrics[0]["stages"]), "the plan's top level leaves the features stages out"
+    assert line == f"{stored} (0 reused from the store)"
+    warm = run_w2sg(args, tmp_path)
+    assert re.findall(r"^stages\s+(.*)$", warm.stdout, re.M) == [f"{stored} ({stored} reused from the store)"]

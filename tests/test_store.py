@@ -279,3 +279,54 @@ def test_the_store_lists_stored_and_unfinished_stages_and_their_sizes(tmp_path):
     (source / "model.safetensors").write_bytes(b"w" * 1000)
     s.restore_weights(done, source)
     assert s.sizes() == walked_sizes(tmp_path / "s") and s.sizes()["weights"] == 1000
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_hashed_again(tmp_path, monkeypatch):
+    """cp -p / rsync -a restore size and mtime; the fingerprint cache (memo and on disk) must not trust them."""
+    import os
+
+    from w2sg.core import fingerprint
+
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"label": 0}\n')
+    cache = tmp_path / "store" / "fingerprints"
+    first = fingerprint.file_fingerprint(f, cache)
+    st = f.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity: the rewrite gets a new ctime
+    f.write_text('{"label": 1}\n')  # every label flipped, same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime back, as cp -p does
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    expected = fingerprint._sha256(f)
+    assert expected != first
+    assert fingerprint.file_fingerprint(f, cache) == expected  # the memo of this process
+    monkeypatch.setattr(fingerprint, "_MEMO", {})  # a new process: the cache on disk alone
+    assert fingerprint.file_fingerprint(f, cache) == expected
+
+
+def test_a_finished_stage_s_files_honour_the_umask(tmp_path):
+    """safetensors writes its files 0600; a stage's files all get the umask's mode, so a group can share a store."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o022)
+    try:
+        s = Store(tmp_path / "s")
+
+        def train(out):
+            out.write_json("metrics.json", {"acc": 0.5})
+            out.write_array("probs.npy", np.zeros(3))
+            save_file({"w": torch.zeros(2)}, str(out.file("model.safetensors")))
+
+        sd, _ = s.compute("e" * 24, {"kind": "train", "label": "weak:m"}, train)
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in sd.path.iterdir()}
+        assert modes["model.safetensors"] == "0o644" and set(modes.values()) == {"0o644"}, modes
+        assert oct(sd.path.stat().st_mode & 0o777) == "0o755"
+        source = tmp_path / "recomputed"  # weights trained again (freed ones) come back with the same mode
+        source.mkdir()
+        save_file({"w": torch.ones(2)}, str(source / "model.safetensors"))
+        s.restore_weights("e" * 24, source)
+        assert oct((sd.path / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    finally:
+        os.umask(mask)

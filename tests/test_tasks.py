@@ -316,3 +316,76 @@ def test_template_tasks_follow_the_eleutherai_formats(task, row, text, label):
     cfg = compose([f"task={task}"]).task
     assert cfg.kind == "template"
     assert FORMATTERS["template"](row, random.Random(0), cfg) == (text, label)
+
+
+def labelled_one_two(tmp_path, n=60):
+    """A json task file whose labels are the ints 1 and 2 (not class indices)."""
+    return write_jsonl(tmp_path / "train.jsonl", [{"text": f"review {i}", "label": 1 + i % 2} for i in range(n)])
+
+
+def test_label_map_is_given_on_the_command_line_with_text_or_number_keys(tmp_path):
+    cfg = local_task(labelled_one_two(tmp_path), None, "task.n_train=24", "task.n_test=12",
+                     "task.label_map={1: 0, 2: 1}")
+    assert cfg.label_map == {"1": 0, "2": 1}, "number keys become text keys, matched with str() of the raw label"
+    data = load_task(cfg, 0)
+    labels = [y for _, y in data.gt + data.weak + data.test]
+    assert sorted(set(labels)) == [0, 1] and len(labels) == 36
+    assert compose(["task.label_map=null", "task.label_map={neg: 0, pos: 1}"]).task.label_map == {"neg": 0, "pos": 1}
+    with pytest.raises(Exception, match=r"task.label_map=\{neg: x\}.*could not be converted to Integer"):
+        compose(["task.label_map=null", "task.label_map={neg: x}"])
+
+
+def test_an_empty_class_names_the_raw_labels_and_the_override_that_maps_them(tmp_path):
+    path = labelled_one_two(tmp_path)
+    with pytest.raises(W2SGError) as e:  # the old error's advice, task.num_classes=3, left class 0 empty
+        load_task(local_task(path, None, "task.n_train=24", "task.n_test=12", "task.num_classes=3"), 0)
+    msg = str(e.value)
+    assert "class 0 of task.num_classes=3 has no example in the pool" in msg
+    assert "raw labels of column 'label' (value: rows): 1: 30, 2: 30" in msg
+    fix = msg.split("classes 0..1: ", 1)[1].split(" (or", 1)[0]
+    assert fix == "task.label_map='{1: 0, 2: 1}' task.num_classes=2"
+    overrides = [o.replace("'", "") for o in fix.split(" task.")]  # as the shell passes them on
+    overrides = [overrides[0]] + ["task." + o for o in overrides[1:]]
+    data = load_task(local_task(path, None, "task.n_train=24", "task.n_test=12", *overrides), 0)
+    assert {y for _, y in data.test} == {0, 1}, "following the advice gives the 2-class task"
+
+
+def test_a_set_without_a_class_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"a {i}", "label": i % 2} for i in range(40)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": f"b {i}", "label": 1} for i in range(20)])
+    with pytest.raises(W2SGError, match=r"class 0 of task.num_classes=2 has no example in the test set \(class "
+                                        r"counts: 0: 0, 1: 10\).*raise task.n_train / task.n_test"):
+        load_task(local_task(train, test, "task.n_train=16", "task.n_test=10"), 0)
+
+
+def test_empty_texts_are_warned_about_and_mostly_empty_ones_stop_the_run(tmp_path, caplog):
+    import re
+
+    # a quarter of the texts empty or whitespace only, all 40 rows used
+    rows = [{"text": "" if i % 8 == 0 else " \n" if i % 8 == 5 else f"t {i}", "label": i % 2} for i in range(40)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with caplog.at_level("WARNING", logger="w2sg"):
+        load_task(local_task(path, None, "task.n_train=24", "task.n_test=16", "task.dedupe=false"), 0)
+    found = re.findall(r"(\d+) of the (\d+) texts of the (.+?) \((\d+)%\) are empty or whitespace only", caplog.text)
+    assert [(int(n), part) for _, n, part, _ in found] == [
+        (12, "ground-truth train half"), (12, "weak-label train half"), (16, "test set")]
+    assert sum(int(k) for k, *_ in found) == 10, "every empty text counted, per part"
+    assert all(round(100 * int(k) / int(n)) == int(p) for k, n, _, p in found)
+    assert "check that task.template ('{text}')" in caplog.text
+    mostly = write_jsonl(tmp_path / "mostly.jsonl", [{"text": f"t {i}" if i % 3 == 0 else "", "label": i % 2}
+                                                     for i in range(60)])
+    with pytest.raises(W2SGError, match=r"40 of its 60 texts \(67%\) are empty or whitespace only \(\d+ of the 20 "
+                                        r"texts of the ground-truth train half .*; more than half: check that "
+                                        r"task.template \('\{text\}'\)"):
+        load_task(local_task(mostly, None, "task.n_train=40", "task.n_test=20", "task.dedupe=false"), 0)
+
+
+def test_a_pair_with_an_empty_text_counts_as_empty(caplog):
+    from w2sg.data.tasks import check_texts
+
+    cfg = compose(["task=anthropic_hh_rm"]).task
+    with caplog.at_level("WARNING", logger="w2sg"):
+        check_texts(cfg, {"test set": [(("a", "  "), 1), (("", "b"), 0), (("c", "d"), 1), (("e", "f"), 0)]})
+    assert "2 of the 4 texts of the test set (50%)" in caplog.text and "either text of a pair" in caplog.text
+    with pytest.raises(W2SGError, match=r"3 of its 4 texts \(75%\) .*\(either text of a pair\)"):
+        check_texts(cfg, {"test set": [(("a", ""), 1), (("", "b"), 0), ((" ", "d"), 1), (("e", "f"), 0)]})

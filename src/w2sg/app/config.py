@@ -150,6 +150,50 @@ def _adds_to_a_schema(cfg: Any, key: str) -> bool:
     return OmegaConf.get_type(node) not in (dict, None)
 
 
+def _mapping_into_typed_dict(cfg: Any, override: Any) -> Any:
+    """The mapping a plain ``key={...}`` override sets into a typed mapping of the schema (such as
+    ``task.label_map``, ``Dict[str, int]``), its keys as the schema's str keys; None for any other override.
+
+    OmegaConf 2.3 cannot merge a mapping into such a node while it is null (``'NoneType' object has no attribute
+    'get'``), and refuses the int keys Hydra's grammar makes of ``{1: 0, 2: 1}``; ``_merge_mapping`` does both."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if override.is_add() or override.is_force_add() or override.is_delete() or override.is_sweep_override():
+        return None
+    key = override.key_or_group
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or name not in parent:
+        return None  # Hydra's own step reports a missing key
+    node = parent._get_node(name)
+    if not isinstance(node, DictConfig) or node._metadata.key_type is not str:
+        return None
+    try:
+        value = override.value()
+    except Exception:  # noqa: BLE001 - whatever the grammar refuses, Hydra's own step reports
+        return None
+    if not isinstance(value, dict):
+        return None
+    return {str(k) if isinstance(k, (int, float, bool)) else k: v for k, v in value.items()}
+
+
+def _merge_mapping(cfg: Any, override: Any, mapping: Any) -> None:
+    """Merge ``mapping`` into the typed mapping ``override`` names, a null one starting empty."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    key = override.key_or_group
+    try:
+        if OmegaConf.select(cfg, key, default=None) is None:
+            OmegaConf.update(cfg, key, {}, merge=False)
+        with open_dict(OmegaConf.select(cfg, key)):  # a mapping takes new keys (its key and value types still hold)
+            OmegaConf.update(cfg, key, mapping, merge=True)
+    except OmegaConfBaseException as e:
+        raise ConfigCompositionException(f"Error merging override {override.input_line}: "
+                                         f"{str(e).splitlines()[0]}") from e
+
+
 def _name_valid_keys_on_unknown_overrides() -> None:
     """Wrap Hydra's override step so that an unknown key names the valid ones (idempotent).
 
@@ -172,6 +216,15 @@ def _name_valid_keys_on_unknown_overrides() -> None:
                     _unknown_key_message(cfg, o.key_or_group, o.input_line).replace("Could not override",
                                                                                      "Could not add", 1)
                     + "\n(a + override adds a key; the schema of this node has a fixed set of keys)") from None
+        for o in overrides:  # one at a time: a mapping into a typed mapping goes through _merge_mapping
+            mapping = _mapping_into_typed_dict(cfg, o)
+            if mapping is not None:
+                _merge_mapping(cfg, o, mapping)
+            else:
+                _apply_one(o, cfg)
+
+    def _apply_one(o: Any, cfg: Any) -> None:
+        overrides = [o]
         try:
             original(overrides, cfg)
         except ConfigCompositionException as e:

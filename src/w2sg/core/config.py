@@ -78,7 +78,9 @@ class TaskConfig:
     splits: Dict[str, Optional[str]] = field(default_factory=lambda: {"train": "train", "test": "test"})
     template: str = "{text}"  # for kind=template: str.format over the row's columns
     label_column: str = "label"
-    # raw label value -> class index; rows whose label is not in the map are dropped (null: int(label))
+    # raw label value -> class index; rows whose label is not in the map are dropped (null: int(label)). Keys are
+    # matched with the raw values as text (1 and "1" alike; w2sg.data.formats.label_key), so numbers work on the
+    # command line too: task.label_map='{1: 0, 2: 1}' (w2sg.app.config makes the keys text)
     label_map: Optional[Dict[str, int]] = None
     num_classes: int = 2
     balance: bool = False  # sample the same number of rows per class

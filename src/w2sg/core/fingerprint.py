@@ -2,8 +2,10 @@
 
 A file's fingerprint is the SHA-256 of its bytes. Hashing a model's weights on every ``w2sg`` or
 ``w2sg status`` call would be slow, so each result is cached under ``<store>/fingerprints/`` by
-(absolute path, size, mtime_ns): an edited file (new size or modification time) is hashed again. One small
-JSON file per path, written atomically, so concurrent processes never see a half-written entry. The cache is
+(absolute path, size, mtime_ns, inode, ctime_ns). Size and mtime alone can survive an edit (``cp -p``,
+``rsync -a`` and ``touch`` restore them), but a write always moves the change time (ctime), which no tool can set
+back, and a replaced file has a new inode; so any rewrite is hashed again. One small JSON file per path, written
+atomically, so concurrent processes never see a half-written entry. The cache is
 an optimisation only: when it cannot be written (a read-only store) files are hashed without it.
 """
 
@@ -17,7 +19,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from w2sg.core.paths import resolve_path
 
-_MEMO: Dict[Tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, for this process
+Ident = Tuple[str, int, int, int, int]  # (path, size, mtime_ns, inode, ctime_ns)
+_MEMO: Dict[Ident, str] = {}  # ident -> sha256, for this process
 _CHUNK = 1 << 20
 
 
@@ -30,10 +33,11 @@ def _sha256(path: Path) -> str:
 
 
 def file_fingerprint(path: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> str:
-    """SHA-256 of a file's bytes, cached by (absolute path, size, mtime_ns) in memory and under ``cache_dir``."""
+    """SHA-256 of a file's bytes, cached by (absolute path, size, mtime_ns, inode, ctime_ns) in memory and under
+    ``cache_dir``: ctime moves on every write and cannot be set back, so an edit that keeps size and mtime is seen."""
     p = Path(path).expanduser().resolve()
     st = p.stat()
-    ident = (str(p), st.st_size, st.st_mtime_ns)
+    ident: Ident = (str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if ident in _MEMO:
         return _MEMO[ident]
     entry = Path(cache_dir).expanduser() / (hashlib.sha256(str(p).encode()).hexdigest()[:32] + ".json") \
@@ -46,25 +50,28 @@ def file_fingerprint(path: str | os.PathLike, cache_dir: Optional[str | os.PathL
     return digest
 
 
-def _read_cached(entry: Optional[Path], ident: Tuple[str, int, int]) -> Optional[str]:
+_FIELDS = ("path", "size", "mtime_ns", "ino", "ctime_ns")
+
+
+def _read_cached(entry: Optional[Path], ident: Ident) -> Optional[str]:
     if entry is None:
         return None
     try:
         cached = json.loads(entry.read_text())
     except (OSError, ValueError):
         return None
-    if (cached.get("path"), cached.get("size"), cached.get("mtime_ns")) == ident:
+    if tuple(cached.get(f) for f in _FIELDS) == ident:  # entries of older versions (no ino/ctime) never match
         return cached.get("sha256")
     return None
 
 
-def _write_cached(entry: Optional[Path], ident: Tuple[str, int, int], digest: str) -> None:
+def _write_cached(entry: Optional[Path], ident: Ident, digest: str) -> None:
     if entry is None:
         return
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": ident[0], "size": ident[1], "mtime_ns": ident[2], "sha256": digest}))
+        tmp.write_text(json.dumps({**dict(zip(_FIELDS, ident)), "sha256": digest}))
         os.replace(tmp, entry)
     except OSError:
         pass  # a read-only or missing store: hash again next time

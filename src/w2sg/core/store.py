@@ -11,7 +11,7 @@ Layout under ``store_dir``::
     locks/<key>.lock   held while a process computes that stage
     experiments/<id>.json  each finished experiment's metrics.json (its stage keys by name): reports of a store
                        read these, so they pair stages as the experiments did
-    fingerprints/      content hashes of local data and model files, by path, size and mtime
+    fingerprints/      content hashes of local data and model files, by path, size, mtime, inode and ctime
     features/<encoder>/  probe features by text content (FeatureBank): chunks of (text hashes, feature rows) for
                        one encoder (a features stage's key: model, pooling, max_length, precision, init weights);
                        every seed, size and task reads its texts' rows here and encodes only texts not yet in it
@@ -186,6 +186,38 @@ def _stage_sizes(path: str | os.PathLike) -> Dict[str, Any]:
     return {"bytes": total, "weight_bytes": weights, "freed": freed}
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux /proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give every file and folder under ``path`` (and ``path``) the mode an ordinary ``open``/``mkdir`` gives it
+    under the umask. Some writers create private files (safetensors writes 0600) or folders (mkdtemp: 0700), so a
+    store shared by a group could not read them."""
+    mask = _umask()
+
+    def file_mode(f: str) -> None:
+        if not os.path.islink(f):
+            os.chmod(f, (0o666 | (os.stat(f).st_mode & 0o111)) & ~mask)
+
+    if not os.path.isdir(path):
+        file_mode(os.fspath(path))
+        return
+    for root, _dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            file_mode(os.path.join(root, name))
+
+
 def done_marker(path: str | os.PathLike, meta: Dict[str, Any], metrics: Dict[str, Any]) -> str:
     """The DONE marker Store.compute writes into the stage written at ``path``, once its other files are: the
     stage's summary and its sizes (Store.stage_summaries reads them)."""
@@ -316,6 +348,7 @@ class Store:
                 stage = StageDir(tmp)
                 start = time.time()
                 fn(stage)
+                honour_umask(tmp)  # e.g. safetensors' 0600 weights: readable as the stage's other files
                 full = {**meta, "format": FORMAT, "key": key, "created": time.time(), "seconds": time.time() - start}
                 stage.write_json("meta.json", full)
                 metrics = stage.read_json("metrics.json") if stage.file("metrics.json").exists() else {}
@@ -447,6 +480,7 @@ class Store:
         """Put recomputed weight files (from ``source``, a stage written elsewhere) back into a freed stage."""
         for name in WEIGHT_FILES:
             if (source / name).exists():
+                honour_umask(source / name)
                 os.replace(source / name, self.stage_path(key) / name)
         (self.stage_path(key) / FREED).unlink(missing_ok=True)
         self._update_sizes(key)

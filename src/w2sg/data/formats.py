@@ -29,11 +29,20 @@ def register_formatter(name: str) -> Callable[[Formatter], Formatter]:
     return deco
 
 
+def label_key(raw: Any) -> str:
+    """A raw label as ``task.label_map`` keys it: its text, a whole float as the int it is (1.0 -> "1", as a CSV
+    column with gaps reads 1)."""
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return str(raw)
+
+
 def _label(cfg: Any, raw: Any) -> Optional[int]:
     if cfg.label_map is None:
         return int(raw)
-    key = str(raw)
-    return int(cfg.label_map[key]) if key in cfg.label_map else None  # unmapped labels are dropped
+    key = label_key(raw)
+    mapping = {label_key(k): v for k, v in cfg.label_map.items()}
+    return int(mapping[key]) if key in mapping else None  # unmapped labels are dropped
 
 
 @register_formatter("template")

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.paths import resolve_path
-from w2sg.data.formats import FORMATTERS, Example
+from w2sg.data.formats import FORMATTERS, Example, label_key
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,12 @@ def _label_error(ds: Any, cfg: Any, source: str, i: int, e: Exception) -> W2SGEr
     if column in ds.column_names:
         values = sorted({str(v) for v in ds[column][:1000]})
         seen = ", ".join(values[:10]) + (", ..." if len(values) > 10 else "")
-        example = ", ".join(f"{v}: {c}" for c, v in enumerate(values[: cfg.num_classes]))
+        example = ", ".join(f"{_quote(v)}: {c}" for c, v in enumerate(values[: cfg.num_classes]))
         return W2SGError(
             f"task {cfg.name!r}: row {i} of {source}: label {ds[i].get(column)!r} of column {column!r} is not a class "
             f"index 0..{cfg.num_classes - 1} ({type(e).__name__}: {e}); values seen: {seen}. Map them to classes "
-            f"with label_map in the task's YAML file, e.g. 'label_map: {{{example}}}' (unmapped values are dropped)")
+            f"with task.label_map='{{{example}}}' on the command line, or 'label_map: {{{example}}}' in the task's "
+            "YAML file (unmapped values are dropped)")
     return W2SGError(f"task {cfg.name!r}: row {i} of {source} cannot be formatted as {cfg.kind!r}: "
                      f"{type(e).__name__}: {e}; its columns are: {', '.join(ds.column_names)}")
 
@@ -264,7 +265,11 @@ def load_task(cfg: Any, seed: int) -> TaskData:
     Duplicates (``text_key``) are left out while the pool is drawn, before any split: the copy drawn first stays,
     with its label, whatever the labels of the later copies; with a test split of its own, the test set is drawn
     after the train pool and leaves out the copies of its texts too. The pool still reaches its size when the data
-    holds enough distinct texts."""
+    holds enough distinct texts.
+
+    The sets are checked before use: a class without examples in the pool or in any set is an error naming the raw
+    labels (``check_classes``); empty texts are warned about per set, and stop the run when most texts are empty
+    (``check_texts``)."""
     validate_task(cfg)
     carve_test = cfg.splits.get("test") is None
     train_split = cfg.splits["train"]
@@ -303,5 +308,89 @@ def load_task(cfg: Any, seed: int) -> TaskData:
                  "label: the copy drawn first keeps its own); task.dedupe=false keeps them", cfg.name, seen.removed,
                  seen.disagreeing)
     half = len(train) // 2
+    parts = {"ground-truth train half": train[:half], "weak-label train half": train[half:], "test set": test}
+    check_texts(cfg, parts)
+    check_classes(cfg, train + test, parts, train_src)
     return TaskData(gt=train[:half], weak=train[half:], test=test,
                     duplicates_removed=None if seen is None else seen.removed)
+
+
+def _is_empty(text: Any) -> bool:
+    """A text with nothing but whitespace; a pair (pairwise tasks) when either of its texts is."""
+    if isinstance(text, (tuple, list)):
+        return any(_is_empty(t) for t in text)
+    return not str(text).strip()
+
+
+def check_texts(cfg: Any, parts: Dict[str, List[Example]]) -> None:
+    """Empty (or whitespace-only) texts: a warning naming their count and share in each part; an error when more
+    than half of all the task's texts are (the template or format reads columns that are mostly empty)."""
+    where = (f"check that task.template ({cfg.template!r}) and task.label_column read the columns holding the text"
+             if cfg.kind == "template" else f"check the columns the {cfg.kind!r} format reads")
+    pair = " (either text of a pair)" if cfg.kind == "pairwise" else ""
+    said = []
+    for part, examples in parts.items():
+        empty = sum(_is_empty(text) for text, _ in examples)
+        if empty:
+            said.append((empty, len(examples), f"{empty} of the {len(examples)} texts of the {part} "
+                                               f"({empty / len(examples):.0%}) are empty or whitespace only{pair}"))
+    empty, total = sum(e for e, _, _ in said), sum(len(x) for x in parts.values())
+    if total and empty / total > 0.5:
+        raise W2SGError(f"task {cfg.name!r}: {empty} of its {total} texts ({empty / total:.0%}) are empty or "
+                        f"whitespace only{pair} ({'; '.join(s for _, _, s in said)}); more than half: {where}")
+    for _, _, s in said:
+        log.warning("task %r: %s; they are used as they are (%s)", cfg.name, s, where)
+
+
+def _quote(value: str) -> str:
+    """A label_map key as Hydra's command-line grammar reads it back."""
+    plain = re.fullmatch(r"[A-Za-z0-9_.-]+", value) and value.lower() not in ("true", "false", "null", "nan", "inf")
+    return value if plain or value in ("True", "False") else '"' + value.replace('"', '\\"') + '"'
+
+
+def _raw_labels(cfg: Any, ds: Any) -> Optional[Dict[str, int]]:
+    """The raw values of the label column and how many rows hold each (None: the format computes its labels)."""
+    column = cfg.label_column if cfg.kind == "template" else "label"
+    if ds is None or column not in getattr(ds, "column_names", ()):
+        return None
+    counts: Dict[str, int] = {}
+    for v in ds[column]:
+        counts[label_key(v)] = counts.get(label_key(v), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (not kv[0].lstrip("-").isdigit(),
+                                                        int(kv[0]) if kv[0].lstrip("-").isdigit() else 0, kv[0])))
+
+
+def check_classes(cfg: Any, pool: List[Example], parts: Dict[str, List[Example]], ds: Any = None) -> None:
+    """Every class 0..num_classes-1 must have examples in the pool and in each of the three sets: a class without
+    any makes a degenerate task (no AUROC, a head output never trained), which the error names with the raw labels
+    seen and the override that maps them."""
+    named = {"pool (train + test)": pool, **parts}
+    for part, examples in named.items():
+        counts = [0] * cfg.num_classes
+        for _, y in examples:
+            counts[y] += 1
+        empty = [c for c, n in enumerate(counts) if n == 0]
+        if not empty:
+            continue
+        msg = (f"task {cfg.name!r}: class{'es' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of "
+               f"task.num_classes={cfg.num_classes} {'have' if len(empty) > 1 else 'has'} no example in the {part} "
+               f"(class counts: {', '.join(f'{c}: {n}' for c, n in enumerate(counts))})")
+        raw = _raw_labels(cfg, ds)
+        if raw is not None:
+            column = cfg.label_column if cfg.kind == "template" else "label"
+            shown = list(raw.items())
+            msg += (f"; raw labels of column {column!r} (value: rows): "
+                    + ", ".join(f"{v}: {n}" for v, n in shown[:20]) + (", ..." if len(shown) > 20 else ""))
+        if part == "pool (train + test)" and raw is not None and cfg.kind == "template" and 2 <= len(raw) <= 20:
+            mapping = ", ".join(f"{_quote(v)}: {c}" for c, v in enumerate(raw))
+            fix = f"task.label_map='{{{mapping}}}'"
+            if len(raw) != cfg.num_classes:
+                fix += f" task.num_classes={len(raw)}"
+            msg += (f". Map the raw labels to the classes 0..{len(raw) - 1}: {fix} (or keep the labels you want: "
+                    "unmapped values are dropped)")
+        elif part == "pool (train + test)":
+            msg += ". Set task.num_classes to the classes the data has, or map its labels with task.label_map"
+        else:
+            msg += (". The set is too small or too unbalanced to hold every class: raise task.n_train / task.n_test, "
+                    "or set task.balance=true")
+        raise W2SGError(msg)

@@ -8,7 +8,8 @@ strong-model size, one curve per weak model, loss and setting, and accuracy (wea
 size; also ``summary_ci.csv`` (median over seeds with its exact order-statistic CI and that CI's coverage),
 ``loss_comparisons.csv`` (paired tests of every two losses), ``loss_summary.csv``, ``chains.csv`` and
 ``anchors.csv`` where they apply. A store's report covers the experiments runs recorded in it (one per run that
-finished, with every stage still stored): the same rows as the report of those runs' folders. It runs at the
+finished, with every stage still stored): the same rows as the report of those runs' folders; its files go to
+``--out`` or else to a new folder ``w2sg-report-<store>-<time>`` in the current directory, never into the store. It runs at the
 end of every multirun too (the Hydra callback in w2sg.app.callback), which also logs the same table and curves
 to one W&B run for that sweep.
 
@@ -23,6 +24,7 @@ import csv
 import logging
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -86,12 +88,37 @@ def write_stats(rows: Union[List[Dict[str, Any]], Any], out: Union[str, Path], s
     return written
 
 
+def default_out(source: Path) -> Path:
+    """Where a report goes without ``--out``: a sweep or run folder's own folder; a store's, never the store (shared,
+    perhaps read-only) but a new folder ``w2sg-report-<store name>-<time>`` in the current directory."""
+    source = Path(source)
+    if not (source / "stages").is_dir():
+        return source
+    base = Path.cwd() / f"w2sg-report-{source.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
 def write_report(source: Path, out: Optional[Path] = None) -> Dict[str, Any]:
     """Every report file of a sweep folder, run folder or store (see the module's docstring) into ``out``
-    (default: ``source``). Returns the rows, summaries, chains, anchors, files written and plotted curves."""
+    (default: :func:`default_out`). Returns the rows, summaries, chains, anchors, files written and plotted curves.
+    An output folder that cannot be written is a W2SGError naming it."""
     found = collect.experiments(Path(source))
     rows = collect.table(found, source)
-    out = Path(out or source)
+    out = Path(out) if out else default_out(source)
+    try:
+        return _write_files(found, rows, out)
+    except OSError as e:
+        from w2sg.core.errors import W2SGError
+
+        raise W2SGError(f"cannot write the report into {out}: {e.strerror or e}"
+                        f"{f' ({e.filename})' if e.filename else ''}; pass --out <a folder you can write>") from e
+
+
+def _write_files(found: Any, rows: List[Dict[str, Any]], out: Path) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     columns = collect.result_columns(rows)
     settings = [c for c in columns if is_setting(c)]
@@ -160,12 +187,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="w2sg report", description=__doc__.split("\n\nThis module")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="a sweep folder (multirun/...), a run folder, or a store folder")
-    ap.add_argument("--out", help="where to write the CSVs and PNGs (default: the source folder)")
+    ap.add_argument("--out", help="where to write the CSVs and PNGs (default: a sweep or run folder itself; for a "
+                                  "store, a new folder w2sg-report-<store>-<time> in the current directory)")
     args = ap.parse_args(argv)
+    from w2sg.core.errors import W2SGError
+
     logging.basicConfig(level=logging.WARNING, format="w2sg report: %(message)s")
     try:
         report = write_report(Path(args.source), Path(args.out) if args.out else None)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, W2SGError) as e:
         print(f"w2sg report: {e}", file=sys.stderr)
         return 2
     if not report["rows"] and not report["chains"]:

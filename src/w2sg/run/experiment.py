@@ -67,6 +67,7 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
             name: {"key": o.key, "reused": o.reused, "seconds": round(o.seconds, 3), "label": stages[name].label}
             for name, o in outcomes.items()
         },
+        "stages_ran": _stages_ran(runner, selected.values()),  # inputs too (e.g. probe features): the summary's count
         **({"warnings": warnings} if warnings else {}),
     }
     val = validation_metrics(outcomes)
@@ -90,6 +91,20 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
     metrics["settings"] = settings_of_stages(stages)  # what tells this experiment apart in reports
     metrics["settings"].update(method_settings(cfg))
     return metrics
+
+
+def _stages_ran(runner: Runner, selected: Any) -> Dict[str, int]:
+    """How many stages this experiment ran through the store (the selected ones and every input they read, which
+    ``stages`` above leaves out) and how many of those were reused, from the runner's outcomes."""
+    seen: Dict[str, Stage] = {}
+    todo = list(selected)
+    while todo:
+        stage = todo.pop()
+        if stage.key not in seen:
+            seen[stage.key] = stage
+            todo.extend(stage.inputs.values())
+    ran = [runner.outcomes[k] for k in seen if k in runner.outcomes]
+    return {"n": len(ran), "reused": sum(o.reused for o in ran)}
 
 
 def validation_metrics(outcomes: Dict[str, Outcome]) -> Optional[Dict[str, Any]]:
@@ -256,8 +271,8 @@ def table(metrics: Dict[str, Any]) -> str:
             rows.append((f"acc s2s{i}", f"{a:.4f}" if a is not None else "not run (stages=)"))
         p = metrics["s2s"]["pgr"]
         rows.append(("PGR s2s", f"{p:.3f}" if p is not None else f"n/a: {metrics['s2s']['pgr_reason']}"))
-    reused = sum(s["reused"] for s in metrics["stages"].values())
-    rows.append(("stages", f"{len(metrics['stages'])} ({reused} reused from the store)"))
+    ran = metrics["stages_ran"]  # every stage run, inputs included (metrics["stages"] names the plan's top level)
+    rows.append(("stages", f"{ran['n']} ({ran['reused']} reused from the store)"))
     rows += [("warning", w) for w in metrics.get("warnings", [])]  # repeated at the end, where it is read
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
