@@ -263,7 +263,9 @@ def test_the_stored_activation_constants_match_a_measurement(monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks its module up there
     spec.loader.exec_module(bench)
     measured = bench.measure("qwen2_5_0_5b", arch_config(compose(["weak=qwen2_5_0_5b"]).weak.arch))
-    assert measured.copies_per_param == pytest.approx(dev.AUTOCAST_COPY_BYTES, rel=0.02)
+    # 2.00 bytes a parameter with torch 2.13 / transformers 5; 1.95 with the lowest supported (torch 2.1,
+    # transformers 4.44), where a few small weights are not cast
+    assert measured.copies_per_param == pytest.approx(dev.AUTOCAST_COPY_BYTES, rel=0.05)
     assert measured.per_token_layer == pytest.approx(dev.activation_bytes("qwen2", 896, 4864), rel=0.1)
     assert 60 < measured.factor < 90  # bytes per token and layer, as a multiple of hidden
 
