@@ -145,7 +145,9 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
             "runtime": runner.runtime(model),
         }
         if not probe or tspec.get("truncation") == "drop":
-            metrics["cut"] = {"train": train_cut(train_data, inputs, dropped), "max_length": cfg.train.max_length,
+            # the share of training texts cut (token ids know it: Encoded.cut_frac; 0 after drop, and for features)
+            cut_frac = getattr(train_data, "cut_frac", lambda: 0.0)()
+            metrics["cut"] = {"train": round(cut_frac, 4), "max_length": cfg.train.max_length,
                               "truncation": tspec.get("truncation", "right")}
             if dropped:
                 metrics["cut"]["dropped"] = dropped
@@ -186,12 +188,6 @@ def drop_long(runner: "Runner", stage: Stage, part: str, rows: Optional[Any], da
                     "left out (train.truncation=drop)", stage.label, dropped, len(cut), 100 * dropped / len(cut),
                     runner.cfg.train.max_length)
     return data.subset(keep), soft[keep], rows[keep], dropped
-
-
-def train_cut(data: Any, inputs: Any, dropped: int) -> float:
-    """The share of the training examples that were cut (0 after drop)."""
-    cut = getattr(data, "cut", None)
-    return 0.0 if dropped or cut is None else round(sum(cut) / max(len(cut), 1), 4)
 
 
 def training_labels(runner: "Runner", labels: Stage):
