@@ -152,6 +152,7 @@ def test_every_w2s_result_records_diagnostics_and_a_pgr_ci(tmp_path):
 
     # a w2s stage stored before transfer predictions were kept: test-set numbers, and how to get the rest
     (w2s.path / "transfer_probs.npy").unlink()
+    runner.store._update_sizes(m["stages"]["w2s"]["key"])  # its record without the file, as such a stage's is
     again, _ = run_experiment([], tmp_path / "s")
     assert all(s["reused"] for s in again["stages"].values())
     assert again["diagnostics"]["misfit_sq"] is None and "recompute=[w2s]" in again["diagnostics"]["note"]

@@ -71,6 +71,7 @@ def test_retrained_weights_that_predict_differently_are_an_error(tmp_path):
     first, _ = run(store_dir)
     probs = stage_dir(store_dir, first, "weak") / "test_probs.npy"
     np.save(probs, np.load(probs)[:, ::-1])  # as if training were not reproducible
+    Store(store_dir)._update_sizes(first["stages"]["weak"]["key"])  # recorded so: the stage is not damaged
     with pytest.raises(W2SGError, match="predicts differently.*recompute="):
         run(store_dir, "recompute=[weak_labels]")
     assert (stage_dir(store_dir, first, "weak") / FREED).exists(), "nothing put back"

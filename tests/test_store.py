@@ -1,4 +1,4 @@
-"""The stage store: content keys, reuse, resume after SIGKILL/SIGTERM, one computation under concurrency."""
+"""The stage store: content keys, reuse, resume after SIGKILL/SIGTERM/Ctrl-C, one computation under concurrency."""
 
 import json
 import shutil
@@ -146,16 +146,17 @@ def _reference(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
 def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
     ref_store, ref = _reference(tmp_path)
     proc = _popen(LONG, tmp_path)
     key = _wait_for_checkpoint(store, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 128 + signal.SIGTERM
-        assert "checkpoint saved; rerun the same command to resume" in err
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig
+        assert f"stopped by {sig.name} at step" in err and "checkpoint saved; rerun the same command to resume" in err
+        assert "Traceback" not in err
     else:
         assert proc.returncode == -signal.SIGKILL
     assert (store / "partial" / key / "checkpoint.pt").exists()

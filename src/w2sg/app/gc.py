@@ -2,6 +2,9 @@
 
     w2sg gc [--dry-run] [--store DIR]
 
+It also removes the temporary files that processes stopped while writing left behind (a stage being written, a
+checkpoint being saved: killed, or out of disk space), once no process holds their stage's lock.
+
 A trained model's weights are needed until every stage that reads them is stored: a weak model's weights
 are read by its labels stage, a chain link's by the next link's labels. Once that stage is stored (and no process
 is computing another reader), the weights are freed; the stage keeps its metrics and predictions, so results,
@@ -35,6 +38,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"w2sg: error: {e}", file=sys.stderr)
         return 2
     before = store.sizes()
+    left = store.leftovers()  # first: on a full disk they may be what fills it
+    if args.dry_run:
+        removed, removed_bytes = len(left), sum(n for _, n in left)
+    else:
+        removed, removed_bytes = store.remove_leftovers()
+    if removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {removed} temporary files of stopped runs "
+              f"({human_bytes(removed_bytes)})")
     freed = count = 0
     for key, label, size in store.collectable():
         done = size if args.dry_run else store.free_weights(key, "w2sg gc")
@@ -43,6 +54,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             freed, count = freed + done, count + 1
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {human_bytes(freed)} ({freed} bytes) of weights of {count} stages; store {store.root}: "
-          f"{human_bytes(before['total'] - (0 if args.dry_run else freed))} in all, "
+          f"{human_bytes(before['total'] - (0 if args.dry_run else freed + removed_bytes))} in all, "
           f"{human_bytes(before['weights'] - (0 if args.dry_run else freed))} of weights")
     return 0

@@ -10,8 +10,9 @@
 
 Kind: what a stage computes (train, labels, transform, features, lm). Role: its part in the experiment (weak,
 ceiling, w2s, link, s2s, labels, transform, features, lm). State: done, missing (plans only), running (a process
-holds its lock), interrupted (a checkpoint and no process: a rerun resumes it), invalid (stored by an older format
-or broken). With --runs the filters choose the stages counted (--state: the runs with a stage in that state),
+holds its lock), interrupted (a checkpoint and no process: a rerun resumes it), stopped (started, stopped before
+its first checkpoint: a rerun starts it afresh), invalid (stored by an older format), damaged (its files differ
+from what was stored: a rerun sets it aside into the store's damaged/ folder and computes it again). With --runs the filters choose the stages counted (--state: the runs with a stage in that state),
 the overrides all runs share are printed once above the table, and MISSING counts invalid stages too (a run
 computes them again).
 """
@@ -74,7 +75,7 @@ def _age(seconds: float) -> str:
 
 KINDS = ("train", "labels", "transform", "features", "lm")  # what a stage computes
 ROLES = ("weak", "ceiling", "w2s", "link", "s2s", "labels", "transform", "features", "lm")  # its part in the experiment
-STATES = ("done", "missing", "running", "interrupted", "invalid")
+STATES = ("done", "missing", "running", "interrupted", "stopped", "invalid", "damaged")
 
 
 def role_of(kind: str, label: str) -> str:
@@ -127,16 +128,15 @@ def stage_rows(store, summaries: Optional[Iterable[Dict[str, Any]]] = None) -> I
     now = time.time()
     for found in store.stage_summaries() if summaries is None else summaries:
         if found["state"] != "done":
-            yield _row(found["key"], "invalid", found)
+            yield _row(found["key"], found["state"].split(":")[0], found, found["state"].partition(": ")[2][:60])
             continue
         created = found.get("created")
         yield _row(found["key"], "done", found, _metric(found.get("acc")),
                    _age(now - created) if isinstance(created, (int, float)) else "")
     for stage in store.unfinished():
-        if not stage.running and stage.checkpoint is None:
-            continue  # a computation that failed before its first checkpoint: nothing to resume, simply missing
         info = stage.marker or {"kind": "train"}  # a checkpoint from before partial markers
-        yield _row(stage.key, "running" if stage.running else "interrupted", info,
+        state = "running" if stage.running else "interrupted" if stage.checkpoint is not None else "stopped"
+        yield _row(stage.key, state, info,
                    "checkpoint" if stage.checkpoint is not None else "",
                    _age(now - stage.started) if stage.started is not None else "")
 
@@ -161,6 +161,8 @@ def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
             state = "running"
         elif state == "missing" and store.has_partial(stage.key):
             state = "interrupted"
+        elif state == "missing" and (store.root / "partial" / stage.key / "stage.json").exists():
+            state = "stopped"
         loss = stage.spec.get("loss")
         rows.append({"key": stage.key, "state": state, "kind": _name(stage.kind), "role": _name(stage.role),
                      "label": stage.label,
@@ -234,8 +236,17 @@ def store_size_line(store, summaries: Optional[Iterable[Dict[str, Any]]] = None)
 
     sizes = store.sizes(summaries)
     freed = f"; weights of {sizes['freed']} stages freed" if sizes["freed"] else ""
-    return (f"store size: {human_bytes(sizes['total'])}, of which weights {human_bytes(sizes['weights'])}{freed} "
+    line = (f"store size: {human_bytes(sizes['total'])}, of which weights {human_bytes(sizes['weights'])}{freed} "
             "(w2sg gc frees the weights no stage still needs)")
+    left = store.leftovers()
+    if left:
+        line += (f"\n{len(left)} temporary files of stopped runs ({human_bytes(sum(n for _, n in left))}, e.g. "
+                 f"{left[0][0]}): w2sg gc removes them")
+    damaged = store.damaged()
+    if damaged:
+        line += (f"\n{len(damaged)} damaged stages, checkpoints or feature chunks set aside in {store.root / 'damaged'} "
+                 f"({human_bytes(sum(n for _, n in damaged))}): recomputed where needed; delete them once looked at")
+    return line
 
 
 FILTERS = ("kind", "role", "model", "task", "seed", "loss")  # stage filters; --state is one too
@@ -253,14 +264,14 @@ def _filtered(rows: List[Dict[str, Any]], args: argparse.Namespace, names: Seque
 def run_rows(jobs: List[List[str]], stages: List[List[Dict[str, Any]]]) -> tuple[List[str], List[Dict[str, Any]]]:
     """The overrides every job of a sweep shares, and one row per job (``stages``: each job's stage rows): its
     number, the overrides that tell it apart, and how many of its stages are done, running, interrupted and
-    missing (missing or invalid: the job would compute them)."""
+    missing (missing, stopped, invalid or damaged: the job would compute them)."""
     common = [o for o in jobs[0] if all(o in job for job in jobs[1:])]
     rows = []
     for i, (job, found) in enumerate(zip(jobs, stages)):
         counts = {state: sum(r["state"] == state for r in found) for state in STATES}
         rows.append({"job": str(i), "stages": str(len(found)), "done": str(counts["done"]),
                      "running": str(counts["running"]), "interrupted": str(counts["interrupted"]),
-                     "missing": str(counts["missing"] + counts["invalid"]),
+                     "missing": str(counts["missing"] + counts["stopped"] + counts["invalid"] + counts["damaged"]),
                      "overrides": " ".join(o for o in job if o not in common), "counts": counts})
     return common, rows
 

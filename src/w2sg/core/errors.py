@@ -12,7 +12,7 @@ class W2SGError(Exception):
 
 class Preempted(Exception):
     """Raised after a checkpoint was saved because SIGTERM/SIGUSR1 asked the process to stop (``scancel``, a
-    preemption, a time limit). It survives pickling, so a Slurm job's result carries it back to the launcher."""
+    preemption, a time limit) or SIGINT did (Ctrl-C). It survives pickling, so a Slurm job's result carries it back to the launcher."""
 
     def __init__(self, signum: int, step: int, stage: str = "", checkpoint: Optional[str] = None):
         self.signum, self.step, self.stage, self.checkpoint = signum, step, stage, checkpoint

@@ -9,6 +9,8 @@ Layout under ``store_dir``::
     partial/<key>/     stage.json (what is being computed, since when, by whom) and training checkpoints of
                        unfinished stages (a rerun resumes from them)
     locks/<key>.lock   held while a process computes that stage
+    damaged/           stages, checkpoints and feature chunks that could not be read, set aside (moved, never
+                       deleted) so that what they held is computed again; delete them once looked at
     experiments/<id>.json  each finished experiment's metrics.json (its stage keys by name): reports of a store
                        read these, so they pair stages as the experiments did
     fingerprints/      content hashes of local data and model files, by path, size, mtime, inode and ctime
@@ -19,7 +21,10 @@ Layout under ``store_dir``::
 A stage is written into tmp/ and renamed into place in one step after its DONE marker is written, so a
 half-written stage is never taken as finished. The DONE marker holds a one-line summary of the stage (kind,
 role, side, label, model, task, seed, loss, accuracy, time) and its size on disk (recorded again when its weights are freed
-or restored), so ``w2sg status`` lists a large store by reading it alone. ``Store`` is the one reader of this
+or restored), so ``w2sg status`` lists a large store by reading it alone. The marker records every file of the
+stage with its size, and a CRC-32 of the small ones that are not weights; reuse checks them (``status``), so an
+emptied, truncated or deleted file is found before anything reads it: the stage is reported as damaged, set aside
+into damaged/ and computed again. ``Store`` is the one reader of this
 layout: listings go through ``stage_summaries``, ``unfinished`` and ``sizes``, trainers through ``checkpoint_path``.
 Weights are the bulk of a store. ``store.keep_weights`` (needed | all | none) frees a trained model's weights
 once no stage needs them (a weak model's, once its labels are stored); ``w2sg gc`` does the same for the whole
@@ -63,7 +68,10 @@ class StageDir:
         (self.path / name).write_text(text)
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        try:
+            return json.loads((self.path / name).read_text())
+        except (OSError, ValueError) as e:
+            raise self.damaged(name, e) from None
 
     def write_array(self, name: str, arr: Any) -> None:
         import numpy as np
@@ -73,7 +81,23 @@ class StageDir:
     def read_array(self, name: str) -> Any:
         import numpy as np
 
-        return np.load(self.path / f"{name}.npy")
+        try:
+            return np.load(self.path / f"{name}.npy")
+        except (OSError, ValueError, EOFError) as e:
+            raise self.damaged(f"{name}.npy", e) from None
+
+    def damaged(self, name: str, error: BaseException) -> Exception:
+        """The error for a file of this stage that cannot be read: a stored stage is set aside (damaged/), so a
+        rerun computes it again; the message names the stage, the file and what to do."""
+        from w2sg.core.errors import W2SGError
+
+        where = f"{self.path / name}"
+        if self.path.parent.name != "stages":  # a stage being written (tmp/): nothing stored to set aside
+            return W2SGError(f"stage file {where} cannot be read ({type(error).__name__}: {error})")
+        moved = set_aside(self.path)
+        return W2SGError(f"stored stage {self.path.name} is damaged: {where} cannot be read ({type(error).__name__}: "
+                         f"{error}); the stage was set aside in {moved} and is computed again by a rerun of the "
+                         "same command")
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -167,11 +191,26 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-def _stage_sizes(path: str | os.PathLike) -> Dict[str, Any]:
+CHECKSUM_MAX = 16 << 20  # files up to this size (but weights) get a CRC-32 in the DONE marker: cheap to verify
+
+
+def _crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _stage_sizes(path: str | os.PathLike, records: bool = False) -> Dict[str, Any]:
     """The sizes a DONE marker records of its stage's folder: bytes of its files but the marker, the part that is
-    weights, and whether its weights were freed."""
+    weights, and whether its weights were freed; with ``records``, also ``files``: each file's path in the
+    folder -> [bytes, CRC-32 (small files but weights) or None], which reuse verifies (Store.status)."""
     total = weights = 0
     freed = False
+    files: Dict[str, List[Any]] = {}
     try:
         with os.scandir(path) as entries:
             for entry in entries:
@@ -179,11 +218,94 @@ def _stage_sizes(path: str | os.PathLike) -> Dict[str, Any]:
                     continue
                 size = _tree_bytes(entry.path)
                 total += size
-                weights += size if entry.name in WEIGHT_FILES or entry.name == BACKBONE_FILE else 0
+                weight = entry.name in WEIGHT_FILES or entry.name == BACKBONE_FILE
+                weights += size if weight else 0
                 freed = freed or entry.name == FREED
+                if records and entry.is_file(follow_symlinks=False):
+                    files[entry.name] = [size, None if weight or size > CHECKSUM_MAX else _crc32(entry.path)]
+                elif records:  # a folder (none is written today): its files by relative path, sizes only
+                    for root, _dirs, names in os.walk(entry.path):
+                        for name in names:
+                            full = os.path.join(root, name)
+                            files[os.path.relpath(full, path)] = [os.stat(full).st_size, None]
     except OSError:
         pass  # removed meanwhile (an invalid stage being recomputed)
-    return {"bytes": total, "weight_bytes": weights, "freed": freed}
+    return {"bytes": total, "weight_bytes": weights, "freed": freed, **({"files": files} if records else {})}
+
+
+def _verify_files(path: str, files: Any, checksums: bool) -> Optional[str]:
+    """What is wrong with a stored stage's files against its marker's records (None: nothing; sizes always,
+    CRC-32s with ``checksums``)."""
+    if not isinstance(files, dict):
+        return None  # stored before files were recorded: nothing to check against
+    for name, record in files.items():
+        full = os.path.join(path, name)
+        try:
+            size = os.stat(full).st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror})"
+        if size != record[0]:
+            return f"{name} has {size} bytes, {record[0]} when stored"
+        if checksums and record[1] is not None:
+            try:
+                if _crc32(full) != record[1]:
+                    return f"{name} has changed since it was stored (CRC-32 differs)"
+            except OSError as e:
+                return f"{name} cannot be read ({e.strerror})"
+    return None
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Move a damaged stage folder, checkpoint or feature chunk of a store into ``<store>/damaged/`` (a new name:
+    nothing there is replaced) and return where it went. Found by the store folder above ``path`` (the parent of
+    stages/, partial/ or features/); elsewhere it is renamed beside itself."""
+    path = Path(path)
+    root = next((p.parent for p in path.parents if p.name in ("stages", "partial", "features")), None)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{path.name}.{stamp}.{uuid.uuid4().hex[:6]}"
+    if root is None:
+        target = path.with_name(f"{path.name}.damaged-{stamp}")
+    else:
+        target = root / "damaged" / (name if path.parent.name in ("stages",) else f"{path.parent.name}-{name}")
+        target.parent.mkdir(exist_ok=True)
+    os.replace(path, target)
+    return target
+
+
+def disk_full(error: BaseException, folder: str | os.PathLike, needed: Optional[int] = None) -> Optional[Exception]:
+    """The error to raise instead of ``error`` when it was a write that ran out of disk space in ``folder`` (an
+    OSError ENOSPC or EDQUOT, or a library's OSError or RuntimeError while the filesystem has less than ``needed``
+    bytes, or 1 MiB, free: torch.save says "enforce fail at inline_container.cc", numpy "requested and ... written",
+    safetensors "IoError"); None when it was something else. Call it before removing what the failed write left
+    (the free space then is what the write met). The message names the folder, what is free and what is needed,
+    and the ways out."""
+    import errno
+
+    from w2sg.core.errors import W2SGError
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    codes = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    text = str(error)
+    nearly_none = free is not None and free < max(needed or 0, 1 << 20)  # a write error with (almost) no room
+    full = (isinstance(error, OSError) and error.errno in codes) or "No space left" in text or \
+        "code: 28" in text or (isinstance(error, (OSError, RuntimeError)) and nearly_none)
+    if not full:
+        return None
+    need = f", about {human_bytes(needed)} ({needed} bytes) needed" if needed else ""
+    have = f"{human_bytes(free)} free" if free is not None else "free space unknown"
+    return W2SGError(f"out of disk space writing into {folder} ({have}{need}); free space there (w2sg gc frees "
+                     "stored weights no stage needs and temporary files of stopped runs) or point W2SG_STORE at a "
+                     f"larger disk, then rerun the same command (the original error: {type(error).__name__}: "
+                     f"{text[:200]})")
 
 
 def _umask() -> int:
@@ -220,8 +342,22 @@ def honour_umask(path: str | os.PathLike) -> None:
 
 def done_marker(path: str | os.PathLike, meta: Dict[str, Any], metrics: Dict[str, Any]) -> str:
     """The DONE marker Store.compute writes into the stage written at ``path``, once its other files are: the
-    stage's summary and its sizes (Store.stage_summaries reads them)."""
-    return json.dumps({**summary(meta, metrics), **_stage_sizes(path)}, default=_json_default)
+    stage's summary, its sizes (Store.stage_summaries reads them) and its files' records (Store.status checks
+    them)."""
+    return json.dumps({**summary(meta, metrics), **_stage_sizes(path, records=True)}, default=_json_default)
+
+
+class _Held:
+    """A lock already acquired, released on leaving the ``with`` block."""
+
+    def __init__(self, lock: Any):
+        self.lock = lock
+
+    def __enter__(self) -> Any:
+        return self.lock
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
 
 
 class Store:
@@ -268,7 +404,9 @@ class Store:
         return (self.root / "partial" / key / CHECKPOINT).exists()
 
     def status(self, key: str) -> str:
-        """'done', 'missing', or 'invalid: <reason>' for a stage written by another format or broken."""
+        """'done', 'missing', 'invalid: <reason>' for a stage written by another format or without its marker, or
+        'damaged: <reason>' for one whose files differ from what its marker records (sizes, CRC-32s) or whose
+        metrics cannot be read."""
         path = self.stage_path(key)
         if not path.exists():
             return "missing"
@@ -283,8 +421,10 @@ class Store:
         try:
             json.loads((path / "metrics.json").read_text())
         except (OSError, ValueError) as e:
-            return f"invalid: unreadable metrics.json ({e})"
-        return "done"
+            return f"damaged: unreadable metrics.json ({e})"
+        marker, _ = _read_json(str(path / "DONE"))
+        wrong = _verify_files(str(path), marker.get("files"), checksums=True) if isinstance(marker, dict) else None
+        return f"damaged: {wrong}" if wrong else "done"
 
     def get(self, key: str) -> Optional[StageDir]:
         return StageDir(self.stage_path(key)) if self.status(key) == "done" else None
@@ -332,14 +472,16 @@ class Store:
         found = None if force else self.get(key)
         if found is not None:
             return found, True
-        with self.lock(key):
+        with self._acquire(key, meta):
             found = None if force else self.get(key)  # another process may have finished it while we waited
             if found is not None:
                 return found, True
             state = self.status(key)
-            if state.startswith("invalid"):
-                on_invalid(state)
-            if state != "missing":
+            if state.startswith("damaged"):
+                on_invalid(f"{state}; set aside in {set_aside(self.stage_path(key))}")
+            elif state != "missing":  # stored by another format, or recomputed on request (force)
+                if state.startswith("invalid"):
+                    on_invalid(state)
                 shutil.rmtree(self.stage_path(key), ignore_errors=True)
             self._mark_running(key, meta)
             tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -355,9 +497,39 @@ class Store:
                 (tmp / "DONE").write_text(done_marker(tmp, full, metrics))
                 os.replace(tmp, self.stage_path(key))
                 shutil.rmtree(self.root / "partial" / key, ignore_errors=True)
+            except Exception as e:
+                full_disk = disk_full(e, self.root / "tmp")
+                shutil.rmtree(tmp, ignore_errors=True)  # at once: a full disk is not left fuller
+                if full_disk is not None:
+                    raise full_disk from None
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return StageDir(self.stage_path(key)), False
+
+    def _acquire(self, key: str, meta: Dict[str, Any]):
+        """The stage's lock, held; when another process holds it, say once which stage this run waits for and
+        who computes it (its partial marker: host, pid, since when), then wait."""
+        import logging
+
+        from filelock import Timeout
+
+        lock = self.lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            marker, _ = _read_json(str(self.root / "partial" / key / "stage.json"))
+            who = ""
+            if isinstance(marker, dict):
+                since = marker.get("created")
+                who = f" by {marker.get('host', '?')} pid {marker.get('pid', '?')}" + (
+                    f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+                    if isinstance(since, (int, float)) else "")
+            logging.getLogger(__name__).warning(
+                "waiting for stage %s (%s): it is being computed%s (its lock %s is held); this run goes on once "
+                "it is stored, and reuses it", meta.get("label") or "?", key[:12], who, lock.lock_file)
+            lock.acquire()
+        return _Held(lock)
 
     # --- enumeration: the one reader of the layout (w2sg status, w2sg gc, Runner's checkpoints) ------------
 
@@ -391,7 +563,9 @@ class Store:
         if not isinstance(marker, dict):
             marker = {}
         if marker.get("format") == FORMAT:
-            found = {**marker, "key": key, "state": "done"}
+            wrong = _verify_files(path, marker.get("files"), checksums=False)  # sizes: one stat per file
+            found = {**marker, "key": key, "state": f"damaged: {wrong}" if wrong else "done"}
+            found.pop("files", None)
         else:  # stored before the DONE marker held a summary, or broken
             state = self.status(key)
             meta, _ = _read_json(f"{path}/meta.json")
@@ -411,7 +585,8 @@ class Store:
         if not (isinstance(marker, dict) and marker.get("format") == FORMAT):
             return
         tmp = path / f".DONE.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({**marker, **_stage_sizes(path)}, default=_json_default))
+        tmp.write_text(json.dumps({**marker, **_stage_sizes(path, records="files" in marker)},
+                                  default=_json_default))
         os.replace(tmp, path / "DONE")
 
     def unfinished(self) -> Iterator[Unfinished]:
@@ -428,6 +603,49 @@ class Store:
             except OSError:
                 checkpoint = None
             yield Unfinished(key, marker if isinstance(marker, dict) else None, self.is_running(key), checkpoint)
+
+    def leftovers(self) -> List[Tuple[Path, int]]:
+        """(path, bytes) of temporary files and folders left by processes that stopped while writing (killed, out of
+        disk space): stages being written (tmp/), checkpoint and marker writes (partial/<key>/*.tmp<pid>) and
+        feature chunks, whose stage's (or encoder's) lock no process holds. ``w2sg status`` reports them and
+        ``w2sg gc`` removes them."""
+        found: List[Tuple[Path, int]] = []
+
+        def stale(lock_name: str, path: Path) -> None:
+            if not self.is_running(lock_name):
+                found.append((path, _tree_bytes(str(path))))
+
+        for entry in sorted((self.root / "tmp").iterdir()):
+            if entry.name.startswith(".write-test."):
+                if time.time() - entry.stat().st_mtime > 60:
+                    found.append((entry, _tree_bytes(str(entry))))
+            else:
+                stale(entry.name.split(".")[0], entry)
+        for folder in sorted((self.root / "partial").iterdir()):
+            for entry in sorted(folder.glob("*.tmp[0-9]*")):
+                stale(folder.name, entry)
+        features = self.root / "features"
+        for folder in sorted(features.iterdir()) if features.is_dir() else []:
+            for entry in sorted(folder.glob(".*.tmp[0-9]*")):
+                stale(f"features-{folder.name}", entry)
+        return found
+
+    def remove_leftovers(self) -> Tuple[int, int]:
+        """Remove :meth:`leftovers`; returns (how many, bytes)."""
+        count = total = 0
+        for path, size in self.leftovers():
+            try:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            except FileNotFoundError:
+                continue
+            count, total = count + 1, total + size
+        return count, total
+
+    def damaged(self) -> List[Tuple[Path, int]]:
+        """(path, bytes) of what was set aside in damaged/ (stages, checkpoints, feature chunks that could not be
+        read); kept for a look, deleted by hand."""
+        folder = self.root / "damaged"
+        return [(p, _tree_bytes(str(p))) for p in sorted(folder.iterdir())] if folder.is_dir() else []
 
     # --- weights: retention and garbage collection -------------------------------------------------------
 
@@ -467,10 +685,10 @@ class Store:
             if self.status(key) != "done" or not files or self.readers_running(key):
                 return 0
             size = sum(p.stat().st_size for p in files)
+            for p in files:  # deleted first: on a full disk the note below has room once they are gone
+                p.unlink()
             StageDir(self.stage_path(key)).write_json(
                 FREED, {"files": [p.name for p in files], "bytes": size, "freed": time.time(), "why": why})
-            for p in files:
-                p.unlink()
             self._update_sizes(key)
             return size
         finally:
@@ -581,8 +799,17 @@ class FeatureBank:
         for name in names:
             if name in self._names:
                 continue
-            with np.load(self.path / name) as z:
-                hashes, x = z["hashes"], z["x"]
+            try:
+                with np.load(self.path / name) as z:
+                    hashes, x = z["hashes"], z["x"]
+            except Exception as e:  # a chunk that cannot be read: set aside, its texts are encoded again
+                import logging
+
+                moved = set_aside(self.path / name)
+                logging.getLogger(__name__).warning("feature chunk %s cannot be read (%s: %s); set aside in %s, its "
+                                                    "texts are encoded again", self.path / name,
+                                                    type(e).__name__, e, moved)
+                continue
             c = len(self._chunks)
             self._chunks.append(x)
             self._names.append(name)

@@ -162,13 +162,15 @@ class Checkpointer:
     ``minutes`` of training (and every ``every`` steps when set), so a large model is not saved every few steps.
     The best weights of ``keep_best`` go to a file of their own (``<path>.best``), written when they improve.
 
-    SIGTERM, SIGUSR1 and SIGUSR2 (what Slurm and submitit send before a time limit or preemption) only set a
-    flag; the training loop then saves a checkpoint after the current step, hands the signal to the handler that
-    was installed before (submitit's, which requeues the job and exits), and otherwise raises Preempted. A
-    process killed outright (SIGKILL) resumes from its last periodic checkpoint.
+    SIGTERM, SIGUSR1 and SIGUSR2 (what Slurm and submitit send before a time limit or preemption) and SIGINT
+    (Ctrl-C) only set a flag; the training loop then saves a checkpoint after the current step, hands the signal
+    to the handler that was installed before (submitit's, which requeues the job and exits; not Python's own
+    Ctrl-C handler), and otherwise raises Preempted. A second Ctrl-C before that stops at once
+    (KeyboardInterrupt). A process killed outright (SIGKILL) resumes from its last periodic checkpoint. A
+    checkpoint that cannot be read is set aside (the store's damaged/ folder) and training starts afresh.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
     def __init__(self, path: Optional[str], every: int = 0, minutes: float = 0.0):
         import time
@@ -208,29 +210,51 @@ class Checkpointer:
             signal.signal(num, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step and the checkpoint
         self.stop_signal = signum
 
     def stop(self, state: Dict[str, Any], step: int, stage: str = "") -> None:
         """Save, let the previous handler of the signal act (e.g. requeue), then stop training."""
+        import signal
+
         self.save(state)
         signum = self.stop_signal
         previous = self._previous.get(signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             self.__exit__()
             previous(signum, None)
         raise Preempted(signum, step, stage, self.path)
 
     def load(self, suffix: str = "") -> Optional[Dict[str, Any]]:
+        """The saved state (None without one). One that cannot be read (truncated, from a full disk or a killed
+        copy) is set aside into the store's damaged/ folder with a warning naming it, and None returned: the
+        stage trains from its start."""
+        import logging
         import os
+
+        from w2sg.core.store import set_aside
 
         if self.path is None or not os.path.exists(self.path + suffix):
             return None
-        return torch.load(self.path + suffix, weights_only=False, map_location="cpu")
+        try:
+            return torch.load(self.path + suffix, weights_only=False, map_location="cpu")
+        except Exception as e:
+            moved = set_aside(self.path + suffix)
+            logging.getLogger(__name__).warning(
+                "checkpoint %s cannot be read (%s: %s); set aside in %s, training starts from the beginning",
+                self.path + suffix, type(e).__name__, str(e)[:200], moved)
+            return None
 
     def save(self, state: Dict[str, Any], suffix: str = "") -> None:
-        """Write ``state`` atomically (a temporary file renamed into place; removed when the write fails)."""
+        """Write ``state`` atomically (a temporary file renamed into place; removed when the write fails). A write
+        that runs out of disk space is an error saying so (w2sg.core.store.disk_full)."""
         import os
         import time
+
+        from w2sg.core.store import disk_full
 
         if self.path is None:
             return
@@ -239,9 +263,12 @@ class Checkpointer:
         try:
             torch.save(state, tmp)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as e:
+            full = disk_full(e, os.path.dirname(target), _state_bytes(state)) if isinstance(e, Exception) else None
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if full is not None:
+                raise full from None
             raise
         if not suffix:
             self._last = time.monotonic()
@@ -253,6 +280,17 @@ class Checkpointer:
         """The best weights saved at ``step`` (the checkpoint's record of its best), else None."""
         saved = self.load(".best")
         return saved["weights"] if saved is not None and saved["step"] == step else None
+
+
+def _state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: about what torch.save writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
 
 
 def trainable_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
