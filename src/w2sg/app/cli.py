@@ -305,11 +305,31 @@ def _hydra_entry(cfg: DictConfig) -> float:
         if _is_multirun():
             raise
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt as e:
+        _report_interrupt(e)
+        if _is_multirun():
+            raise  # not an Exception: Hydra does not record it as a failed job, the whole sweep stops (main exits)
+        sys.exit(INTERRUPTED_STATUS)
     except W2SGError as e:
         print(f"w2sg: error: {e}", file=sys.stderr, flush=True)  # also into the job's log under a launcher
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs of the sweep still run
         sys.exit(2)
+
+
+# Ctrl-C (SIGINT's KeyboardInterrupt) outside a training loop, which turns it into Preempted itself after saving a
+# checkpoint: one line instead of a traceback, and the shell's status for SIGINT. Nothing is lost: each stage is
+# stored when it finishes, and a rerun reuses them.
+INTERRUPTED = "w2sg: interrupted (Ctrl-C); finished stages are stored; rerun the same command to go on"
+INTERRUPTED_STATUS = 128 + 2  # 128 + SIGINT, as a shell reports a process that SIGINT ended
+
+
+def _report_interrupt(e: KeyboardInterrupt) -> None:
+    """Print INTERRUPTED once for this interruption (the job's handler prints it, into the job's log under a
+    launcher; main's catches what happened outside a job, or a sweep's job re-raising it)."""
+    if not getattr(e, "_w2sg_reported", False):
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        e._w2sg_reported = True  # type: ignore[attr-defined]
 
 
 from w2sg.app.entry import SUBCOMMANDS  # noqa: E402  (one list: the light entry starts them)
@@ -356,7 +376,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _hydra_entry()
+    try:
+        _hydra_entry()
+    except KeyboardInterrupt as e:  # while Hydra composes the config, between a sweep's jobs, or re-raised by one
+        _report_interrupt(e)
+        sys.exit(INTERRUPTED_STATUS)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ writes no run folder. The PGR never goes into a stage's run, so syncing an exper
 run with the same id, see README) cannot touch any training history.
 
 Mode: ``logger.mode`` if set, else ``WANDB_MODE``, else ``online`` when credentials exist and ``offline``
-otherwise. Any W&B failure is reported once and tracking switches off: science goes on, and the
-local metrics.json files are written whatever happens here.
+otherwise. An online mode without credentials is reported once and logs offline instead (``wandb sync`` uploads it
+later): W&B itself would ask for an API key at a terminal, reading stdin (a run without input then aborts), and fail
+elsewhere; which credentials exist is W&B's own answer (has_credentials), asked before the first run opens. Any
+W&B failure is reported once and tracking switches off: science goes on, and the local metrics.json files are
+written whatever happens here.
 """
 
 from __future__ import annotations
@@ -18,19 +21,39 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
 
-def resolve_mode(configured: Optional[str]) -> str:
+ONLINE_MODES = ("online", "run", "shared")  # W&B's modes that talk to its server, and so need credentials
+
+
+def configured_mode(configured: Optional[str]) -> Tuple[Optional[str], str]:
+    """(mode, where it was set): ``logger.mode`` if set, else ``WANDB_MODE``; (None, "") when neither is (the
+    credentials decide, see Tracker._run_mode)."""
     if configured:
-        return configured
+        return configured, "logger.mode"
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-    return "online" if has_key else "offline"
+        return os.environ["WANDB_MODE"], "WANDB_MODE"
+    return None, ""
+
+
+def has_credentials() -> bool:
+    """Whether W&B finds credentials for its server (WANDB_BASE_URL's) without asking for them: WANDB_API_KEY,
+    ~/.netrc (which `wandb login` writes), its settings file, an identity token (wandb >= 0.30). W&B's own lookup:
+    ``wandb.login(prompt=False)`` from wandb 0.30 on (its advice for checking without a prompt), ``wandb.api.api_key``
+    before (the same lookup, deprecated since 0.30). Neither prompts nor reads stdin."""
+    import inspect
+
+    import wandb
+
+    if "prompt" in inspect.signature(wandb.login).parameters:
+        # silent: found credentials are neither announced nor sent to the server to name their account; online:
+        # login() answers False, unasked, while W&B's process-wide mode (WANDB_MODE) is offline
+        wandb.setup(wandb.Settings(silent=True, mode="online"))
+        return bool(wandb.login(prompt=False, verify=False))
+    return bool(wandb.api.api_key)
 
 
 def _teardown_quietly() -> None:
@@ -71,17 +94,38 @@ class Tracker:
     def __init__(self, logger_cfg: Any, group: Optional[str]):
         self.cfg = logger_cfg  # a LoggerConfig (w2sg.core.config)
         self.enabled = bool(logger_cfg is not None and self._opt("enabled", True))
-        self.mode = resolve_mode(self._opt("mode")) if self.enabled else "disabled"
+        # None: credentials decide, at the first run (_run_mode)
+        self.mode, self._mode_source = configured_mode(self._opt("mode")) if self.enabled else ("disabled", "")
         if self.mode == "disabled":
             self.enabled = False
         self.group = self._opt("group") or group if self.enabled else None
         self._failed = False
-
+        self._mode_checked = False
 
     def _opt(self, name: str, default: Any = None) -> Any:
         """A logger setting (``default`` when it is not set)."""
         value = getattr(self.cfg, name, None)
         return default if value is None else value
+
+    def _run_mode(self) -> str:
+        """The mode of this tracker's runs, settled before its first run opens (and so only when one does): an unset
+        mode is online with credentials and offline without; an online one without credentials is warned about,
+        once, and offline too, so that W&B never asks for an API key."""
+        if not self._mode_checked:
+            self._mode_checked = True
+            if self.mode is None or self.mode in ONLINE_MODES:
+                if has_credentials():
+                    self.mode = self.mode or "online"
+                else:
+                    if self.mode is not None:
+                        log.warning("W&B: %s=%s needs an API key and none was found (WANDB_API_KEY, ~/.netrc from "
+                                    "`wandb login`, W&B's settings file); logging offline instead (`wandb sync` "
+                                    "uploads it later). To log online set WANDB_API_KEY or run `wandb login`; "
+                                    "logger.mode=offline logs offline without this warning",
+                                    self._mode_source, self.mode)
+                    self.mode = "offline"
+        return self.mode
+
     def _call(self, fn) -> Any:
         if not self.enabled or self._failed:
             return None
@@ -100,7 +144,7 @@ class Tracker:
         return wandb.init(
             project=self.cfg.project, entity=self._opt("entity"), id=key, name=name, resume="allow",
             group=self.group, job_type=job_type, config=config, tags=list(self._opt("tags") or []),
-            mode=self.mode, dir=self._opt("dir"), reinit=_reinit(),
+            mode=self._run_mode(), dir=self._opt("dir"), reinit=_reinit(),
             settings=wandb.Settings(silent=True, init_timeout=float(self._opt("init_timeout", 60))),
         )
 
