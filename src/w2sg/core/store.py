@@ -31,8 +31,16 @@ once no stage needs them (a weak model's, once its labels are stored); ``w2sg gc
 store. A stage whose weights were freed keeps its metrics and predictions and a ``weights_freed.json`` note; a
 later stage that needs the weights trains it again (w2sg.run.runner.Runner) and checks the predictions match.
 
-The lock is an OS file lock (released by the kernel when its holder dies), so a second process needing the
-same stage waits, then finds it done and reuses it; ``w2sg status`` shows a stage whose lock is held as running.
+A stage is computed under its lock, locks/<key>.lock (w2sg.core.locks), so a second process needing the same
+stage, on this node or another sharing the store, waits, then finds it done and reuses it; ``w2sg status`` shows a
+stage whose lock is held as running. The lock needs no flock (Lustre and NFS often share none across nodes): its
+file is created with O_EXCL and names its holder (host, pid, token) and a heartbeat the holder rewrites every few
+seconds; a holder whose process is gone (same host) or whose heartbeat stood still for W2SG_LOCK_STALE_SECONDS
+(default 60; judged by the waiter's own clock, not by comparing clocks) is taken over. What the store's
+filesystem must give for this: atomic O_EXCL create and rename (local disks, NFSv3+, Lustre, GPFS), hard links
+(to put back a lock file moved aside to check it), and a lock file's rewritten content visible to other nodes
+within that timeout; ``w2sg status`` and ``w2sg gc`` judge another node's heartbeat against the local clock, so
+for them the nodes' clocks should agree within the timeout.
 """
 
 from __future__ import annotations
@@ -430,23 +438,19 @@ class Store:
         return StageDir(self.stage_path(key)) if self.status(key) == "done" else None
 
     def lock(self, key: str):
-        from filelock import FileLock
+        """The lock of a stage (or of ``features-<encoder>``): a w2sg.core.locks.StoreLock, used as filelock's
+        (``with``, ``acquire(timeout=...)`` raising ``filelock.Timeout``, ``release()``, ``lock_file``); it holds
+        across the nodes sharing the store, and the thread holding it may take it again."""
+        from w2sg.core.locks import StoreLock
 
-        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+        return StoreLock(self.root / "locks" / f"{key}.lock")
 
     def is_running(self, key: str) -> bool:
-        """Whether a process holds the stage's lock, i.e. is computing it now (any host sharing the store)."""
-        if not (self.root / "locks" / f"{key}.lock").exists():
-            return False
-        from filelock import Timeout  # here: a listing imports it only when a stage has a lock file
+        """Whether a live process holds the stage's lock, i.e. is computing it now (any host sharing the store),
+        read from its lock file (holder and heartbeat), never by taking the lock."""
+        from w2sg.core.locks import is_held
 
-        lock = self.lock(key)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return True
-        lock.release()
-        return False
+        return is_held(self.root / "locks" / f"{key}.lock")
 
     def _mark_running(self, key: str, meta: Dict[str, Any]) -> None:
         """partial/<key>/stage.json: what the lock holder computes, so listings can name a running stage."""
@@ -726,7 +730,7 @@ class Store:
         """Bytes of the whole store, of its stored weights (trained models and finetuned backbones), and the number
         of stages whose weights were freed. Stored stages count as their DONE markers record them (read from the
         markers alone: ``summaries``, those stage_summaries gave already, saves reading them twice); the rest of
-        the store (stages being written, checkpoints) is measured, but for locks/ (its lock files are empty)."""
+        the store (stages being written, checkpoints) is measured, but for locks/ (lock files: a few hundred bytes each)."""
         total = weights = freed = 0
         for found in self.stage_summaries() if summaries is None else summaries:
             total, weights, freed = total + found["bytes"], weights + found["weight_bytes"], freed + found["freed"]
