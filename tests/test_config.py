@@ -224,12 +224,16 @@ def test_missing_model_path_is_reported():
 
 def test_model_params_labels_match_the_built_models():
     """The parameter count in each model YAML (used by grids and plots) is the real one."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     from w2sg.ml.models import build_model, count_params
 
     for name in options("model"):
         cfg = compose([f"weak={name}"]).weak
         if cfg.arch is not None and cfg.random_init is None:
             continue  # the hub catalogue (weights not downloadable here): tests/test_catalogue.py counts them
+        if cfg.arch is not None and cfg.arch.get("model_type") not in CONFIG_MAPPING:
+            continue  # an architecture newer than this transformers (qwen3 before 4.51): test_catalogue skips it
         assert count_params(build_model(cfg, 2, 0)) == cfg.params, name
 
 
