@@ -200,3 +200,85 @@ def test_a_wandb_service_stopped_with_the_job_leaves_no_traceback(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
     assert proc.stderr.count("W&B tracking failed") == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# --- each job sized to its own models (w2sg.run.resources) ------------------------------------------------------
+
+GPU_SWEEPS = ("gpt2_grid", "pythia_checkpoints", "qwen_grid", "paper_nlp", "eleuther")
+
+
+def _job_configs(sweep, extra=()):
+    """The composed config (Hydra's node included) of each distinct model pair of a sweep under launcher=slurm_gpu."""
+    from w2sg.app.status import compose as w2sg_compose
+    from w2sg.app.status import expand_sweep
+
+    seen, out = set(), []
+    for job in expand_sweep([f"sweep={sweep}", "launcher=slurm_gpu", *extra]):
+        pair = tuple(o for o in job if o.split("=")[0] in ("weak", "strong", "pair", "train"))
+        if pair not in seen:
+            seen.add(pair)
+            out.append((job, w2sg_compose(job, with_hydra=True, conf_dir=ROOT / "conf")))
+    return out
+
+
+def test_each_job_of_a_mixed_grid_asks_for_its_own_resources():
+    from w2sg.app.config import resolve
+    from w2sg.run.resources import GB, job_memory, job_request
+
+    mapping = "hydra.launcher.gpu_constraints={40: a100_40g, 80: a100_80g, 141: h200}"
+    asked = {}
+    for job, cfg in _job_configs("qwen_grid", [mapping]):
+        strong = next(o.split("=")[1] for o in job if o.startswith("strong="))
+        request = job_request(cfg, " ".join(job))
+        need = job_memory(resolve(cfg))["bytes"]  # in bf16: the profile plans for a GPU (train.device=cuda)
+        want = "a100_40g" if need <= 40 * GB else "a100_80g" if need <= 80 * GB else "h200"
+        assert request["constraint"] == want, (job, need / GB)
+        asked.setdefault(strong, set()).add((request["gpus_per_node"], request["mem_gb"], request["timeout_min"],
+                                             request["constraint"]))
+    # the 3B jobs ask for the 3B's memory and time (not the 7B's, the sweep's primary strong model), on a 40 GB GPU
+    assert asked == {"qwen2_5_3b": {(1, 96, 600, "a100_40g")}, "qwen2_5_7b": {(1, 128, 720, "a100_80g")}}
+    [(job, cfg)] = _job_configs("qwen_grid", ["hydra.launcher.constraint=h100", mapping, "weak=qwen2_5_0_5b",
+                                              "strong=qwen2_5_3b"])
+    assert job_request(cfg)["constraint"] == "h100", "a constraint the user sets wins"
+    [(job, cfg)] = _job_configs("qwen_grid", ["hydra.launcher.gpu_constraints={24: l4}", "weak=qwen2_5_0_5b",
+                                              "strong=qwen2_5_7b"])
+    with pytest.raises(W2SGError, match=r"needs about \d\d\.\d GB on one GPU, more than the largest GPU of "
+                                         r"hydra.launcher.gpu_constraints \(24 GB\); use train.mode=lora"):
+        job_request(cfg, "#0")
+
+
+def test_every_job_of_the_gpu_sweeps_fits_an_80gb_gpu():
+    """The catalogue's GPU sweeps as shipped pass the memory check on one 80 GB GPU (the estimate every stage
+    checks before it loads): long texts (512-1024 tokens) are split into minibatches small enough."""
+    from w2sg.app.config import resolve
+    from w2sg.run.resources import GB, job_memory
+
+    for sweep in GPU_SWEEPS:
+        for job, cfg in _job_configs(sweep):
+            need = job_memory(resolve(cfg))
+            assert need["bytes"] < 79 * GB, (sweep, job, need["stage"], need["bytes"] / GB)
+
+
+def test_jobs_with_different_requests_are_submitted_as_different_arrays(monkeypatch):
+    small = {"gpus_per_node": 1, "mem_gb": 96, "timeout_min": 600, "constraint": "a100_40g"}
+    big = {"gpus_per_node": 1, "mem_gb": 128, "timeout_min": 720, "constraint": "a100_80g"}
+    launcher = W2sgSlurmLauncher()
+    launcher.requests = {0: small, 1: big, 2: small}
+    arrays = []
+
+    class Executor:
+        def __init__(self, request):
+            self.request = request
+
+        def map_array(self, fn, overrides, *rest):
+            arrays.append((self.request, [o[0] for o in overrides]))
+            return [SimpleNamespace(job_id=f"{len(arrays)}_{i}", paths=SimpleNamespace(stderr="x.err"))
+                    for i in range(len(overrides))]
+
+    monkeypatch.setattr(launcher, "_executor", lambda after=(), shared=False, request=None: Executor(request))
+    monkeypatch.setattr("hydra_plugins.w2sg_launcher.w2sg_launcher.Singleton.get_state", lambda: None)
+    todo = [(i, [f"strong={s}"], None) for i, s in enumerate(("3b", "7b", "3b"))]
+    jobs = launcher._submit(todo, [[], [], []])
+    assert sorted(arrays, key=lambda a: a[0]["mem_gb"]) == [(small, ["strong=3b", "strong=3b"]),
+                                                           (big, ["strong=7b"])]
+    assert [j.job_id for j in jobs] == ["1_0", "2_0", "1_1"]

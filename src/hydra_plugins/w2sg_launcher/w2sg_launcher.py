@@ -13,6 +13,9 @@
   ``dependency``: one job per missing shared stage group (a weak model and its labels; a ceiling model) runs
   first (the same task with ``stages=[...]``), then each experiment's job with a Slurm ``afterok`` dependency
   on the jobs computing its inputs (``--kill-on-invalid-dep=yes``: a job whose input failed is cancelled).
+- Each job asks for its own resources: the profile's GPUs, memory, time limit (``${strong.resources.*}``) are
+  resolved in each job's config, and ``gpu_constraints`` (GPU memory in GB -> constraint) picks the smallest GPU
+  that holds the job's largest stage by the memory estimate (w2sg.run.resources); one array per distinct request.
 """
 
 
@@ -49,6 +52,9 @@ class W2sgSlurmConf(SlurmQueueConf):
     # (benchmarks/slurm_shared_stages.py: lock finished the 2x2 tiny grid on the local Slurm 1.66x sooner, with half
     # the job start-ups and no barrier between the phases, so it is the default)
     shared_stages: str = "lock"
+    # GPU memory in GB -> the Slurm constraint that guarantees it, e.g. {40: a100_40g, 80: "a100_80g|h100"}: a job
+    # without a constraint of its own gets the smallest GPU that holds its largest stage (w2sg.run.resources)
+    gpu_constraints: Any = None
 
 
 SHARED_STAGES = ("lock", "dependency")
@@ -221,11 +227,12 @@ ConfigStore.instance().store(group="hydra/sweeper", name="w2sg_basic", node=W2sg
 
 class W2sgSlurmLauncher(SlurmLauncher):
     def __init__(self, wait: bool = True, skip_done: bool = True, shared_stages: str = "lock",
-                 **params: Any) -> None:
+                 gpu_constraints: Any = None, **params: Any) -> None:
         if shared_stages not in SHARED_STAGES:
             raise W2SGError(f"hydra.launcher.shared_stages: unknown value {shared_stages!r}; "
                             f"valid: {', '.join(SHARED_STAGES)}")
         super().__init__(**params)
+        self.requests: Dict[int, Dict[str, Any]] = {}  # job index -> its own Slurm request (w2sg.run.resources)
         self.wait = wait
         self.skip_done = skip_done
         self.shared_stages = shared_stages
@@ -242,6 +249,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_configs", None)  # composed configs: the Slurm job composes its own
+        state["requests"] = {}  # what the jobs asked Slurm for: the submitting side's business
         return state
 
     def _sweep_config(self, overrides: Sequence[str], idx: int, shared: bool = False):
@@ -273,11 +281,22 @@ class W2sgSlurmLauncher(SlurmLauncher):
             return False
         return not pending(resolve(cfg), store)
 
-    def _executor(self, after: Sequence[Any] = (), shared: bool = False):
-        """A Slurm executor with the profile's parameters; ``after``: jobs that must succeed first (afterok)."""
+    def _request(self, idx: int, overrides: Sequence[str], cfg: Any = None) -> Dict[str, Any]:
+        """Job ``idx``'s own Slurm request (w2sg.run.resources.job_request: its own strong model's resources,
+        resolved in its config, and a GPU constraint from its memory estimate), kept for its submission."""
+        from w2sg.run.resources import job_request
+
+        if idx not in self.requests:
+            composed = cfg if cfg is not None else self._sweep_config(overrides, idx, shared=True)
+            self.requests[idx] = job_request(composed, f"#{idx} ({' '.join(filter_overrides(overrides))})")
+        return self.requests[idx]
+
+    def _executor(self, after: Sequence[Any] = (), shared: bool = False, request: Optional[Dict[str, Any]] = None):
+        """A Slurm executor with the profile's parameters and one job's ``request`` (its resources, _request);
+        ``after``: jobs that must succeed first (afterok)."""
         import submitit
 
-        params = dict(self.params)
+        params = {**self.params, **(request or {})}
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))
         if shared:
@@ -297,14 +316,21 @@ class W2sgSlurmLauncher(SlurmLauncher):
         if not groups:
             return [], []
         params, state = [], Singleton.get_state()
+        batches: Dict[Tuple[Any, ...], List[int]] = {}  # one array per distinct request
         for g, group in enumerate(groups):
-            idx, overrides, _ = todo[group.source]
+            idx, overrides, cfg = todo[group.source]
             slug = re.sub(r"[^A-Za-z0-9_.-]", "_", group.labels[0]) + "_" + group.key[:8]
             params.append(([o for o in overrides if not o.startswith("stages=")]
                            + [f"stages=[{','.join(group.names)}]", f"hydra.sweep.subdir=shared/{slug}"],
                            "hydra.sweep.dir", idx, f"{SHARED_JOB}{g}", state))
+            batches.setdefault(tuple(sorted(self._request(idx, overrides, cfg).items())), []).append(g)
         log.info("Submitting %d shared-stage jobs first (hydra.launcher.shared_stages=dependency)", len(groups))
-        jobs = self._executor(shared=True).map_array(self, *zip(*params))
+        jobs: List[Any] = [None] * len(groups)
+        for request, members in batches.items():
+            array = self._executor(shared=True, request=dict(request)).map_array(
+                self, *zip(*[params[g] for g in members]))
+            for g, job in zip(members, array):
+                jobs[g] = job
         for group, job in zip(groups, jobs):
             needed = ", ".join(f"#{todo[pos][0]}" for pos in group.jobs)
             log.info("\tshared stages %s (needed by %s) -> shared Slurm job %s, log %s", " + ".join(group.labels),
@@ -313,20 +339,25 @@ class W2sgSlurmLauncher(SlurmLauncher):
 
     def _submit(self, todo: List[Tuple[int, List[str], Any]], after: List[List[Any]]) -> List[Any]:
         """The experiments' jobs: one array per distinct set of shared-stage jobs they wait for."""
-        batches: Dict[Tuple[str, ...], List[int]] = {}
+        from w2sg.run.resources import describe
+
+        batches: Dict[Tuple[Any, ...], List[int]] = {}  # one array per distinct (inputs' jobs, request)
         for pos, deps in enumerate(after):
-            batches.setdefault(tuple(sorted(j.job_id for j in deps)), []).append(pos)
+            idx, overrides, cfg = todo[pos]
+            request = tuple(sorted(self._request(idx, overrides, cfg).items()))
+            batches.setdefault((tuple(sorted(j.job_id for j in deps)), request), []).append(pos)
         jobs: List[Any] = [None] * len(todo)
-        for positions in batches.values():
-            state = Singleton.get_state()  # a deep copy of Hydra's config store: once, not per job
+        state = Singleton.get_state()  # a deep copy of Hydra's config store: once, not per job
+        for (_, request), positions in batches.items():
             params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}", state)
                       for pos in positions]
-            for pos, job in zip(positions, self._executor(after[positions[0]]).map_array(self, *zip(*params))):
+            executor = self._executor(after[positions[0]], request=dict(request))
+            for pos, job in zip(positions, executor.map_array(self, *zip(*params))):
                 jobs[pos] = job
         for (idx, overrides, _), job, deps in zip(todo, jobs, after):
             waits = f" after {', '.join(j.job_id for j in deps)}" if deps else ""
-            log.info("\t#%d : %s  -> Slurm job %s%s, log %s", idx, " ".join(filter_overrides(overrides)),
-                     job.job_id, waits, job.paths.stderr)
+            log.info("\t#%d : %s  -> Slurm job %s%s (%s), log %s", idx, " ".join(filter_overrides(overrides)),
+                     job.job_id, waits, describe(self.requests[idx]), job.paths.stderr)
         return jobs
 
     @staticmethod
@@ -402,6 +433,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
                                        config=self._sweep_config(overrides, idx), job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir")
             else:
+                self._request(idx, overrides, cfg)  # its resources, from the config composed here already
                 todo.append((idx, list(overrides), cfg if keep else None))
         if todo:
             groups: List[SharedGroup] = []
