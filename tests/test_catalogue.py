@@ -2,7 +2,7 @@
 model is checked through its architecture: the parameter count of the full-size model (on the meta device, nothing
 allocated), and a forward/backward step (full and LoRA) of a random model of the same architecture shrunk.
 
-An architecture newer than the installed transformers (qwen3 needs 4.51; the lowest supported version, ci/lowest.txt,
+An architecture newer than the installed transformers (qwen3 needs 4.51; the lowest supported version, .ci/lowest.txt,
 is 4.44) cannot be built: its models' tests are skipped there, saying so."""
 
 import math

@@ -1,8 +1,9 @@
 """Users' own methods without forking: modules listed in ``extensions:`` are imported at the start of a run.
 
-An extension registers losses (``w2sg.ml.losses.register_loss``), task formats (``w2sg.data.formats.register_formatter``)
-and model poolings (``w2sg.ml.models.register_pooling``) under new names; those names then work in the config like the
-built-in ones. Every registration goes through ``record``, which refuses to replace another function's name and
+An extension registers losses, weak-label methods, model poolings and task formats under new names through
+``w2sg.extensions`` (``register_loss``, ``register_method``, ``register_pooling``, ``register_formatter``, which
+are w2sg.ml.losses', w2sg.ml.methods', w2sg.ml.poolings' and w2sg.data.formats' own); those names then work in
+the config like the built-in ones. Every registration goes through ``record``, which refuses to replace another function's name and
 remembers which extension's import made it.
 
 Stage keys: a stage that uses a registered name (its loss, its task's ``kind``, its model's ``pooling``) carries the

@@ -19,7 +19,7 @@ Two sources of noise, two intervals:
 :func:`paired_comparison` compares two losses (or any two values of one setting) on results paired by every
 other setting and the seed: the Wilcoxon signed-rank test, the sign test, and effect sizes (median and mean
 difference with a bootstrap CI, matched-pairs rank-biserial correlation). The plots of these numbers are in
-w2sg.results.plots (:func:`plot_ci` here draws the error bars through it).
+w2sg.results.plots (its ``plot_ci`` draws the error bars of :func:`summarize_ci`'s output).
 
 A PGR interval that includes 0 cannot tell the result from no gain, and one wider than ``WIDE_PGR`` (1: the
 whole range from "no gain" to "gap closed") cannot tell it from noise; :func:`noise_warning` says so of a run's
