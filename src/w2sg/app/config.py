@@ -60,7 +60,7 @@ def model_config(name: str) -> ModelConfig:
 
 
 # config groups that only other configs use (schemas; the models chains pick; the sizes conf/config.yaml picks by
-# task and train mode): left out of `w2sg --help` (w2sg.app.cli) and of the reference's groups (w2sg.app.reference)
+# task and train mode): left out of `w2sg --help` (w2sg.app.cli) and of the reference's groups (tools/reference.py)
 HIDDEN_GROUPS = ("schema", "model", "task_size")
 
 
