@@ -137,9 +137,11 @@ def _stage_probs(store, key):
     return np.load(store / "stages" / key / "test_probs.npy")
 
 
-def _reference(tmp_path):
-    """The same run, uninterrupted, in a store of its own."""
-    ref_store, ref_dir = tmp_path / "ref_store", tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The same run, uninterrupted, in a store of its own: computed once for every signal's test."""
+    root = tmp_path_factory.mktemp("reference")
+    ref_store, ref_dir = root / "ref_store", root / "ref"
     ref_dir.mkdir()
     run_w2sg(LONG, ref_dir, env_extra={"W2SG_STORE": str(ref_store)}, subprocess=True)
     return ref_store, metrics_files(ref_dir)[0]
@@ -147,8 +149,8 @@ def _reference(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
-def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig):
-    ref_store, ref = _reference(tmp_path)
+def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig, reference_run):
+    ref_store, ref = reference_run
     proc = _popen(LONG, tmp_path)
     key = _wait_for_checkpoint(store, proc)
     proc.send_signal(sig)
