@@ -1,4 +1,4 @@
-"""The ``w2sg`` command: a subcommand (status, report, gc, sync) starts without importing Hydra or OmegaConf, so
+"""The ``w2sg`` command: a subcommand (status, report, gc, sync, prefetch) starts without importing Hydra or OmegaConf, so
 ``w2sg status`` over a large store answers in well under a second; anything else is a run or a sweep
 (w2sg.app.cli, which imports Hydra).
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = {"status": "w2sg.app.status", "report": "w2sg.results.report", "gc": "w2sg.app.gc", "sync": "w2sg.app.sync"}
+SUBCOMMANDS = {"status": "w2sg.app.status", "report": "w2sg.results.report", "gc": "w2sg.app.gc", "sync": "w2sg.app.sync",
+               "prefetch": "w2sg.app.prefetch"}
 
 
 def main() -> None:

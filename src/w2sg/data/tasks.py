@@ -100,11 +100,39 @@ def _load_hub(cfg: Any, split: str):
     try:
         return datasets.load_dataset(cfg.dataset, cfg.subset, split=split, **dict(cfg.load_kwargs or {}))
     except Exception as e:  # datasets raises many types here (offline, missing file, bad split, parse error)
+        offline = _offline_error(cfg, split)
+        if offline is not None:
+            raise offline from None
         raise W2SGError(
             f"task {cfg.name!r}: cannot load split {split!r} of data set {cfg.dataset!r}: {_root_cause(e)}\n"
             "Hub data sets need the network or a local cache; to use local files of the same format, override "
             "e.g. task.dataset=json 'task.data_files={train: path/train.jsonl, test: path/test.jsonl}'"
         ) from None
+
+
+def _offline_error(cfg: Any, split: str) -> Optional[W2SGError]:
+    """For a hub data set while the hub is off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE=1, w2sg's default) that the
+    datasets cache lacks: what to fetch and how (w2sg prefetch on a machine with internet); else None."""
+    import datasets.config
+    from datasets.naming import camelcase_to_snakecase
+
+    if not datasets.config.HF_HUB_OFFLINE or Path(cfg.dataset).expanduser().exists():
+        return None
+    parts = cfg.dataset.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(parts)
+    if any(p.is_dir() for p in root.glob(f"{cfg.subset or '*'}/*/*")):
+        return None  # cached: another cause (a bad split), for the general message
+    subset = f", subset {cfg.subset}" if cfg.subset else ""
+    revision = dict(cfg.load_kwargs or {}).get("revision") or "main"
+    return W2SGError(
+        f"task {cfg.name!r}: cannot load split {split!r} of data set {cfg.dataset!r}{subset} (revision {revision}): "
+        f"it is not in the datasets cache "
+        f"({datasets.config.HF_DATASETS_CACHE}), and the hub is off (HF_HUB_OFFLINE=1, w2sg's default: jobs never "
+        "download). Download it once on a machine with internet (the login node): w2sg prefetch <the same "
+        "overrides> (-m <overrides> for a whole sweep); or allow downloads: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0; "
+        "or use local files of the same format: task.dataset=json "
+        "'task.data_files={train: path/train.jsonl, test: path/test.jsonl}'")
 
 
 def _root_cause(e: BaseException) -> str:

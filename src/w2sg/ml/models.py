@@ -89,8 +89,11 @@ def _layer_key(config: Any) -> str:
 def load_tokenizer(cfg: Any):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(local_path(tokenizer_path(cfg)),
-                                        **({} if cfg.tokenizer else _revision(cfg)))
+    path = local_path(tokenizer_path(cfg))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **({} if cfg.tokenizer else _revision(cfg)))
+    except OSError as e:
+        raise _load_error(cfg, path, e, None if cfg.tokenizer else cfg.revision) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -102,6 +105,33 @@ def tokenizer_path(cfg: Any) -> str:
 
 def _revision(cfg: Any) -> Dict[str, Any]:
     return {"revision": cfg.revision} if cfg.revision else {}
+
+
+def _load_error(cfg: Any, path: str, e: Exception, revision: Any = "") -> W2SGError:
+    """The error of a model that cannot be loaded; for a hub id while the hub is off (HF_HUB_OFFLINE=1, w2sg's
+    default) and not in the cache: what to fetch and how (w2sg prefetch on a machine with internet)."""
+    from huggingface_hub import constants
+
+    revision = cfg.revision if revision == "" else revision
+    if constants.HF_HUB_OFFLINE and not Path(path).expanduser().exists():
+        return W2SGError(
+            f"model {cfg.name!r}: {path} (revision {revision or 'main'}) is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and the hub is off (HF_HUB_OFFLINE=1, w2sg's default: jobs never download). "
+            f"Download it once on a machine with internet (the login node): w2sg prefetch {_overrides()}"
+            "(w2sg prefetch -m <overrides> for a whole sweep); or allow downloads: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0")
+    return W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}")
+
+
+def _overrides() -> str:
+    """This job's command-line overrides (as Hydra runs it), for a command to print; else a placeholder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return " ".join(HydraConfig.get().overrides.task) + " "
+    except Exception:  # noqa: BLE001  (only a hint)
+        pass
+    return "<the same overrides> "
 
 
 def local_path(spec: str) -> str:
@@ -215,7 +245,7 @@ def model_config(cfg: Any):
         try:
             hf_config = AutoConfig.from_pretrained(path, **_revision(cfg))
         except OSError as e:
-            raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+            raise _load_error(cfg, path, e) from None
     for key, value in (cfg.random_init or {}).items():
         setattr(hf_config, key, value)
     if cfg.num_layers is not None:
@@ -295,7 +325,7 @@ def build_model(cfg: Any, num_classes: int, seed: int, pairwise: bool = False, p
         else:
             backbone = AutoModel.from_pretrained(path, config=hf_config, **kwargs)
     except OSError as e:
-        raise W2SGError(f"model {cfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+        raise _load_error(cfg, path, e) from None
     except (ValueError, ImportError) as e:
         raise W2SGError(f"model {cfg.name!r}: {str(e).splitlines()[0]} (attn_implementation="
                         f"{cfg.attn_implementation!r}; try {cfg.name}.attn_implementation=sdpa or eager)") from None
