@@ -193,3 +193,15 @@ def test_pythia_revisions_are_distinct_stages():
     b = plan(compose(["sweep=pythia_checkpoints", "strong.revision=step1000"]))
     assert a["weak"].key == b["weak"].key and a["ceiling"].key != b["ceiling"].key
     assert b["ceiling"].spec["model"]["revision"] == "step1000"
+
+
+def test_the_catalogues_derived_fields_are_generated():
+    """params, lora_lr and memory_gb of every catalogue model are what tools/catalogue.py generates from its arch."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "catalogue.py"), "--check"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr

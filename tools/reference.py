@@ -594,7 +594,7 @@ def render() -> str:
     """The whole reference, as Markdown."""
     lines = [HEADER, "# Configuration reference", "",
              "Every config group with its options, then every option (key) with its type, default and meaning. "
-             "The README explains how they fit together; `w2sg --help` lists the groups and the composed "
+             "The README and docs/concepts.md explain how they fit together; `w2sg --help` lists the groups and the composed "
              "config.", ""]
     lines += groups_part() + options_part()
     while lines and not lines[-1]:

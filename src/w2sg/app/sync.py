@@ -15,7 +15,7 @@ runsync writes it, "runsync: couldn't create .synced file" is its error; ``wandb
 ``_is_synced``: ``path.with_suffix(".wandb.synced").exists()``). A folder with that marker is skipped, so a rerun
 uploads nothing twice (and the marker is what decides success, above).
 
-Folders of one run id (a stage resumed by a requeued job, or ``recompute=``: README, "Offline runs are uploaded
+Folders of one run id (a stage resumed by a requeued job, or ``recompute=``: docs/wandb.md, "Offline runs are uploaded
 ...") form one chain: uploaded one after another, never two of one id at once, in the order the runs started (the
 run record's ``start_time``, which is also the order wandb-core itself uses, ``runsyncoperation.go``
 ``initAndPlan``; the folder name is not enough: two folders started in the same second are named ``...-<id>`` and
@@ -25,7 +25,7 @@ uploaded (they would land before it) and are reported failed.
 Not replacing the history of a run that is already on the server -- the decision, from the installed wandb:
 
 * A plain ``wandb sync`` of a folder whose run already exists upserts the run and streams its history from offset
-  0, replacing it (README; wandb issues 3841, 5865).
+  0, replacing it (docs/wandb.md; wandb issues 3841, 5865).
 * wandb <= 0.29 had ``wandb sync --append``. The installed wandb (0.31) removed it: ``wandb/cli/cli.py``
   ``sync()`` keeps ``--append``/``--mark-synced``/``--skip-console`` only to raise "The following options have been
   removed ... Downgrade to wandb<=0.29.0" (``--append`` is not even accepted any more).
@@ -41,7 +41,7 @@ Not replacing the history of a run that is already on the server -- the decision
 * So: the first folder of an id is uploaded plainly (it creates the run); every later folder of the same id is
   uploaded with ``WANDB_RESUME=allow`` in the environment of its ``wandb sync`` (wandb's ``Settings.resume``,
   env ``WANDB_RESUME``), which appends its history to the run instead of replacing it; with wandb < 0.30,
-  ``wandb sync --append`` instead (the README's advice; not verifiable against the installed version). The
+  ``wandb sync --append`` instead (the advice in docs/wandb.md; not verifiable against the installed version). The
   stage's result and PGR never depend on it (they are in the store, ``metrics.json`` and the experiment's run).
   :func:`append_options` holds that choice.
 

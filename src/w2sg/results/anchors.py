@@ -368,7 +368,7 @@ def lines(compared: List[Dict[str, Any]]) -> List[str]:
     if not compared:
         return []
     out = ["anchors: ours [CI (coverage): over seeds for a median, 95% over data sets for a share] vs published "
-           "(checked against its source: verified yes/no), with a verdict (README 'Reproduction packs'):"]
+           "(checked against its source: verified yes/no), with a verdict (docs/results.md 'Reproduction packs'):"]
     for r in compared:
         share = r["kind"] == "wins"
         level = f" ({r['ci_level']:.3g})" if r.get("ci_level") is not None else ""

@@ -5,7 +5,7 @@ experiment (job_type ``experiment``: the weak / ceiling / w2s accuracies and PGR
 duplicates. A stage's run is opened only while that stage computes, and an experiment's run only when this
 process computed one of its stages or the W&B folder holds no run for it yet: a rerun that reuses every stage
 writes no run folder. The PGR never goes into a stage's run, so syncing an experiment's run (which replaces a
-run with the same id, see README) cannot touch any training history.
+run with the same id, see docs/wandb.md) cannot touch any training history.
 
 Mode: ``logger.mode`` if set, else ``WANDB_MODE``, else ``online`` when credentials exist and ``offline``
 otherwise. An online mode without credentials is reported once and logs offline instead (``wandb sync`` uploads it
