@@ -276,7 +276,7 @@ def test_jobs_with_different_requests_are_submitted_as_different_arrays(monkeypa
                     for i in range(len(overrides))]
 
     monkeypatch.setattr(launcher, "_executor", lambda after=(), shared=False, request=None: Executor(request))
-    monkeypatch.setattr("hydra_plugins.w2sg_launcher.w2sg_launcher.Singleton.get_state", lambda: None)
+    monkeypatch.setattr("w2sg.app.hydra_compat.singleton_state", lambda: None)
     todo = [(i, [f"strong={s}"], None) for i, s in enumerate(("3b", "7b", "3b"))]
     jobs = launcher._submit(todo, [[], [], []])
     assert sorted(arrays, key=lambda a: a[0]["mem_gb"]) == [(small, ["strong=3b", "strong=3b"]),

@@ -25,15 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
-from w2sg.app import run_id
+from w2sg.app import hydra_compat, run_id
+from w2sg.app.hydra_compat import BasicSweeper, filter_overrides
 from w2sg.core.errors import W2SGError
 
 log = logging.getLogger("w2sg.launcher")
@@ -144,11 +143,8 @@ class SweepConfigs:
     over 1 s per job; tests/test_submit.py checks the configs equal Hydra's."""
 
     def __init__(self, loader: Any, master: Any) -> None:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         self.loader, self.master = loader, master
-        self.parser = OverridesParser.create()
-        self.hydra_overrides = self.parser.parse_overrides(list(master.hydra.overrides.hydra))
+        self.hydra_overrides = hydra_compat.parse_overrides(master.hydra.overrides.hydra)
         self.bases: Dict[Tuple[str, ...], Any] = {}
         self.scratch: Dict[Tuple[str, ...], Tuple[Tuple[str, ...], Any]] = {}  # group choices -> (keys set, cfg)
 
@@ -158,7 +154,7 @@ class SweepConfigs:
         key = override.key_or_group
         if key == "hydra.searchpath":
             return True
-        return self.loader.repository.group_exists(key) and not isinstance(override.value(), dict)
+        return hydra_compat.group_exists(self.loader, key) and not isinstance(override.value(), dict)
 
     @staticmethod
     def _plain(override: Any) -> bool:
@@ -169,12 +165,7 @@ class SweepConfigs:
     def __call__(self, sweep_overrides: Sequence[str], shared: bool = False) -> Any:
         import copy
 
-        from hydra._internal.config_loader_impl import (
-            ConfigLoaderImpl,
-            get_overrides_dirname,
-        )
-
-        parsed = self.parser.parse_overrides(list(sweep_overrides))
+        parsed = hydra_compat.parse_overrides(sweep_overrides)
         groups = tuple(o.input_line for o in parsed if self._shapes_defaults(o))
         values = [o for o in parsed if not self._shapes_defaults(o)]
         if groups not in self.bases:
@@ -188,7 +179,7 @@ class SweepConfigs:
         else:
             cfg = copy.deepcopy(self.bases[groups])
         try:
-            ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+            hydra_compat.apply_overrides(values, cfg)
         except Exception:
             self.scratch.pop(groups, None)  # half applied: start the next job from a clean copy
             raise
@@ -198,8 +189,8 @@ class SweepConfigs:
             cfg.hydra.overrides.hydra = [o.input_line for o in everything if o.is_hydra_override()]
             cfg.hydra.overrides.task = [o.input_line for o in app]
             job = cfg.hydra.job.config.override_dirname
-            cfg.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=app, kv_sep=job.kv_sep, item_sep=job.item_sep, exclude_keys=job.exclude_keys)
+            cfg.hydra.job.override_dirname = hydra_compat.overrides_dirname(
+                app, kv_sep=job.kv_sep, item_sep=job.item_sep, exclude_keys=job.exclude_keys)
         return cfg
 
 
@@ -238,12 +229,12 @@ class W2sgSlurmLauncher(SlurmLauncher):
         self.shared_stages = shared_stages
 
     def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+                 singleton_state: Dict[type, Any]) -> JobReturn:
         """Runs in the Slurm job. Hydra catches a job's exception (the job still ends COMPLETED); a shared-stage
         job raises it instead, so that Slurm marks it FAILED and cancels the jobs waiting on it (afterok)."""
         ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
         if job_id.startswith(SHARED_JOB) and ret.status == JobStatus.FAILED:
-            raise ret._return_value
+            raise hydra_compat.job_error(ret)
         return ret
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -315,7 +306,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
         groups = shared_stage_groups([cfg for _, _, cfg in todo])
         if not groups:
             return [], []
-        params, state = [], Singleton.get_state()
+        params, state = [], hydra_compat.singleton_state()
         batches: Dict[Tuple[Any, ...], List[int]] = {}  # one array per distinct request
         for g, group in enumerate(groups):
             idx, overrides, cfg = todo[group.source]
@@ -347,7 +338,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
             request = tuple(sorted(self._request(idx, overrides, cfg).items()))
             batches.setdefault((tuple(sorted(j.job_id for j in deps)), request), []).append(pos)
         jobs: List[Any] = [None] * len(todo)
-        state = Singleton.get_state()  # a deep copy of Hydra's config store: once, not per job
+        state = hydra_compat.singleton_state()  # a deep copy of Hydra's config store: once, not per job
         for (_, request), positions in batches.items():
             params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}", state)
                       for pos in positions]
@@ -370,10 +361,11 @@ class W2sgSlurmLauncher(SlurmLauncher):
             ret = job.results()[0]
         except Exception as e:  # submitit raises for a job that crashed, was killed or cancelled
             return None, _error_line(str(e)), False
-        if ret.status == JobStatus.FAILED:
-            if isinstance(ret._return_value, Preempted):
-                return ret, _stopped_line(ret._return_value), True
-            return ret, _error_line(str(ret._return_value)), False  # the job's own exception, caught by Hydra
+        error = hydra_compat.job_error(ret)  # the job's own exception, caught by Hydra (None: it succeeded)
+        if error is not None:
+            if isinstance(error, Preempted):
+                return ret, _stopped_line(error), True
+            return ret, _error_line(str(error)), False
         return ret, None, False
 
     def _collect(self, todo: List[Tuple[int, List[str], Any]], jobs: List[Any], after: List[List[Any]],
@@ -429,7 +421,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
             if self.skip_done and self._all_done(cfg, stores):
                 log.info("\t#%d : %s  (all stages stored: collected here, not submitted)", idx,
                          " ".join(filter_overrides(overrides)))
-                results[idx] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                results[idx] = hydra_compat.run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                        config=self._sweep_config(overrides, idx), job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir")
             else:
@@ -451,10 +443,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
                 log.info("Not waiting (hydra.launcher.wait=false): follow with `w2sg status -m <same overrides>`; "
                          "rerun the same command to collect finished jobs and resubmit missing ones")
                 for (idx, _, _), job in zip(todo, jobs):
-                    ret = JobReturn()
-                    ret.status = JobStatus.COMPLETED
-                    ret._return_value = None
-                    results[idx] = ret
+                    results[idx] = hydra_compat.completed_job(None)
             else:
                 results.update(self._collect(todo, jobs, after, groups, shared_jobs, len(job_overrides)))
         return [results[initial_job_idx + pos] for pos in range(len(job_overrides))]

@@ -32,22 +32,8 @@ register()
 hydra_compat.install()
 
 
-def _hide_internal_groups() -> None:
-    """``w2sg --help`` lists the groups a user picks from, not ``schema`` / ``model`` (idempotent)."""
-    from hydra._internal.hydra import Hydra
-
-    original = Hydra.format_config_groups
-    if getattr(original, "_w2sg", False):
-        return
-
-    def format_config_groups(self: Any, predicate: Any, compact: bool = True) -> str:
-        return original(self, lambda g: predicate(g) and g.split("/")[0] not in HIDDEN_GROUPS, compact)
-
-    format_config_groups._w2sg = True  # type: ignore[attr-defined]
-    Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
-
-
-_hide_internal_groups()
+# ``w2sg --help`` lists the groups a user picks from, not ``schema`` / ``model`` (idempotent).
+hydra_compat.hide_config_groups(HIDDEN_GROUPS)
 
 
 def _command_line_keys(overrides: Optional[Sequence[str]]) -> List[str]:
@@ -174,7 +160,7 @@ def direction_names(direction: Any) -> List[str]:
 
 
 def _is_tuning_sweeper(sweeper: Any) -> bool:
-    return not str(sweeper.get("_target_", "")).endswith("BasicSweeper")
+    return not hydra_compat.is_basic_sweeper(sweeper.get("_target_", ""))
 
 
 def maximize_by_default(hydra_cfg: Any) -> bool:
@@ -337,12 +323,11 @@ from w2sg.app.entry import SUBCOMMANDS  # noqa: E402  (one list: the light entry
 
 def print_multirun_configs(argv: List[str]) -> int:
     """``w2sg -m <overrides> --cfg job``: each job's composed config (Hydra refuses --cfg with -m)."""
-    from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
     from w2sg.app.status import compose, expand_sweep
 
-    args = get_args_parser().parse_args(argv)
+    args = hydra_compat.args_parser().parse_args(argv)
     if args.cfg != "job":
         print(f"w2sg: error: -m with --cfg {args.cfg}: only --cfg job prints the config of each job of a sweep; "
               f"drop -m to see the {args.cfg} config of one run", file=sys.stderr)

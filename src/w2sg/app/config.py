@@ -97,12 +97,9 @@ def _loss_hint(cfg: Any, key: str) -> str:
 
 def _group_names() -> List[str]:
     """The config groups of the app being composed (for a misspelt top-level key such as ``pari=tiny``)."""
-    from hydra.core.global_hydra import GlobalHydra
+    from w2sg.app import hydra_compat
 
-    gh = GlobalHydra.instance()
-    if not gh.is_initialized():
-        return []
-    return sorted(g for g in gh.config_loader().list_groups("") if g not in ("hydra", "schema", "model"))
+    return sorted(g for g in hydra_compat.config_groups("") if g not in ("hydra", "schema", "model"))
 
 
 def _unknown_key_message(cfg: Any, key: str, input_line: str) -> str:
@@ -200,13 +197,15 @@ def _name_valid_keys_on_unknown_overrides() -> None:
     Hydra 1.3's message for ``train.epoch=1`` is "Could not override 'train.epoch'" plus OmegaConf's
     "Key 'epoch' not in 'TrainConfig'", without the keys that do exist.
     """
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from w2sg.app import hydra_compat
+
+    hydra_compat.wrap_override_application(_naming_valid_keys)
+
+
+def _naming_valid_keys(original: Callable[..., None]) -> Callable[..., None]:
+    """Hydra's override step ``original(overrides, cfg)``, with w2sg's checks and messages (see above)."""
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    original: Callable[..., None] = ConfigLoaderImpl._apply_overrides_to_config
-    if getattr(original, "_w2sg", False):
-        return
 
     @functools.wraps(original)
     def apply(overrides: List[Any], cfg: Any) -> None:
@@ -240,5 +239,4 @@ def _name_valid_keys_on_unknown_overrides() -> None:
             raise ConfigCompositionException(_unknown_key_message(cfg, override.key_or_group,
                                                                          override.input_line)) from None
 
-    apply._w2sg = True  # type: ignore[attr-defined]
-    ConfigLoaderImpl._apply_overrides_to_config = staticmethod(apply)  # type: ignore[assignment]
+    return apply

@@ -48,17 +48,15 @@ def compose(overrides: Iterable[str] = (), with_hydra: bool = False, conf_dir: P
 
 def expand_sweep(overrides: List[str]) -> List[List[str]]:
     """The override list of every job of ``w2sg -m <overrides>``, as Hydra's basic sweeper expands them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from omegaconf import OmegaConf
+
+    from w2sg.app import hydra_compat
 
     cfg = compose([o for o in overrides if _is_group_choice(o)], with_hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     combined = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(combined), None)
-    return [list(job) for batch in batches for job in batch]
+    return hydra_compat.split_sweep(combined)
 
 
 def _is_group_choice(override: str) -> bool:
