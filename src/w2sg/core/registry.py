@@ -3,8 +3,14 @@
 An extension registers losses, weak-label methods, model poolings and task formats under new names through
 ``w2sg.extensions`` (``register_loss``, ``register_method``, ``register_pooling``, ``register_formatter``, which
 are w2sg.ml.losses', w2sg.ml.methods', w2sg.ml.poolings' and w2sg.data.formats' own); those names then work in
-the config like the built-in ones. Every registration goes through ``record``, which refuses to replace another function's name and
-remembers which extension's import made it.
+the config like the built-in ones. Each registry is a ``Registry`` (defined where its functions live: ``LOSSES``,
+``POOLINGS``, ``FORMATTERS``; ``METHODS`` here, below the plan, which reads a method's parameters from its
+signature), and every registration goes through its ``register``: ``record`` refuses to replace another function's
+name and remembers which extension's import made it.
+
+Built-in functions a registry here cannot import (core imports nothing above it, not even by name) are declared as
+configuration: the entry points of the registry's group (``METHODS``: ``w2sg.methods`` in pyproject.toml, which
+names the module holding w2sg's own methods), imported the first time the registry is read or added to.
 
 Stage keys: a stage that uses a registered name (its loss, its task's ``kind``, its model's ``pooling``) carries the
 version of the code behind it in its spec (``versions_used``), so editing an extension recomputes exactly the stages
@@ -27,25 +33,123 @@ import importlib
 import inspect
 import sys
 import traceback
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from w2sg.core.errors import W2SGError
 
 # The registries an extension may add to: kind -> where the name is used in a stage's spec.
 KINDS = ("loss", "task format", "pooling", "labels method")
-# Weak-label methods (w2sg.ml.methods registers the built-in ones; extensions add theirs with
-# w2sg.extensions.register_method). The plan reads a method's parameters from its signature, so the registry lives
-# here, below the plan; ``labels_methods`` imports the built-in ones by name, as ``load`` imports an extension.
-METHODS: Dict[str, Callable[..., Any]] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry(MutableMapping):
+    """Functions by name, of one ``kind`` (one of KINDS): ``registry[name]``, ``name in registry``, iteration in
+    registration order. ``register(name, **attrs)`` is the decorator every ``register_*`` of w2sg is; ``attrs``
+    (e.g. a method's ``needs_features``) are kept by name (``attrs(name)``).
+
+    ``declared``: an entry-point group whose entry points (modules, or objects in them) hold built-in
+    registrations this registry's own module cannot import; they are imported the first time the registry is read
+    or registered to, so the built-in names are there before an extension's (and a taken name is refused as ever).
+    """
+
+    def __init__(self, kind: str, declared: Optional[str] = None) -> None:
+        self.kind = kind
+        self.declared = declared
+        self._fns: Dict[str, Callable[..., Any]] = {}
+        self._attrs: Dict[str, Dict[str, Any]] = {}
+        self._loading = False
+        self._loaded = declared is None
+
+    def register(self, name: str, **attrs: Any) -> Callable[[F], F]:
+        """Decorator: the config's ``name`` selects the function (also from a module listed in ``extensions:``)."""
+        if not isinstance(name, str) or not name:
+            raise W2SGError(f"a {self.kind} is registered under a name, a non-empty string: got {name!r} "
+                            f"(decorate with @register_...(\"my_name\"), not @register_...)")
+
+        def deco(fn: F) -> F:
+            self._load_declared()
+            record(self, self.kind, name, fn)
+            self._attrs[name] = dict(attrs)
+            return fn
+
+        return deco
+
+    def attrs(self, name: str) -> Dict[str, Any]:
+        """The keyword arguments ``name`` was registered with (beyond the name)."""
+        self._load_declared()
+        return dict(self._attrs.get(name, {})) if name in self._fns else {}
+
+    def _load_declared(self) -> None:
+        if self._loaded or self._loading:  # loading: the declared modules' own registrations come back here
+            return
+        from importlib.metadata import entry_points
+
+        self._loading = True
+        try:
+            eps = _entry_points(entry_points, self.declared)
+            if not eps:
+                raise W2SGError(f"no built-in {self.kind}s: the installed w2sg declares no entry point in group "
+                                f"{self.declared!r} (its install predates them): reinstall it (pip install -e .)")
+            for ep in eps:
+                try:
+                    ep.load()
+                except Exception as e:
+                    raise W2SGError(f"{self.kind}s: loading entry point {ep.name} = {ep.value} (group "
+                                    f"{self.declared!r}) failed: {_where(e)}") from None
+            self._loaded = True
+        finally:
+            self._loading = False
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        self._load_declared()
+        return self._fns[name]
+
+    def __setitem__(self, name: str, fn: Callable[..., Any]) -> None:  # as a dict (``record`` checks): no checks
+        self._fns[name] = fn
+
+    def __delitem__(self, name: str) -> None:  # its attrs stay: ``attrs`` reads those of names registered now
+        del self._fns[name]
+
+    def __contains__(self, name: object) -> bool:
+        self._load_declared()
+        return name in self._fns
+
+    def __iter__(self) -> Iterator[str]:
+        self._load_declared()
+        return iter(list(self._fns))
+
+    def __len__(self) -> int:
+        self._load_declared()
+        return len(self._fns)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {sorted(self._fns)})"
+
+
+def _entry_points(entry_points: Callable[..., Any], group: Optional[str]) -> List[Any]:
+    """The entry points of ``group``, each once (an install seen twice on sys.path lists them twice)."""
+    seen, out = set(), []
+    for ep in entry_points(group=group):
+        if (ep.name, ep.value) not in seen:
+            seen.add((ep.name, ep.value))
+            out.append(ep)
+    return out
+
+
+# Weak-label methods (w2sg's own, numpy only, are declared in pyproject.toml's ``w2sg.methods`` entry points;
+# extensions add theirs with w2sg.extensions.register_method). The plan reads a method's parameters from its
+# signature, so the registry lives here, below the plan.
+METHODS = Registry("labels method", declared="w2sg.methods")
 NEEDS_FEATURES: set = set()  # methods that read the strong model's frozen features
-BUILTIN_METHODS = "w2sg.ml.methods"
 
 
-def labels_methods() -> Dict[str, Callable[..., Any]]:
-    """The registry of weak-label methods, with the built-in ones (numpy only) imported."""
-    importlib.import_module(BUILTIN_METHODS)
+def labels_methods() -> Registry:
+    """The registry of weak-label methods, the built-in ones included."""
+    METHODS._load_declared()
     return METHODS
 
 
@@ -73,8 +177,9 @@ def _ident(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def record(registry: Dict[str, Any], kind: str, name: str, fn: Any) -> None:
-    """Add ``fn`` to ``registry`` under ``name``; a name another function holds is an error, not a replacement."""
+def record(registry: MutableMapping, kind: str, name: str, fn: Any) -> None:
+    """Add ``fn`` to ``registry`` under ``name``; a name another function holds is an error, not a replacement.
+    (``Registry.register`` calls it: register through that.)"""
     old = registry.get(name)
     if old is not None and _ident(old) != _ident(fn):  # the same function again (a module reloaded) is fine
         raise W2SGError(f"{kind} {name!r} is already registered by {_ident(old)}; {_ident(fn)} cannot take it: "

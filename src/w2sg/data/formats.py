@@ -12,21 +12,17 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from w2sg.core.registry import record
+from w2sg.core.registry import Registry
 
 Row = Dict[str, Any]
 Example = Tuple[Any, int]  # (text, class index); pairwise tasks give a (text, text) pair instead of one text
 Formatter = Callable[[Row, random.Random, Any], Optional[Example]]
-FORMATTERS: Dict[str, Formatter] = {}
+FORMATTERS = Registry("task format")
 
 
 def register_formatter(name: str) -> Callable[[Formatter], Formatter]:
     """Decorator: ``task.kind=<name>`` formats rows with ``fn`` (also from a module listed in ``extensions:``)."""
-    def deco(fn: Formatter) -> Formatter:
-        record(FORMATTERS, "task format", name, fn)
-        return fn
-
-    return deco
+    return FORMATTERS.register(name)
 
 
 def label_key(raw: Any) -> str:

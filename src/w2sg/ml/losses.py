@@ -13,20 +13,16 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, Mapping
 
-from w2sg.core.registry import check_choice, record
+from w2sg.core.registry import Registry, check_choice
 from w2sg.ml.lazy import F, torch  # imported at the first loss computed: the registry is checked without torch
 
 LossFn = Callable[..., Any]  # fn(logits, labels, step_frac, **params) -> scalar tensor
-LOSSES: Dict[str, LossFn] = {}
+LOSSES = Registry("loss")
 
 
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     """Decorator: ``loss.name=<name>`` selects ``fn`` (also from a module listed in ``extensions:``)."""
-    def deco(fn: LossFn) -> LossFn:
-        record(LOSSES, "loss", name, fn)
-        return fn
-
-    return deco
+    return LOSSES.register(name)
 
 
 def loss_params(fn: LossFn) -> Dict[str, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from w2sg.core.errors import W2SGError
 from w2sg.core.methods import KNN_METRICS, LOGREG_FITS, PROBE_PARAMS, method_kwargs
-from w2sg.core.registry import METHODS, NEEDS_FEATURES, record
+from w2sg.core.registry import METHODS, NEEDS_FEATURES
 
 Result = Tuple[np.ndarray, np.ndarray]
 BUDGET_STREAM = 16  # the budget's random stream: numpy default_rng([seed, BUDGET_STREAM])
@@ -33,9 +33,13 @@ BUDGET_STREAM = 16  # the budget's random stream: numpy default_rng([seed, BUDGE
 
 def register_method(name: str, needs_features: bool = False) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
     """Decorator: ``labels.name=<name>`` selects ``fn`` (also from a module listed in ``extensions:``).
-    ``needs_features``: the method reads the strong model's frozen features (its second argument)."""
+    ``needs_features``: the method reads the strong model's frozen features (its second argument). The registry,
+    METHODS, lives in w2sg.core.registry (the plan reads a method's parameters); pyproject.toml's ``w2sg.methods``
+    entry point names this module, so the plan finds the built-in methods without core naming ml."""
+    register = METHODS.register(name, needs_features=needs_features)
+
     def deco(fn: Callable[..., Result]) -> Callable[..., Result]:
-        record(METHODS, "labels method", name, fn)
+        register(fn)
         if needs_features:
             NEEDS_FEATURES.add(name)
         return fn

@@ -6,9 +6,9 @@ config is checked against this registry without it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
-from w2sg.core.registry import record
+from w2sg.core.registry import Registry
 from w2sg.ml.lazy import torch
 
 
@@ -28,7 +28,7 @@ def _last(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 Pooling = Callable[[Any, Any], Any]  # (last_hidden_state [B, T, H], attention_mask [B, T]) -> [B, H]
-POOLINGS: Dict[str, Pooling] = {"mean": _mean, "cls": _cls, "last": _last}
+POOLINGS = Registry("pooling")
 
 
 def register_pooling(name: str) -> Callable[[Pooling], Pooling]:
@@ -36,8 +36,9 @@ def register_pooling(name: str) -> Callable[[Pooling], Pooling]:
 
     ``fn(last_hidden_state [B, T, H], attention_mask [B, T]) -> features [B, H]`` (the head is H wide).
     """
-    def deco(fn: Pooling) -> Pooling:
-        record(POOLINGS, "pooling", name, fn)
-        return fn
+    return POOLINGS.register(name)
 
-    return deco
+
+for _name, _fn in (("mean", _mean), ("cls", _cls), ("last", _last)):
+    register_pooling(_name)(_fn)
+del _name, _fn
