@@ -143,6 +143,14 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, slower)
     device_map: Optional[str] = None  # auto: shard the model over every GPU of the node (LoRA, probe features, labels)
+    # data-parallel training of full finetunes over torch.distributed (w2sg.ml.distributed): auto (ddp with several
+    # processes, else single) | single | ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block; bf16
+    # parameters, fp32 reductions on GPUs). processes: ranks training each stage, null: the job's GPUs (1 on the
+    # CPU); without a distributed environment they are started locally (gloo on the CPU, nccl on GPUs). Each rank
+    # trains a slice of the same global batch, so neither enters a stage key (results equal one process's to float
+    # rounding; with dropout, its masks differ).
+    strategy: str = "auto"
+    processes: Optional[int] = None
     # a resumable checkpoint (trainable weights, optimizer, position) at most every this many minutes of training
     # (0: only on SIGTERM/SIGUSR1), and every checkpoint_every optimizer steps (0: by time only)
     checkpoint_minutes: float = 10.0

@@ -200,9 +200,11 @@ def truncation_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, str]:
 
 def train_spec(train: TrainConfig, model: ModelConfig) -> Dict[str, Any]:
     t = plain(train)
-    # evaluation batching, checkpoints, the device and memory savers do not change results; the precision does
+    # evaluation batching, checkpoints, the device and memory savers do not change results; the precision does;
+    # data-parallel ranks train slices of the same global batches: equal to one process's to float rounding
+    # (tests/test_distributed.py), so strategy and processes stay out of the key
     for k in ("eval_batch_size", "checkpoint_every", "checkpoint_minutes", "device", "precision",
-              "gradient_checkpointing", "device_map"):
+              "gradient_checkpointing", "device_map", "strategy", "processes"):
         t.pop(k, None)
     t.update(key_precision(train))
     t["lr"] = float(train_lr(train, model))

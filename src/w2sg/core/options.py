@@ -19,6 +19,7 @@ BATCH_ORDERS = ("grouped", "random")  # train.batch_order: batches of similar le
 DEVICES = ("auto", "cpu", "cuda")  # train.device
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision
 DEVICE_MAPS = (None, "auto")  # train.device_map
+STRATEGIES = ("auto", "single", "ddp", "fsdp")  # train.strategy (w2sg.ml.distributed)
 # train.truncation: how a text longer than train.max_length is cut (w2sg.core.options.truncation_side)
 TRUNCATIONS = ("auto", "left", "right", "drop")
 HEAD_INITS = ("default", "zero")  # train.head_init: torch's nn.Linear initialisation, or zeros (openai/weak-to-strong)
@@ -95,3 +96,20 @@ def check_device_settings(device: str, precision: str, device_map: Optional[str]
     if device_map is not None and mode == "full":
         raise W2SGError("train.device_map=auto (a model sharded over GPUs) trains LoRA adapters or probes, not "
                         "every weight: use train=lora or train=probe, or train.device_map=null")
+
+
+def check_parallel_settings(strategy: str, processes: Optional[int], mode: str = "full",
+                            device_map: Optional[str] = None) -> None:
+    """train.strategy / processes: errors naming the bad value and the valid ones."""
+    one_of("train.strategy", strategy, STRATEGIES)
+    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        raise W2SGError(f"train.processes must be a whole number >= 1 or null (the job's GPUs), got {processes!r}")
+    if strategy == "single" and processes is not None and processes > 1:
+        raise W2SGError(f"train.strategy=single trains in one process, but train.processes={processes}; use "
+                        "train.strategy=auto, ddp or fsdp, or train.processes=1")
+    if strategy in ("ddp", "fsdp") and mode != "full":
+        raise W2SGError(f"train.strategy={strategy} trains every weight over several processes (train=full); "
+                        f"train.mode={mode} trains in one process: use train.strategy=auto or single")
+    if strategy in ("ddp", "fsdp") and device_map is not None:
+        raise W2SGError(f"train.strategy={strategy} and train.device_map={device_map} both spread a model over GPUs; "
+                        "choose one (train.device_map=null)")

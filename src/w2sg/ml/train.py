@@ -11,6 +11,7 @@ length-sorted batches (less padding) and returns class probabilities in the inpu
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -152,6 +153,7 @@ class TrainResult:
     best: Optional[Dict[str, float]] = None  # the validation entry whose weights were kept (keep_best)
     steps: int = 0
     resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
+    state: Optional[Dict[str, Any]] = None  # several ranks: the full trained weights (rank 0; w2sg.ml.distributed)
 
 
 class Checkpointer:
@@ -216,11 +218,12 @@ class Checkpointer:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step and the checkpoint
         self.stop_signal = signum
 
-    def stop(self, state: Dict[str, Any], step: int, stage: str = "") -> None:
+    def stop(self, state: Optional[Dict[str, Any]], step: int, stage: str = "") -> None:
         """Save, let the previous handler of the signal act (e.g. requeue), then stop training."""
         import signal
 
-        self.save(state)
+        if state is not None:  # None: saved already (rank 0 of several, w2sg.ml.train.train_model)
+            self.save(state)
         signum = self.stop_signal
         previous = self._previous.get(signum)
         if callable(previous) and previous is not signal.default_int_handler:
@@ -370,9 +373,11 @@ def _optimizer(model: torch.nn.Module, optimizer: str, schedule: str, lr: float,
 
 
 def _validate(model: torch.nn.Module, validation: Validation, result: TrainResult, pad_id: int, batch_size: int,
-              policy: Any, log: Callable[[Dict[str, float]], None]) -> Optional[Dict[str, torch.Tensor]]:
+              policy: Any, log: Callable[[Dict[str, float]], None],
+              state_fn: Optional[Callable[[], Dict[str, torch.Tensor]]] = None) -> Optional[Dict[str, torch.Tensor]]:
     """One validation, recorded in ``result`` and logged; the weights to keep when ``keep_best`` finds it the best
-    so far (``result.best`` updated), else None."""
+    so far (``result.best`` updated), else None. ``state_fn``: how the weights are read (a sharded model's are
+    gathered); default the trainable state copied to the CPU."""
     entry = {"step": result.steps, **validation.evaluate(model, pad_id, batch_size, policy)}
     model.train()
     result.evals.append(entry)
@@ -384,6 +389,8 @@ def _validate(model: torch.nn.Module, validation: Validation, result: TrainResul
     if result.best is not None and sign * value <= sign * result.best[metric]:
         return None
     result.best = entry
+    if state_fn is not None:
+        return state_fn()
     return {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(model).items()}
 
 
@@ -412,6 +419,7 @@ def train_model(
     checkpointer: Optional[Checkpointer] = None,
     on_log: Optional[Callable[[Dict[str, float]], None]] = None,
     policy: Any = None,
+    strategy: str = "single",
 ) -> TrainResult:
     """Fit ``model`` to soft ``labels`` [N, C]. Raises W2SGError on a non-finite loss.
 
@@ -422,12 +430,20 @@ def train_model(
     ``policy`` (w2sg.run.device): where batches go and the autocast precision, with a gradient scaler for fp16.
     ``batch_order``: "grouped" (batches of similar lengths, :func:`epoch_order`) or "random".
     ``max_grad_norm``: the gradient's norm is clipped to it before each optimizer step (None or 0: not clipped).
+    ``strategy``: ddp or fsdp in an initialised process group of several ranks (w2sg.ml.distributed): each rank
+    trains its slice of every global batch, the same global batches as one process; logged numbers are summed over
+    ranks, rank 0 alone writes checkpoints, and ``result.state`` holds the full trained weights (on rank 0).
     """
+    from w2sg.ml import distributed as dist_
     from w2sg.ml.device import CPU
 
     policy = policy or CPU
     scaler = policy.grad_scaler()
     ckpt = checkpointer or Checkpointer(None)
+    w = dist_.world() if strategy in ("ddp", "fsdp") else dist_.World()
+    if w.distributed:
+        model = dist_.wrap(model, strategy, policy)
+    base = dist_.inner(model)  # evaluation and states: DDP's inner module (FSDP2 shards the model in place)
     n = len(data)
     mb = minibatch_size or batch_size
     steps_per_epoch = math.ceil(n / batch_size)
@@ -439,8 +455,11 @@ def train_model(
     best_state: Optional[Dict[str, torch.Tensor]] = None
     state = ckpt.load()
     if state is not None:
-        load_trainable_state(model, state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if w.distributed:
+            dist_.load_state(model, state["model"], opt, state["optimizer"])
+        else:
+            load_trainable_state(model, state["model"])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -453,8 +472,12 @@ def train_model(
             best_state = ckpt.load_best(result.best["step"])
         result.resumed_from = result.steps
 
-    def snapshot() -> Dict[str, Any]:
-        return {"model": trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    def snapshot() -> Dict[str, Any]:  # collective in a process group (every rank calls it)
+        if w.distributed:
+            weights, opt_state = dist_.gather_state(model), dist_.optimizer_state(model, opt)
+        else:
+            weights, opt_state = trainable_state(model), opt.state_dict()
+        return {"model": weights, "optimizer": opt_state, "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state(), "history": result.history, "step": result.steps, "sums": sums,
                 "evals": result.evals, "best": result.best,
                 "cuda_rng": torch.cuda.get_rng_state_all() if policy.device == "cuda" else None,
@@ -464,12 +487,18 @@ def train_model(
         if on_log is not None:
             on_log(entry)
 
-    def validate() -> None:
+    def save(snap: Dict[str, Any], suffix: str = "") -> None:
+        if w.rank == 0:
+            ckpt.save(snap, suffix)
+        dist_.barrier()
+
+    def validate() -> None:  # every rank validates the same examples with the same weights: the same numbers
         nonlocal best_state
-        better = _validate(model, validation, result, pad_id, eval_batch_size, policy, log)
+        better = _validate(model if dist_.sharded(model) else base, validation, result, pad_id, eval_batch_size,
+                           policy, log, (lambda: dist_.gather_state(model)) if w.distributed else None)
         if better is not None:
             best_state = better
-            ckpt.save_best(result.steps, better)
+            save({"step": result.steps, "weights": better}, ".best")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -482,22 +511,46 @@ def train_model(
             order = epoch_order(data, batch_size, seed * 100_003 + epoch, grouped=batch_order == "grouped")
         idx = order[pos * batch_size : (pos + 1) * batch_size]
         opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for start in range(0, len(idx), mb):
-            part = idx[start : start + mb]
-            with policy.autocast():
-                logits = model(**policy.to(data.batch(part, pad_id)))
-            logits = logits.float()  # the loss in fp32 whatever the compute precision
-            loss = loss_fn(logits, y[part], result.steps / total)
-            if not torch.isfinite(loss):
-                raise W2SGError(
-                    f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
-                    f"try a lower learning rate (now {lr:g}) or check the labels"
-                )
-            term = loss * (len(part) / len(idx)) if len(part) < len(idx) else loss
-            (scaler.scale(term) if scaler is not None else term).backward()
-            step_loss += loss.item() * len(part)
-            sums["correct"] += int((logits.argmax(-1) == y[part].argmax(-1)).sum())
+        step_loss, step_correct = 0.0, 0
+        if w.distributed:  # this rank's slice, in as many forward passes as every other rank's
+            parts = dist_.microbatches(dist_.shard(idx, w.rank, w.size), len(idx), w.size, mb)
+        else:
+            parts = [idx[start : start + mb] for start in range(0, len(idx), mb)]
+        for k, part in enumerate(parts):
+            empty = not part  # a short global batch: this rank still joins the gradient reduction, with weight 0
+            rows = idx[:1] if empty else part
+            last = k == len(parts) - 1
+            sync = model.no_sync() if strategy == "ddp" and w.distributed and not last else nullcontext()
+            if strategy == "fsdp" and w.distributed:
+                model.set_requires_gradient_sync(last)
+            with sync:
+                with policy.autocast():
+                    logits = model(**policy.to(data.batch(rows, pad_id)))
+                logits = logits.float()  # the loss in fp32 whatever the compute precision
+                loss = loss_fn(logits, y[rows], result.steps / total)
+                if not w.distributed and not torch.isfinite(loss):
+                    raise W2SGError(
+                        f"{desc}: loss became {loss.item()} at step {result.steps} (epoch {epoch}); "
+                        f"try a lower learning rate (now {lr:g}) or check the labels"
+                    )
+                if w.distributed:
+                    term = loss * (0.0 if empty else dist_.loss_weight(len(part), len(idx), w.size))
+                else:
+                    term = loss * (len(part) / len(idx)) if len(part) < len(idx) else loss
+                (scaler.scale(term) if scaler is not None else term).backward()
+            if not empty:
+                step_loss += loss.item() * len(part)
+                step_correct += int((logits.argmax(-1) == y[part].argmax(-1)).sum())
+        stop = due = False
+        if w.distributed:  # the step's numbers, and whether any rank was signalled or rank 0's checkpoint is due
+            due = w.rank == 0 and result.steps + 1 < total and ckpt.due(result.steps + 1)
+            step_loss, step_correct, stopping, due_0 = dist_.all_sum(
+                [step_loss, step_correct, float(ckpt.stop_signal is not None), float(due)], policy.device)
+            step_correct, stop, due = int(round(step_correct)), stopping > 0, due_0 > 0
+            if not math.isfinite(step_loss):
+                raise W2SGError(f"{desc}: loss became {step_loss} at step {result.steps} (epoch {epoch}); "
+                                f"try a lower learning rate (now {lr:g}) or check the labels")
+        sums["correct"] += step_correct
         if max_grad_norm:
             if scaler is not None:
                 scaler.unscale_(opt)  # clip the true gradient, not the scaled one
@@ -521,12 +574,30 @@ def train_model(
             log({f"train/{k}": v for k, v in entry.items()})
         if validation is not None and (result.steps % validation.every == 0 if validation.every else epoch_end):
             validate()
-        if ckpt.stop_signal is not None:
+        if not w.distributed:
+            if ckpt.stop_signal is not None:
+                bar.close()
+                ckpt.stop(snapshot(), result.steps, desc)
+            if result.steps < total and ckpt.due(result.steps):
+                ckpt.save(snapshot())
+        elif stop:  # some rank was signalled: rank 0 saves the gathered state, then every rank stops
             bar.close()
-            ckpt.stop(snapshot(), result.steps, desc)
-        if result.steps < total and ckpt.due(result.steps):
-            ckpt.save(snapshot())
+            save(snapshot())
+            if w.rank == 0 and ckpt.stop_signal is not None:
+                ckpt.stop(None, result.steps, desc)  # saved above: the previous handler (requeue), or Preempted
+            raise Preempted(ckpt.stop_signal, result.steps, desc, ckpt.path)
+        elif due:
+            save(snapshot())
     bar.close()
+    if w.distributed:  # the full weights on rank 0 (the kept best ones when keep_best found them)
+        result.state = best_state if best_state is not None else dist_.gather_state(model)
+        if w.rank == 0:
+            bad = [k for k, v in result.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise W2SGError(f"{desc}: weights became NaN or infinite during training ({len(bad)} tensors, e.g. "
+                                f"{bad[0]}); try a lower learning rate (now {lr:g})")
+        base.eval()
+        return result
     if best_state is not None:
         load_trainable_state(model, best_state)
     check_finite_weights(model, desc, lr)

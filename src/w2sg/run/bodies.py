@@ -110,12 +110,16 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
         if probe:
             result = fit_probe(model, train_data, train_y, make_loss(stage.spec["loss"]), **settings)
         else:
-            result = train_model(model, train_data, train_y, make_loss(stage.spec["loss"]),
-                                 batch_size=tspec["batch_size"], pad_id=pad_id, seed=runner.model_seed(stage),
-                                 batch_order=tspec.get("batch_order", "random"),
-                                 max_grad_norm=tspec.get("max_grad_norm"),
-                                 minibatch_size=tspec.get("minibatch_size"), progress=cfg.progress,
-                                 checkpointer=ckpt, **settings)
+            loop = dict(batch_size=tspec["batch_size"], pad_id=pad_id, seed=runner.model_seed(stage),
+                        batch_order=tspec.get("batch_order", "random"), max_grad_norm=tspec.get("max_grad_norm"),
+                        minibatch_size=tspec.get("minibatch_size"), progress=cfg.progress)
+            strategy, processes = parallel_plan(runner, tspec["mode"])
+            if processes > 1:  # local ranks train; this process predicts and writes the stage as below
+                result = train_in_processes(runner, stage, model, train_data, train_y, strategy, processes, ckpt,
+                                            {**settings, **loop})
+            else:
+                result = train_model(model, train_data, train_y, make_loss(stage.spec["loss"]), checkpointer=ckpt,
+                                     **settings, **loop)
         if result.resumed_from:
             log.info("%s resumed from its checkpoint at step %d", stage.label, result.resumed_from)
         trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -166,6 +170,46 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     out.write_json("metrics.json", metrics)
     save_weights(runner, stage, model, adapter, out)
     runner._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+
+
+def parallel_plan(runner: "Runner", mode: str):
+    """(strategy, processes) of a train stage: train.strategy / processes resolved (w2sg.ml.distributed). LoRA and
+    probes, and a model sharded with device_map, train in one process; auto is ddp with several processes."""
+    from w2sg.ml.distributed import resolve_processes
+
+    import os
+
+    from w2sg.core.errors import W2SGError
+
+    t = runner.cfg.train
+    strategy = getattr(t, "strategy", "auto")
+    if int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("SLURM_NTASKS", "1")).split("(")[0] or 1) > 1:
+        raise W2SGError("this Slurm job has several tasks (hydra.launcher.tasks_per_node > 1): each would run the whole "
+                        "experiment. Keep tasks_per_node=1; train.processes starts one training rank per GPU of the "
+                        "job itself (null: all of them)")
+    if mode != "full" or t.device_map is not None or strategy == "single":
+        return "single", 1
+    processes = resolve_processes(getattr(t, "processes", None), runner.policy.device)
+    if processes == 1:
+        return "single", 1
+    return ("ddp" if strategy == "auto" else strategy), processes
+
+
+def train_in_processes(runner: "Runner", stage: Stage, model: Any, data: Any, labels: Any, strategy: str,
+                       processes: int, ckpt: Any, settings: Dict[str, Any]):
+    """Train in ``processes`` local ranks (no distributed environment: this process is no rank); rank 0's trained
+    weights are loaded into ``model``, its log entries go to W&B from here. Only this process writes the store."""
+    import shutil
+
+    from w2sg.ml.distributed import train_processes
+
+    on_log = settings.pop("on_log", None)
+    folder = runner.store.scratch_dir(stage.key, "ranks")
+    try:
+        return train_processes(processes, strategy, str(folder), model, data, labels, stage.spec["loss"],
+                               (ckpt.path, ckpt.every, ckpt.minutes), on_log, **settings)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def drop_long(runner: "Runner", stage: Stage, part: str, rows: Optional[Any], data: Any, soft: Any):

@@ -21,7 +21,7 @@ import logging
 from typing import Any, Dict
 
 from w2sg.core.errors import W2SGError
-from w2sg.core.options import DEVICES, PRECISIONS, check_device_settings
+from w2sg.core.options import DEVICES, PRECISIONS, check_device_settings, check_parallel_settings
 # the mechanics of a policy and the memory estimate (w2sg.ml.device), here too for callers of the policy
 from w2sg.ml.device import (ACTIVATION_FACTORS, AUTOCAST_COPY_BYTES, BYTES, CPU, GIB, LOGIT_BYTES,  # noqa: F401
                             Policy, activation_bytes, attn_implementation, available_memory, check_memory, describe,
@@ -153,6 +153,8 @@ def runtime_policy(train: Any) -> Policy:
         raise W2SGError(f"train.precision={precision} on the CPU: torch {torch.__version__} has no CPU autocast for "
                         "it; use train.precision=bf16 or fp32 (or a newer torch)")
     check_device_settings(device_setting, precision, train.device_map, train.mode)
+    check_parallel_settings(getattr(train, "strategy", "auto"), getattr(train, "processes", None), train.mode,
+                            train.device_map)
     return Policy(device, precision, train.gradient_checkpointing, train.device_map)
 
 

@@ -1,0 +1,100 @@
+"""Data-parallel training (w2sg.ml.distributed): train.processes=2 starts two local gloo ranks on the CPU, and a
+stage trained by them equals the one process's stage to float rounding (the same global batches, the gradient of
+the mean over each of them), for DDP and FSDP2; rank 0's checkpoint resumes; bad settings are named."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, compose
+
+from w2sg.core.errors import W2SGError
+from w2sg.core.plan import plan
+from w2sg.core.store import Store
+from w2sg.ml import distributed
+from w2sg.run import experiment
+from w2sg.run.runner import Runner
+
+# the tiny BERT without dropout (its masks are drawn per rank), 5 epochs of 4 global batches: 20 optimizer steps
+BASE = TINY + ["stages=[weak]", "train.epochs=5", "train.batch_size=8", "train.max_grad_norm=1.0",
+               "+weak.random_init.hidden_dropout_prob=0.0", "+weak.random_init.attention_probs_dropout_prob=0.0"]
+RTOL, ATOL = 1e-5, 1e-6  # fp32: the loss's float summation order differs between one and two ranks
+
+
+def weak_stage(tmp_path, name, overrides):
+    cfg = compose(["logger=none", f"store_dir={tmp_path / name}", "progress=false"] + BASE + list(overrides))
+    runner = Runner(cfg, Store(cfg.store_dir))
+    experiment.run(cfg, runner)
+    stage = plan(cfg)["weak"]
+    sd = runner.store.get(stage.key)
+    return stage.key, sd.read_json("metrics.json"), sd.read_array("test_probs")
+
+
+def assert_same(one, two):
+    key1, m1, p1 = one
+    key2, m2, p2 = two
+    assert key1 == key2, "strategy and processes stay out of the stage key"
+    assert m1["n_train"] == m2["n_train"] and len(m1["history"]) == len(m2["history"]) == 5
+    for a, b in zip(m1["history"], m2["history"]):
+        assert a["train_acc"] == b["train_acc"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=RTOL, abs=ATOL)
+    np.testing.assert_allclose(p1, p2, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return weak_stage(tmp_path_factory.mktemp("one"), "s", ["train.processes=1"])
+
+
+@pytest.mark.slow  # two spawned ranks and a reference run: 20-40 s (CI runs -m slow)
+def test_two_ddp_ranks_train_as_one_process(single, tmp_path):
+    assert_same(single, weak_stage(tmp_path, "s", ["train.processes=2", "train.strategy=ddp"]))
+
+
+@pytest.mark.slow  # two spawned ranks and a reference run: 20-40 s (CI runs -m slow)
+def test_two_ddp_ranks_with_gradient_accumulation_train_as_one_process(tmp_path):
+    one = weak_stage(tmp_path, "a", ["train.processes=1", "train.minibatch_size=2"])
+    assert_same(one, weak_stage(tmp_path, "b", ["train.processes=2", "train.minibatch_size=2"]))
+
+
+@pytest.mark.slow  # two spawned ranks and a reference run: 20-40 s (CI runs -m slow)
+def test_two_fsdp_ranks_train_as_one_process(single, tmp_path):
+    assert_same(single, weak_stage(tmp_path, "s", ["train.processes=2", "train.strategy=fsdp"]))
+
+
+def test_batches_are_sliced_so_the_averaged_gradient_is_the_global_mean():
+    idx = list(range(7))
+    parts = [distributed.shard(idx, r, 2) for r in range(2)]
+    assert parts == [[0, 1, 2], [3, 4, 5, 6]]
+    assert sum(distributed.loss_weight(len(p), 7, 2) for p in parts) / 2 == pytest.approx(1.0)
+    # the same number of forward passes on every rank (DDP synchronises on the last), each at most mb examples
+    assert [len(distributed.microbatches(p, 7, 2, 2)) for p in parts] == [2, 2]
+    assert distributed.microbatches([], 1, 2, 4) == [[]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.strategy=ring"], "valid: auto, single, ddp, fsdp"),
+    (["train.processes=0"], "train.processes must be"),
+    (["train=lora", "train.strategy=ddp"], "train.mode=lora"),
+    (["train.strategy=single", "train.processes=2"], "train.strategy=single"),
+])
+def test_bad_parallel_settings_are_named(overrides, message):
+    from w2sg.run.device import runtime_policy
+
+    with pytest.raises(W2SGError, match=message):
+        runtime_policy(compose(["train=full"] + overrides).train)
+
+
+def test_a_slurm_job_with_several_tasks_is_refused_naming_the_way_out(monkeypatch):
+    from types import SimpleNamespace
+
+    from w2sg.core.errors import W2SGError
+    from w2sg.run.bodies import parallel_plan
+
+    runner = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(strategy="auto", processes=None,
+                                                                       device_map=None)),
+                             policy=SimpleNamespace(device="cpu"))
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x1)")
+    with pytest.raises(W2SGError, match=r"several tasks \(hydra.launcher.tasks_per_node > 1\).*Keep tasks_per_node=1"):
+        parallel_plan(runner, "full")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
+    assert parallel_plan(runner, "full") == ("single", 1)
