@@ -89,7 +89,13 @@ def wrap(model: torch.nn.Module, strategy: str, policy: Any) -> torch.nn.Module:
         # find_unused_parameters: a backbone's parts the pooling never reads (BERT's pooler under mean pooling)
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            from w2sg.core.errors import W2SGError
+
+            raise W2SGError(f"train.strategy=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); "
+                            f"torch {torch.__version__} has none: use train.strategy=ddp or a newer torch") from None
 
         mp = MixedPrecisionPolicy()
         if policy.device == "cuda" and policy.precision != "fp32":
