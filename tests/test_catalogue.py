@@ -195,6 +195,7 @@ def test_pythia_revisions_are_distinct_stages():
     assert b["ceiling"].spec["model"]["revision"] == "step1000"
 
 
+@pytest.mark.slow  # builds every catalogue architecture on the meta device: 15 s (CI runs -m slow)
 def test_the_catalogues_derived_fields_are_generated():
     """params, lora_lr and memory_gb of every catalogue model are what tools/catalogue.py generates from its arch."""
     import subprocess

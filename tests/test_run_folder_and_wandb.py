@@ -227,6 +227,7 @@ def test_ctrl_c_outside_training_is_one_line(tmp_path, store, multirun):
             lock.release()
 
 
+@pytest.mark.slow  # a training run interrupted in a subprocess: 13 s (CI runs -m slow; test_store's resume too)
 def test_ctrl_c_while_training_is_one_line(tmp_path, store):
     """During training: the interrupt line, or (where the training loop saves a checkpoint on SIGINT) Preempted's."""
     args = ["weak=tiny_random_l4", "strong=tiny_random_l3", "train=full", "task.n_train=400", "task.n_test=64",
