@@ -154,6 +154,7 @@ def test_a_tiny_random_decoder_trains_a_few_steps_on_cpu(name, precision):
     assert probs.shape == (32, 2) and abs(probs.sum(1) - 1).max() < 1e-4
 
 
+@pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 @pytest.mark.parametrize("name", catalogue_params(["tiny_random_qwen3"]))
 def test_a_weak_to_strong_run_with_tiny_random_qwen3_and_lora(name, tmp_path):
     """Every stage of an experiment (weak, labels, ceiling, w2s) with the qwen3 family's LoRA targets."""

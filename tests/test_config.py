@@ -243,6 +243,7 @@ def test_model_spec_leaves_out_labels_that_do_not_change_results():
     assert model_spec(a) == model_spec(b)
 
 
+@pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 @pytest.mark.parametrize("sweep", options("sweep"))
 def test_every_sweep_has_a_grid_of_valid_choices(sweep):
     from w2sg.app.status import compose as w2sg_compose

@@ -202,6 +202,7 @@ def test_a_taken_name_is_refused(isolated):
         register_loss("xent")(lambda logits, labels, step_frac: logits.sum())
 
 
+@pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 def test_an_extensions_loss_trains_w2s_through_the_real_entrypoint(tmp_path, store, capsys):
     """The module lives outside the package (on PYTHONPATH); its loss trains w2s, its version is in the keys and
     editing it recomputes exactly the stages using it; `w2sg report` lists the run."""

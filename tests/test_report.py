@@ -141,6 +141,7 @@ def test_the_store_and_a_sweep_report_every_experiment_apart(tmp_path, store):
         assert (tmp_path / "report" / name).read_text() == (tmp_path / "runs_report" / name).read_text(), name
 
 
+@pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 def test_run_folders_are_unique_per_process(tmp_path, store):
     import re
     import subprocess

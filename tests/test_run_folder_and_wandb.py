@@ -87,6 +87,7 @@ def test_run_folder_under_a_read_only_folder_is_one_line(tmp_path, multirun):
 SWEEP = ["-m", "objective=acc.w2s,acc.weak", *QUICK, "hydra.sweep.dir=sweep"]  # 2 jobs of the same stages
 
 
+@pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 def test_a_finished_sweep_folder_is_refused_an_interrupted_one_resumed(tmp_path, warm_store):
     run_w2sg(SWEEP, tmp_path)
     folder = tmp_path / "sweep"

@@ -177,6 +177,7 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig, refe
     assert sum(r["id"] == key for r in runs) >= 2
 
 
+@pytest.mark.slow  # two cold runs in subprocesses: 15-20 s (CI runs -m slow; tests/test_locks.py covers the lock)
 def test_two_processes_compute_each_stage_once(tmp_path, store):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -92,6 +92,7 @@ def test_wandb_off_writes_no_runs(tmp_path, store):
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 def test_sweep_report_table_plots_and_wandb_summary(tmp_path, store):
     run_w2sg(["-m", "sweep=tiny_grid", "seed=0,1"], tmp_path)
     [sweep_dir] = [p.parent for p in (tmp_path / "multirun").glob("*/*/multirun.yaml")]
