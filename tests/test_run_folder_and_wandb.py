@@ -178,10 +178,17 @@ def _plan_keys(overrides):
     return [s.key for s in plan(compose(overrides)).values()]
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the child: SIGINT's default disposition, as a command started at a terminal has. A suite started in the
+    background (``cmd &`` in a script, nohup) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, cwd):
     """``python -m w2sg <args>``, its output read as it comes (lines: stdout, then stderr when done)."""
     proc = subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_at_a_terminal)
     lines: list = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -198,8 +205,12 @@ def _wait_for(proc, lines, cond, what, timeout=180):
 
 def _interrupted(proc, lines, reader, accept=(INTERRUPTED,)):
     proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running 120 s after SIGINT: {''.join(lines)}") from None
     err = proc.stderr.read()
-    proc.wait(timeout=120)
     reader.join(timeout=10)
     out = "".join(lines)
     assert proc.returncode == 128 + signal.SIGINT, out + err

@@ -118,8 +118,11 @@ def test_changing_a_default_changes_exactly_the_affected_keys(tmp_path):
 
 
 def _popen(args, cwd):
+    # SIGINT's default disposition in the child, as at a terminal (a suite started in the background inherits it
+    # ignored, and the Ctrl-C case would then never stop)
     return subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_checkpoint(store, proc, timeout=120):

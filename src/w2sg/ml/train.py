@@ -202,6 +202,8 @@ class Checkpointer:
             for name in self.SIGNALS:
                 if hasattr(signal, name):
                     num = getattr(signal, name)
+                    if num == signal.SIGINT and signal.getsignal(num) is signal.SIG_IGN:
+                        continue  # started with Ctrl-C ignored (nohup, a background job): it stays ignored
                     self._previous[num] = signal.signal(num, self._on_signal)
         return self
 
