@@ -29,8 +29,11 @@ MODELS = ROOT / "conf" / "model"
 
 
 def catalogue(folder: Path = MODELS) -> List[Path]:
-    """The hub catalogue's files: models with an architecture that are not random stand-ins."""
-    return sorted(p for p in folder.glob("*.yaml") if "\narch:" in p.read_text() and "random_init" not in p.read_text())
+    """The hub catalogue's files: models with an architecture that are neither random stand-ins nor weights from a
+    Python package (pkg://, e.g. smollm2_135m: tests/test_catalogue.py checks its fields where the package is
+    installed)."""
+    return sorted(p for p in folder.glob("*.yaml") if "\narch:" in p.read_text() and "random_init" not in p.read_text()
+                  and "\npath: pkg://" not in p.read_text())
 
 
 def lora_lr(params: int) -> float:
