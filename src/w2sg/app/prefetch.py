@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from w2sg.core.errors import W2SGError
 
 ATTEMPTS = 3  # tries per download
 RETRY_WAIT = 5.0  # seconds before the 2nd try, doubled before each further one
@@ -350,17 +349,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a run or sweep")
     args = parser.parse_args(argv)
 
-    from w2sg.app.status import expand_sweep, render
+    from w2sg.app.status import expand_sweep, input_error, render
 
     try:
         jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
         needs = collect(jobs)
-    except W2SGError as e:
-        print(f"w2sg: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # Hydra's compose errors: bad override or option, already worded for users
-        print(f"w2sg prefetch: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        return input_error(e, "w2sg prefetch")
     runs = f"{len(jobs)} runs need" if len(jobs) != 1 else "1 run needs"
     models = sum(n.kind == "model" for n in needs)
     counts = f"{_plural(models, 'model')}, {_plural(len(needs) - models, 'data set')}"

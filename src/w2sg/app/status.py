@@ -282,6 +282,16 @@ def _runs_line(rows: List[Dict[str, Any]]) -> str:
     return f"{len(rows)} runs: {complete} complete, {started} partly done, {untouched} not started"
 
 
+def input_error(e: Exception, prog: str) -> int:
+    """Print a subcommand's error over the user's input (ours: W2SGError; Hydra's compose errors: a bad override
+    or option, already worded for users) and return the exit status 2."""
+    if isinstance(e, W2SGError):
+        print(f"w2sg: error: {e}", file=sys.stderr)
+    else:
+        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="w2sg status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,12 +333,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             summaries = list(store.stage_summaries())
             rows = list(stage_rows(store, summaries))
             columns = ["key", "kind", "role", "label", "task", "seed", "loss", "state", "metric", "age"]
-    except W2SGError as e:
-        print(f"w2sg: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # Hydra's compose errors: bad override or option, already worded for users
-        print(f"w2sg status: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        return input_error(e, "w2sg status")
     if args.runs:
         common, runs = run_rows(jobs, [_filtered(found, args, FILTERS) for found in planned])
         runs = [r for r in runs if not args.state or r["counts"][args.state]]
