@@ -13,12 +13,14 @@ import pytest
 from w2sg.app import sync
 
 MAKE_RUNS = textwrap.dedent("""
-    import sys, wandb
+    import os, sys, wandb
+    from w2sg.run.tracking import _reinit
     root = sys.argv[1]
     # a stage resumed by a later process (two folders of one id), then three other runs
     for d, run_id, values in [("job0", "stage-a", [0, 1]), ("job0", "stage-b", [5]), ("job1", "stage-a", [2, 3]),
                               ("job1", "exp-c", []), ("job1", "stage-d", [7])]:
-        run = wandb.init(id=run_id, project="w2sg", resume="allow", dir=f"{root}/{d}", reinit="finish_previous")
+        os.makedirs(f"{root}/{d}", exist_ok=True)  # wandb < 0.18 falls back to the temp folder otherwise
+        run = wandb.init(id=run_id, project="w2sg", resume="allow", dir=f"{root}/{d}", reinit=_reinit())
         for v in values:
             run.log({"loss": v})
         run.finish()

@@ -116,7 +116,14 @@ def _offline_error(cfg: Any, split: str) -> Optional[W2SGError]:
     import datasets.config
     from datasets.naming import camelcase_to_snakecase
 
-    if not datasets.config.HF_HUB_OFFLINE or Path(cfg.dataset).expanduser().exists():
+    from huggingface_hub import constants
+
+    # datasets >= 2.21 has its own HF_HUB_OFFLINE (set from HF_DATASETS_OFFLINE too); earlier ones read the hub's
+    # and HF_DATASETS_OFFLINE.
+    offline = getattr(datasets.config, "HF_HUB_OFFLINE", None)
+    if offline is None:
+        offline = constants.HF_HUB_OFFLINE or getattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    if not offline or Path(cfg.dataset).expanduser().exists():
         return None
     parts = cfg.dataset.split("/")
     parts[-1] = camelcase_to_snakecase(parts[-1])

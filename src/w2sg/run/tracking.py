@@ -141,10 +141,13 @@ class Tracker:
     def _init(self, key: str, name: str, job_type: str, config: Dict[str, Any]):
         import wandb
 
+        folder = self._opt("dir")
+        if folder:  # wandb before 0.18 writes into the system's temp folder when logger.dir does not exist yet
+            Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
         return wandb.init(
             project=self.cfg.project, entity=self._opt("entity"), id=key, name=name, resume="allow",
             group=self.group, job_type=job_type, config=config, tags=list(self._opt("tags") or []),
-            mode=self._run_mode(), dir=self._opt("dir"), reinit=_reinit(),
+            mode=self._run_mode(), dir=folder, reinit=_reinit(),
             settings=wandb.Settings(silent=True, init_timeout=float(self._opt("init_timeout", 60))),
         )
 
