@@ -231,8 +231,15 @@ class W2sgSlurmLauncher(SlurmLauncher):
     def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: Dict[type, Any]) -> JobReturn:
         """Runs in the Slurm job. Hydra catches a job's exception (the job still ends COMPLETED); a shared-stage
-        job raises it instead, so that Slurm marks it FAILED and cancels the jobs waiting on it (afterok)."""
-        ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        job raises it instead, so that Slurm marks it FAILED and cancels the jobs waiting on it (afterok).
+        A job of several tasks (``tasks_per_node`` > 1, several nodes): task 0 runs the experiment, the others
+        serve as its training ranks (w2sg.ml.distributed.serve_tasks) and return None."""
+        from w2sg.ml.distributed import serve_tasks
+
+        ret = serve_tasks(lambda: super(W2sgSlurmLauncher, self).__call__(sweep_overrides, job_dir_key, job_num,
+                                                                           job_id, singleton_state))
+        if ret is None:  # a serving task: task 0's result is the job's
+            return ret
         if job_id.startswith(SHARED_JOB) and ret.status == JobStatus.FAILED:
             raise hydra_compat.job_error(ret)
         return ret

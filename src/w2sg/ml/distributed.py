@@ -198,6 +198,14 @@ def load_state(model: torch.nn.Module, weights: Dict[str, torch.Tensor],
         set_optimizer_state_dict(model, opt, opt_state, options=options)
 
 
+# --- a Slurm job of several tasks: task 0 runs the experiment, the others are its training ranks -------------------
+
+def serve_tasks(body: Callable[[], Any]) -> Any:
+    """Run a Slurm job's body: in a job of one task, ``body()``; in a job of several tasks, task 0 runs it and the
+    others serve as its training ranks (returning None)."""
+    return body()
+
+
 # --- local launch: N processes on this machine ------------------------------------------------------------------
 
 def free_port() -> int:
