@@ -2,6 +2,8 @@
 stage trained by them equals the one process's stage to float rounding (the same global batches, the gradient of
 the mean over each of them), for DDP and FSDP2; rank 0's checkpoint resumes; bad settings are named."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,44 @@ def test_two_fsdp_ranks_train_as_one_process(single, tmp_path):
     assert_same(single, weak_stage(tmp_path, "s", ["train.processes=2", "train.strategy=fsdp"]))
 
 
+# one task of a Slurm job of two (the variables Slurm sets in each task of `srun`): task 0 runs the weak stage
+# through serve_tasks, task 1 serves as its second rank; task 0 writes what the stage is and task 1 what it returned
+SLURM_TASK = """
+import json, os, pickle, sys
+sys.path.insert(0, {tests!r})
+import test_distributed as t
+from w2sg.ml.distributed import serve_tasks
+
+rank = int(os.environ["SLURM_PROCID"])
+result = serve_tasks(lambda: t.weak_stage(t.Path({folder!r}), "served", []))
+with open(os.path.join({folder!r}, f"task{{rank}}.pkl"), "wb") as f:
+    pickle.dump(result, f)
+"""
+
+
+@pytest.mark.slow  # two processes and a reference run: 20-40 s (CI runs -m slow)
+def test_a_slurm_job_of_two_tasks_trains_the_stage_on_both_and_stores_it_once(single, tmp_path):
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    script = SLURM_TASK.format(tests=str(Path(__file__).parent), folder=str(tmp_path))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
+                   MASTER_PORT=str(distributed.free_port() if rank == 0 else procs[0][1]), OMP_NUM_THREADS="1")
+        procs.append((subprocess.Popen([sys.executable, "-c", script], env=env), env["MASTER_PORT"]))
+    assert [p.wait(timeout=300) for p, _ in procs] == [0, 0]
+    task0 = pickle.loads((tmp_path / "task0.pkl").read_bytes())
+    assert pickle.loads((tmp_path / "task1.pkl").read_bytes()) is None, "task 1 served and returned nothing"
+    assert_same(single, task0)
+    key, metrics, _ = task0
+    assert metrics["runtime"]["ranks"] == 2 and metrics["runtime"]["strategy"] == "ddp"
+    assert [p.name for p in (tmp_path / "served" / "stages").iterdir()] == [key], "stored once, by task 0"
+
+
 def test_batches_are_sliced_so_the_averaged_gradient_is_the_global_mean():
     idx = list(range(7))
     parts = [distributed.shard(idx, r, 2) for r in range(2)]
@@ -84,17 +124,20 @@ def test_bad_parallel_settings_are_named(overrides, message):
         runtime_policy(compose(["train=full"] + overrides).train)
 
 
-def test_a_slurm_job_with_several_tasks_is_refused_naming_the_way_out(monkeypatch):
+def test_in_a_slurm_job_of_several_tasks_every_task_is_a_rank(monkeypatch):
     from types import SimpleNamespace
 
-    from w2sg.core.errors import W2SGError
     from w2sg.run.bodies import parallel_plan
 
-    runner = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(strategy="auto", processes=None,
-                                                                       device_map=None)),
-                             policy=SimpleNamespace(device="cpu"))
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x1)")
-    with pytest.raises(W2SGError, match=r"several tasks \(hydra.launcher.tasks_per_node > 1\).*Keep tasks_per_node=1"):
-        parallel_plan(runner, "full")
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
-    assert parallel_plan(runner, "full") == ("single", 1)
+    def runner(processes=None, strategy="auto"):
+        return SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(strategy=strategy, processes=processes,
+                                                                         device_map=None)),
+                               policy=SimpleNamespace(device="cpu"))
+
+    assert parallel_plan(runner(), "full") == ("single", 1), "one process on the CPU outside such a job"
+    monkeypatch.setattr(distributed, "_SERVED", distributed.Served(distributed.World(0, 4, 0), None))
+    assert parallel_plan(runner(), "full") == ("ddp", 4)
+    assert parallel_plan(runner(4, "fsdp"), "full") == ("fsdp", 4)
+    assert parallel_plan(runner(), "lora") == ("single", 1), "LoRA trains in task 0 alone"
+    with pytest.raises(W2SGError, match=r"train.processes=2, but this Slurm job has 4 tasks.*train.processes=null"):
+        parallel_plan(runner(2), "full")

@@ -3,6 +3,7 @@ and Ctrl-C ends a run with one line: the entry's answers to what the user's envi
 (w2sg.app.callback's folder checks, w2sg.run.tracking's mode, w2sg.app.cli's interrupt handling)."""
 
 import os
+import shutil
 import select
 import signal
 import subprocess
@@ -104,6 +105,10 @@ def test_a_finished_sweep_folder_is_refused_an_interrupted_one_resumed(tmp_path,
     _refused(run_w2sg(other, tmp_path, check=False), "sweep (hydra.sweep.dir)", "1 finished run of another sweep")
     run_w2sg(SWEEP, tmp_path)
     assert (folder / "0" / "metrics.json").exists() and (folder / "1" / "metrics.json").exists()
+    # stopped between its two jobs (the second never started: no folder): the same command goes on with it
+    shutil.rmtree(folder / "1")
+    run_w2sg(SWEEP, tmp_path)
+    assert (folder / "1" / "metrics.json").exists()
 
 
 # --- W&B without an API key ----------------------------------------------------------------------------------

@@ -220,3 +220,24 @@ def test_cancelled_job_is_reported_with_its_checkpoint_and_the_rerun_resumes_onl
     assert "Submitting 1 of 4 jobs" in out and out.count("collected here, not submitted") == 3, out[-3000:]
     stage = json.loads((store / "stages" / marker["key"] / "metrics.json").read_text())
     assert stage["resumed_from_step"] == int(step)
+
+
+def test_a_job_of_two_tasks_trains_its_stage_on_both_and_stores_it_once(tmp_path, store):
+    # the tiny BERT without dropout (its masks are drawn per rank): two ranks train as one process does
+    args = ["-m", "pair=tiny", "train=full", "train.epochs=2", "task.n_train=64", "task.n_test=32", "progress=false",
+            "stages=[weak]", "train.batch_size=8", "+weak.random_init.hidden_dropout_prob=0.0",
+            "+weak.random_init.attention_probs_dropout_prob=0.0"]
+    (tmp_path / "ref").mkdir()
+    run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})
+    [ref] = sweep_runs(tmp_path / "ref")
+    proc = run_w2sg(args + SLURM + ["hydra.launcher.tasks_per_node=2"], tmp_path)
+    [job] = job_ids(proc.stdout + proc.stderr)
+    assert set(sacct_states([job]).values()) == {"COMPLETED"}
+    [m] = sweep_runs(tmp_path)
+    [stage] = m["stages"].values()
+    assert [p.name for p in (store / "stages").iterdir()] == [stage["key"]], "stored once, by task 0"
+    stored = json.loads((store / "stages" / stage["key"] / "metrics.json").read_text())
+    assert stored["runtime"]["ranks"] == 2 and stored["runtime"]["strategy"] == "ddp", "task 1 was the second rank"
+    [ref_stage] = ref["stages"].values()
+    assert ref_stage["key"] == stage["key"]
+    assert m["acc"] == ref["acc"], "the same global batches: the same model to float rounding"

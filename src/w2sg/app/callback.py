@@ -140,14 +140,15 @@ def check_run_folder(config: Any) -> None:
 def check_sweep_folder(config: Any) -> None:
     """Refuse a sweep folder whose job folders hold finished runs, unless this multirun goes on with the unfinished
     sweep there: the same sweep (_same_sweep) with a job that started and did not finish (_unfinished_jobs), i.e. the
-    same command after an interruption, a preemption or a failed job. Refuse an unwritable one."""
+    same command after an interruption, a preemption or a failed job, or one with jobs not started yet (stopped
+    between two jobs). Refuse an unwritable one."""
     folder = _folder(config, "hydra.sweep.dir")
     if folder is None:
         return
     finished = sorted(p.parent for p in folder.glob("**/metrics.json")) if folder.is_dir() else []
     if finished:
         same = _same_sweep(config, folder)
-        if not (same and _unfinished_jobs(config, folder, finished)):
+        if not (same and (_unfinished_jobs(config, folder, finished) or len(finished) < _sweep_jobs(config))):
             what = ("this sweep, finished (every job it started holds its metrics.json)" if same
                     else f"{len(finished)} finished run{'s' if len(finished) > 1 else ''} of another sweep")
             raise W2SGError(f"the sweep folder {folder} (hydra.sweep.dir) holds {what}, e.g. "
@@ -169,6 +170,21 @@ def _same_sweep(config: Any, folder: Path) -> bool:
     except Exception:  # not a sweep's record we can read: not known to be this sweep
         return False
     return before == OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+
+
+def _sweep_jobs(config: Any) -> int:
+    """How many jobs this (basic) sweep has: its command-line overrides and its sweep config's ``hydra.sweeper.params``
+    expanded as Hydra's basic sweeper does; 0 when that cannot be told."""
+    from w2sg.app import hydra_compat
+
+    try:
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        params = OmegaConf.to_container(params, resolve=False) if params else {}
+        task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+        given = {o.split("=", 1)[0].lstrip("+~") for o in task}
+        return len(hydra_compat.split_sweep([f"{k}={v}" for k, v in params.items() if k not in given] + task))
+    except Exception:  # a sweep this expansion does not know: only the started jobs tell
+        return 0
 
 
 def _unfinished_jobs(config: Any, folder: Path, finished: List[Path]) -> List[Path]:

@@ -200,10 +200,66 @@ def load_state(model: torch.nn.Module, weights: Dict[str, torch.Tensor],
 
 # --- a Slurm job of several tasks: task 0 runs the experiment, the others are its training ranks -------------------
 
+@dataclass
+class Served:
+    """The process group of a Slurm job's tasks, while task 0 runs the experiment: ``world`` (this task's rank),
+    ``control`` (a gloo group with a long timeout, on which task 0 sends each training job to the others)."""
+    world: World
+    control: Any
+
+
+_SERVED: Optional[Served] = None
+# the serving tasks wait for task 0's next training job for as long as the experiment's other stages take
+CONTROL_TIMEOUT_HOURS = 24 * 14
+_STOP = "stop"
+
+
+def served() -> Optional[Served]:
+    """The job's tasks serving as training ranks (serve_tasks), else None."""
+    return _SERVED
+
+
 def serve_tasks(body: Callable[[], Any]) -> Any:
-    """Run a Slurm job's body: in a job of one task, ``body()``; in a job of several tasks, task 0 runs it and the
-    others serve as its training ranks (returning None)."""
-    return body()
+    """Run a Slurm job's body. A job of one task: ``body()``. A job of several tasks (``tasks_per_node`` > 1 or
+    several nodes; one task per GPU): the tasks join one process group (submitit's TorchDistributedEnvironment:
+    the first node's address, a port from the job id, the task's rank); task 0 runs ``body()`` and each of its
+    full-finetuning stages trains on every task (train_processes: task 0 is rank 0 and alone writes the store and
+    logs), while the other tasks wait for these training jobs and return None when task 0 is done."""
+    global _SERVED
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return body()
+    import datetime
+
+    import torch.distributed as dist
+
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # MASTER_PORT kept
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=env.global_rank,
+                            world_size=env.num_tasks)
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=CONTROL_TIMEOUT_HOURS))
+    _SERVED = Served(world(), control)
+    try:
+        if env.global_rank == 0:
+            try:
+                return body()
+            finally:
+                dist.broadcast_object_list([_STOP], src=0, group=control)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=control)
+            if message[0] == _STOP:
+                return None
+            _train_worker(*message[0])
+    finally:
+        _SERVED = None
+        teardown()
 
 
 # --- local launch: N processes on this machine ------------------------------------------------------------------
@@ -248,7 +304,7 @@ def _train_worker(job: str, out: str) -> None:
 
     spec = torch.load(job, weights_only=False, map_location="cpu")
     kwargs, policy = spec["kwargs"], spec["kwargs"]["policy"]
-    w = init(policy.device)
+    w = init(policy.device)  # a served job's tasks (serve_tasks) are in their process group already
     logs: List[Dict[str, float]] = []
     try:
         torch.manual_seed(spec["seed"])  # one RNG start per rank (dropout masks differ by their slices)
@@ -265,7 +321,8 @@ def _train_worker(job: str, out: str) -> None:
         if w.rank == 0:
             torch.save({"result": result, "logs": logs}, out)
     finally:
-        teardown()
+        if _SERVED is None:  # a served job's group lives as long as the job
+            teardown()
 
 
 def train_processes(processes: int, strategy: str, folder: str, model: torch.nn.Module, data: Any, labels: Any,
@@ -287,7 +344,13 @@ def train_processes(processes: int, strategy: str, folder: str, model: torch.nn.
                 "seed": torch.initial_seed() % 2**63, "kwargs": kwargs}, job)
     try:
         try:
-            launch(_train_worker, processes, job, out)
+            if _SERVED is not None:  # a Slurm job's tasks: this one is rank 0, the others wait for the job
+                import torch.distributed as dist
+
+                dist.broadcast_object_list([(job, out)], src=0, group=_SERVED.control)
+                _train_worker(job, out)
+            else:
+                launch(_train_worker, processes, job, out)
         except Exception as e:  # a rank's error (e.g. a non-finite loss), with its own message
             from w2sg.core.errors import W2SGError
 
@@ -313,7 +376,18 @@ def train_processes(processes: int, strategy: str, folder: str, model: torch.nn.
 
 
 def resolve_processes(processes: Optional[int], device: str) -> int:
-    """train.processes: null -> the job's GPUs on a GPU node (torch.cuda.device_count()), 1 on the CPU."""
+    """train.processes: null -> the job's tasks in a Slurm job of several (serve_tasks), else the job's GPUs on a
+    GPU node (torch.cuda.device_count()), 1 on the CPU. In a job of several tasks every task is a rank: another
+    number is refused."""
+    if _SERVED is not None:
+        size = _SERVED.world.size
+        if processes is not None and int(processes) != size:
+            from w2sg.core.errors import W2SGError
+
+            raise W2SGError(f"train.processes={processes}, but this Slurm job has {size} tasks, each a training rank "
+                            f"(hydra.launcher.tasks_per_node x nodes): set train.processes=null (or {size}), or "
+                            f"ask for {processes} tasks")
+        return size
     if processes is not None:
         return int(processes)
     return max(1, torch.cuda.device_count()) if device == "cuda" else 1

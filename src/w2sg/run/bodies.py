@@ -107,6 +107,7 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
                         schedule=tspec["schedule"], validation=validation,
                         eval_batch_size=runner.eval_batch_size(stage.model), desc=stage.label, on_log=wb.log,
                         policy=runner.policy)
+        strategy, processes = "single", 1
         if probe:
             result = fit_probe(model, train_data, train_y, make_loss(stage.spec["loss"]), **settings)
         else:
@@ -148,6 +149,8 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
             "resumed_from_step": result.resumed_from, "task_sizes": runner.task_sizes(),
             "runtime": runner.runtime(model),
         }
+        if processes > 1:  # trained on several ranks (w2sg.ml.distributed); predicted and stored here
+            metrics["runtime"].update(strategy=strategy, ranks=processes)
         if not probe or tspec.get("truncation") == "drop":
             # the share of training texts cut (token ids know it: Encoded.cut_frac; 0 after drop, and for features)
             cut_frac = getattr(train_data, "cut_frac", lambda: 0.0)()
@@ -177,16 +180,8 @@ def parallel_plan(runner: "Runner", mode: str):
     probes, and a model sharded with device_map, train in one process; auto is ddp with several processes."""
     from w2sg.ml.distributed import resolve_processes
 
-    import os
-
-    from w2sg.core.errors import W2SGError
-
     t = runner.cfg.train
     strategy = getattr(t, "strategy", "auto")
-    if int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("SLURM_NTASKS", "1")).split("(")[0] or 1) > 1:
-        raise W2SGError("this Slurm job has several tasks (hydra.launcher.tasks_per_node > 1): each would run the whole "
-                        "experiment. Keep tasks_per_node=1; train.processes starts one training rank per GPU of the "
-                        "job itself (null: all of them)")
     if mode != "full" or t.device_map is not None or strategy == "single":
         return "single", 1
     processes = resolve_processes(getattr(t, "processes", None), runner.policy.device)
