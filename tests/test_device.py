@@ -337,6 +337,31 @@ def test_the_ways_out_fit_the_dominant_part(fake_cuda):
         dev.check_memory("ceiling:q", both, Policy("cuda", "bf16"), mode="full")
 
 
+def test_fsdp_ranks_divide_the_state_in_the_check_and_auto_shards_what_one_gpu_cannot_hold(fake_cuda, tmp_path):
+    """A 1.5B full finetune (about 25 GiB of weights, gradients and optimizer state) on a GPU with 20 GiB free: one
+    process is refused, eight FSDP ranks each hold an eighth of the state and pass, and auto picks fsdp."""
+    from dataclasses import replace
+
+    from w2sg.core.store import Store
+    from w2sg.ml import distributed
+    from w2sg.run.bodies import parallel_plan
+    from w2sg.run.runner import Runner
+
+    cfg = compose(["weak=qwen2_5_0_5b", "strong=qwen2_5_1_5b", "train=full", "train.max_length=128",
+                   "train.batch_size=2", "train.processes=8", "logger=none", f"store_dir={tmp_path}"])
+    runner = Runner(cfg, Store(cfg.store_dir))
+    runner._policy = replace(runner.policy, device="cuda", precision="bf16")
+    stage = plan(cfg)["ceiling"]
+    with pytest.raises(W2SGError, match=r"needs about 2\d\.\d GiB .*bf16\) but NVIDIA A10 has 20\.0 GiB free"):
+        runner.check_memory(stage, "full", 2)
+    runner.check_memory(stage, "full", 2, shards=8)
+    assert not runner.fits_one_device(stage, "full", 2)
+    assert runner.fits_one_device(plan(cfg)["weak"], "full", 2), "the 0.5B model fits the GPU"
+    assert parallel_plan(runner, "full", stage) == ("fsdp", 8)
+    assert parallel_plan(runner, "full", plan(cfg)["weak"]) == ("ddp", 8)
+    assert distributed.served() is None
+
+
 # --- on a GPU -------------------------------------------------------------------------------------------------
 
 @gpu

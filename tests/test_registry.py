@@ -215,3 +215,15 @@ def test_an_install_without_the_declared_entry_points_says_to_reinstall(monkeypa
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [_EntryPoint("x", "nothing_here", broken)])
     with pytest.raises(W2SGError, match=r"loading entry point x = nothing_here .*ImportError: no module named"):
         list(reg)
+
+
+def test_a_source_checkout_without_an_install_reads_its_pyproject(monkeypatch, fresh):
+    """PYTHONPATH=src (the GPU check on a bare machine) or a stale install record: no installed entry points, the
+    checkout's pyproject.toml declares them."""
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    [ep] = registry._source_entry_points("w2sg.methods")
+    assert (ep.name, ep.value, ep.group) == ("w2sg", "w2sg.ml.methods", "w2sg.methods")
+    assert registry._source_entry_points("w2sg.no_such_group") == []
+    reg = registry.Registry("labels method", declared="w2sg.methods")
+    list(reg)  # the checkout's declared module is loaded instead of the reinstall error
+    assert reg._loaded

@@ -90,7 +90,7 @@ class Registry(MutableMapping):
 
         self._loading = True
         try:
-            eps = _entry_points(entry_points, self.declared)
+            eps = _entry_points(entry_points, self.declared) or _source_entry_points(self.declared)
             if not eps:
                 raise W2SGError(f"no built-in {self.kind}s: the installed w2sg declares no entry point in group "
                                 f"{self.declared!r} (its install predates them): reinstall it (pip install -e .)")
@@ -138,6 +138,23 @@ def _entry_points(entry_points: Callable[..., Any], group: Optional[str]) -> Lis
             seen.add((ep.name, ep.value))
             out.append(ep)
     return out
+
+
+def _source_entry_points(group: Optional[str]) -> List[Any]:
+    """For w2sg run from a source checkout without an install (``PYTHONPATH=src``, e.g. the GPU check on a bare
+    machine), or beside a stale install record: ``group``'s entry points as the checkout's pyproject.toml declares
+    them. Empty when w2sg is not in a checkout."""
+    import re
+    from importlib.metadata import EntryPoint
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    if group is None or not pyproject.is_file():
+        return []
+    text = pyproject.read_text()
+    table = re.search(rf'^\[project\.entry-points\."{re.escape(group)}"\]\n(.*?)(?=^\[|\Z)', text, re.M | re.S)
+    pairs = re.findall(r'^\s*([\w.-]+)\s*=\s*"([^"]+)"', table.group(1), re.M) if table else []
+    return [EntryPoint(name, value, group) for name, value in pairs]
 
 
 # Weak-label methods (w2sg's own, numpy only, are declared in pyproject.toml's ``w2sg.methods`` entry points;

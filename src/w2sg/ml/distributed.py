@@ -302,7 +302,8 @@ def _train_worker(job: str, out: str) -> None:
     from w2sg.ml.losses import make_loss
     from w2sg.ml.train import Checkpointer, train_model
 
-    spec = torch.load(job, weights_only=False, map_location="cpu")
+    # mapped, not read: the ranks of a node share one copy of the model in the page cache
+    spec = torch.load(job, weights_only=False, map_location="cpu", mmap=True)
     kwargs, policy = spec["kwargs"], spec["kwargs"]["policy"]
     w = init(policy.device)  # a served job's tasks (serve_tasks) are in their process group already
     logs: List[Dict[str, float]] = []

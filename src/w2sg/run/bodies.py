@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_model(runner: "Runner", stage: Stage):
-    """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe)."""
+def build_model(runner: "Runner", stage: Stage, shards: int = 1):
+    """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe).
+    ``shards``: the ranks FSDP shards its weights, gradients and optimizer state over (the memory check's)."""
     from w2sg.ml.models import (
         add_lora,
         build_head,
@@ -36,7 +37,7 @@ def build_model(runner: "Runner", stage: Stage):
         return runner.policy.place(build_head(stage.model, num_classes, seed, runner.pairwise, head_init))
     if runner.policy.device != "cpu":
         runner._models.clear()  # free the GPU of the last trained model (the store has it)
-    runner.check_memory(stage, tspec["mode"], int(tspec.get("minibatch_size") or tspec["batch_size"]))
+    runner.check_memory(stage, tspec["mode"], micro_batch(tspec), shards=shards)
     model = build_model(stage.model, num_classes, seed, runner.pairwise, runner.policy,
                         trainable=tspec["mode"] == "full", head_init=head_init)
     runner.load_init(stage, model)
@@ -86,9 +87,11 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     else:
         part = "gt"
         soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
-    model = build_model(runner, stage)
-    pad_id = runner.tokenizer(stage.model).pad_token_id
     tspec = stage.spec["train"]
+    # before the model is on the GPU: whether full finetuning fits one GPU decides auto's strategy
+    strategy, processes = parallel_plan(runner, tspec["mode"], stage)
+    model = build_model(runner, stage, shards=processes if strategy == "fsdp" else 1)
+    pad_id = runner.tokenizer(stage.model).pad_token_id
     inputs = runner.inputs_of(stage, part)
     inputs = inputs if rows is None else inputs.subset(rows.tolist())
     dropped = 0
@@ -107,14 +110,12 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
                         schedule=tspec["schedule"], validation=validation,
                         eval_batch_size=runner.eval_batch_size(stage.model), desc=stage.label, on_log=wb.log,
                         policy=runner.policy)
-        strategy, processes = "single", 1
         if probe:
             result = fit_probe(model, train_data, train_y, make_loss(stage.spec["loss"]), **settings)
         else:
             loop = dict(batch_size=tspec["batch_size"], pad_id=pad_id, seed=runner.model_seed(stage),
                         batch_order=tspec.get("batch_order", "random"), max_grad_norm=tspec.get("max_grad_norm"),
                         minibatch_size=tspec.get("minibatch_size"), progress=cfg.progress)
-            strategy, processes = parallel_plan(runner, tspec["mode"])
             if processes > 1:  # local ranks train; this process predicts and writes the stage as below
                 result = train_in_processes(runner, stage, model, train_data, train_y, strategy, processes, ckpt,
                                             {**settings, **loop})
@@ -175,9 +176,15 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     runner._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
 
 
-def parallel_plan(runner: "Runner", mode: str):
+def micro_batch(tspec: Dict[str, Any]) -> int:
+    """The examples of one forward pass of a train stage (minibatch_size, else batch_size)."""
+    return int(tspec.get("minibatch_size") or tspec["batch_size"])
+
+
+def parallel_plan(runner: "Runner", mode: str, stage: Optional[Stage] = None):
     """(strategy, processes) of a train stage: train.strategy / processes resolved (w2sg.ml.distributed). LoRA and
-    probes, and a model sharded with device_map, train in one process; auto is ddp with several processes."""
+    probes, and a model sharded with device_map, train in one process; auto with several processes is ddp when the
+    stage's full finetuning fits one GPU by the memory estimate (Runner.fits_one_device), else fsdp."""
     from w2sg.ml.distributed import resolve_processes
 
     t = runner.cfg.train
@@ -187,7 +194,10 @@ def parallel_plan(runner: "Runner", mode: str):
     processes = resolve_processes(getattr(t, "processes", None), runner.policy.device)
     if processes == 1:
         return "single", 1
-    return ("ddp" if strategy == "auto" else strategy), processes
+    if strategy == "auto":
+        fits = stage is None or runner.fits_one_device(stage, mode, micro_batch(stage.spec["train"]))
+        strategy = "ddp" if fits else "fsdp"
+    return strategy, processes
 
 
 def train_in_processes(runner: "Runner", stage: Stage, model: Any, data: Any, labels: Any, strategy: str,

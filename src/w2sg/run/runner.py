@@ -71,20 +71,45 @@ class Runner:
         cap = model.eval_batch_size
         return min(self.cfg.train.eval_batch_size, int(cap)) if cap else self.cfg.train.eval_batch_size
 
-    def check_memory(self, stage: "Stage", mode: str, batch: int) -> None:
-        """Before loading onto a GPU: the memory estimate against what the device has (w2sg.run.device)."""
+    def check_memory(self, stage: "Stage", mode: str, batch: int, shards: int = 1) -> None:
+        """Before loading onto a GPU: the memory estimate against what the device has (w2sg.run.device).
+        ``shards``: FSDP's ranks, over which weights, gradients and optimizer state are divided."""
         if self.policy.device == "cpu":
             return
-        from w2sg.run.device import check_memory, hf_config_of, stage_estimate
+        from w2sg.run.device import check_memory
+
+        length = int(stage.spec.get("max_length") or self.cfg.train.max_length)
+        parts = self.memory_parts(stage, mode, batch)
+        hint = ""
+        if shards > 1:
+            from w2sg.ml.device import HEADROOM, STATE
+
+            parts = {k: (v // shards if k in STATE else v) for k, v in parts.items() if k != "headroom"}
+            parts["headroom"] = int(HEADROOM * sum(parts.values()))
+            hint = f", sharded over {shards} ranks"
+        check_memory(f"{stage.label} ({mode}, batch {batch} x length {length})", parts, self.policy, hint=hint,
+                     mode=mode)
+
+    def fits_one_device(self, stage: "Stage", mode: str, batch: int) -> bool:
+        """Whether the stage fits this process's GPU by the memory estimate (the CPU: always)."""
+        if self.policy.device == "cpu":
+            return True
+        from w2sg.run.device import available_memory
+
+        have = available_memory(self.policy)
+        return have is None or sum(self.memory_parts(stage, mode, batch).values()) <= have[0]
+
+    def memory_parts(self, stage: "Stage", mode: str, batch: int) -> Dict[str, int]:
+        """The stage's memory estimate on the GPU, by part (w2sg.run.device.stage_estimate)."""
+        from w2sg.run.device import hf_config_of, stage_estimate
 
         length = int(stage.spec.get("max_length") or self.cfg.train.max_length)
         lm = stage.kind is Kind.LM  # generative finetuning: AdamW (w2sg.ml.generative) and the LM head's logits
         vocab = int(getattr(hf_config_of(stage.model), "vocab_size", 0)) if lm else 0
         rank = int(stage.spec.get("train", {}).get("lora", {}).get("rank", 8)) if mode == "lora" else 8
-        parts = stage_estimate(stage.model, mode, batch, length, self.policy.precision,
-                               gradient_checkpointing=self.policy.gradient_checkpointing,
-                               optimizer="adamw" if lm else self.cfg.train.optimizer, vocab=vocab, lora_rank=rank)
-        check_memory(f"{stage.label} ({mode}, batch {batch} x length {length})", parts, self.policy, mode=mode)
+        return stage_estimate(stage.model, mode, batch, length, self.policy.precision,
+                              gradient_checkpointing=self.policy.gradient_checkpointing,
+                              optimizer="adamw" if lm else self.cfg.train.optimizer, vocab=vocab, lora_rank=rank)
 
     @property
     def data(self):
