@@ -2,6 +2,7 @@
 stage trained by them equals the one process's stage to float rounding (the same global batches, the gradient of
 the mean over each of them), for DDP and FSDP2; rank 0's checkpoint resumes; bad settings are named."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,44 @@ def test_a_slurm_job_of_two_tasks_trains_the_stage_on_both_and_stores_it_once(si
     key, metrics, _ = task0
     assert metrics["runtime"]["ranks"] == 2 and metrics["runtime"]["strategy"] == "ddp"
     assert [p.name for p in (tmp_path / "served" / "stages").iterdir()] == [key], "stored once, by task 0"
+
+
+@pytest.mark.slow  # a stopped and a resumed two-rank run and a reference: about 60 s (CI runs -m slow)
+def test_two_ranks_stopped_by_slurm_resume_from_rank_0s_checkpoint_to_the_same_stage(tmp_path):
+    """SIGTERM to every process of the job (as Slurm signals a job step): the ranks agree to stop, rank 0 saves the
+    gathered checkpoint, the command exits 143; the rerun resumes from it and ends with the uninterrupted stage."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import run_w2sg
+
+    args = ["weak=tiny_random_l4", "strong=tiny_random_l3", "train=full", "task.n_train=400", "task.n_test=64",
+            "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=3", "progress=false", "stages=[weak]",
+            "+weak.random_init.hidden_dropout_prob=0.0", "+weak.random_init.attention_probs_dropout_prob=0.0"]
+    store = tmp_path / "store"
+    env = dict(os.environ, W2SG_STORE=str(store))
+    proc = subprocess.Popen([sys.executable, "-m", "w2sg", *args, "train.processes=2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not list(store.glob("partial/*/checkpoint.pt")):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by SIGTERM at step" in err, err
+    [key] = [p.name for p in store.glob("partial/*")]
+    assert not (store / "stages" / key).exists()
+    run_w2sg(args + ["train.processes=2"], tmp_path, env_extra={"W2SG_STORE": str(store)}, subprocess=True)
+    resumed = json.loads((store / "stages" / key / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] > 0 and resumed["runtime"]["ranks"] == 2
+    (tmp_path / "ref").mkdir()
+    run_w2sg(args + ["train.processes=1"], tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")},
+             subprocess=True)
+    np.testing.assert_allclose(np.load(store / "stages" / key / "test_probs.npy"),
+                               np.load(tmp_path / "ref_store" / "stages" / key / "test_probs.npy"), rtol=RTOL, atol=ATOL)
 
 
 def test_batches_are_sliced_so_the_averaged_gradient_is_the_global_mean():
