@@ -264,7 +264,7 @@ def compose_random(s: Dict[str, Any], args: List[str], tokenizer: str, sides=("w
     """The composed config with random-initialised models of the catalogue's architectures (shrunk for the smoke
     run) on the synthetic tokenizer. Set here, not as overrides: Hydra cannot merge a dict into a null field."""
     from w2sg.app.config import resolve
-    from w2sg.app.status import compose
+    from w2sg.app.config import compose
 
     cfg = resolve(compose(args, conf_dir=ROOT / "conf"))  # the typed config, as the entry makes it
     for side in sides:

@@ -64,7 +64,7 @@ def throughput(model_name: str, n: int, repeats: int) -> None:
     import numpy as np
 
     from w2sg.app.config import resolve
-    from w2sg.app.status import compose
+    from w2sg.app.config import compose
     from w2sg.data.tasks import load_task
     from w2sg.ml.losses import make_loss
     from w2sg.ml.models import build_model, load_tokenizer

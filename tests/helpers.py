@@ -20,7 +20,7 @@ TINY = ["pair=tiny", "train=full", "train.epochs=1", "task.n_train=64", "task.n_
 
 def compose_raw(overrides: List[str] = ()):
     """Hydra's composed config (a DictConfig), as the entry receives it."""
-    from w2sg.app.status import compose as w2sg_compose
+    from w2sg.app.config import compose as w2sg_compose
 
     return w2sg_compose(overrides, conf_dir=CONF)
 

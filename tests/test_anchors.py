@@ -320,7 +320,7 @@ def _need_catalogue():
 def test_every_task_and_pair_of_the_packs_composes_and_validates(sweep):
     """Each task with one pair, each pair with one task (the full product composes in tests/test_config.py)."""
     _need_catalogue()
-    from w2sg.app.cli import validate
+    from w2sg.app.config import validate
 
     grid = OmegaConf.load(SWEEPS / f"{sweep}.yaml").hydra.sweeper.params
     values = {k: [v.strip() for v in str(vals).split(",")] for k, vals in grid.items()}

@@ -175,7 +175,7 @@ def test_shrunk_architecture_uses_the_real_config_class():
 
 
 def test_gpu_launcher_takes_resources_from_the_strong_model():
-    from w2sg.app.status import compose as w2sg_compose
+    from w2sg.app.config import compose as w2sg_compose
 
     cfg = w2sg_compose(["sweep=qwen_grid", "launcher=slurm_gpu"], with_hydra=True, conf_dir=CONF)
     assert (cfg.strong.name, cfg.train.mode) == ("qwen2_5_7b", "lora")  # the grid's largest model sizes the jobs

@@ -5,7 +5,7 @@ import pytest
 from helpers import CONF, compose, model_package_missing
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from w2sg.app.cli import validate
+from w2sg.app.config import validate
 from w2sg.core.errors import W2SGError
 from w2sg.core.graph import model_spec
 
@@ -246,7 +246,7 @@ def test_model_spec_leaves_out_labels_that_do_not_change_results():
 @pytest.mark.slow  # keeps the default suite under 5 minutes; CI runs -m slow too
 @pytest.mark.parametrize("sweep", options("sweep"))
 def test_every_sweep_has_a_grid_of_valid_choices(sweep):
-    from w2sg.app.status import compose as w2sg_compose
+    from w2sg.app.config import compose as w2sg_compose
 
     cfg = w2sg_compose([f"sweep={sweep}"], with_hydra=True, conf_dir=CONF)
     grid = cfg.hydra.sweeper.params

@@ -52,7 +52,7 @@ def keys(overrides):
 
 
 def test_an_extensions_names_validate_only_when_it_is_listed(isolated):
-    from w2sg.app.cli import validate
+    from w2sg.app.config import validate
 
     names = ["loss.name=ext_scaled_xent", "weak.pooling=ext_max", "task.kind=ext_upper"]
     for override in names:
@@ -95,6 +95,26 @@ def test_a_version_given_in_the_config_replaces_the_hash(isolated):
     v2 = keys(["pair=tiny", *USE_EXT[1:], f"extensions=[{{module: {EXT}, version: '2'}}]"])
     assert v1["w2s"].spec["extensions"] == {EXT: "1"} and v2["w2s"].spec["extensions"] == {EXT: "2"}
     assert {k for k in v1 if v1[k].key != v2[k].key} == {"ceiling", "w2s"}
+
+
+def test_a_run_imports_its_extensions_once_and_each_list_gets_its_own_versions(isolated, monkeypatch):
+    """Validation, planning and the run's metrics all ask for the config's extensions: one import (and hash) of
+    each; asking for another version of the same module, and back, gives each list its own versions."""
+    from w2sg.app.config import validate
+    from w2sg.core.plan import plan
+
+    imported, real = [], extensions._import
+    monkeypatch.setattr(extensions, "_import", lambda module: imported.append(module) or real(module))
+    cfg = compose(["pair=tiny", *USE_EXT])
+    validate(cfg, [])
+    planned = plan(cfg)
+    versions = {EXT: extensions._LOADED[EXT].computed}
+    assert extensions.load(cfg.extensions) == planned["w2s"].spec["extensions"] == versions
+    assert imported == [EXT]
+    given = [{"module": EXT, "version": "1"}]
+    assert extensions.load(given) == {EXT: "1"} and extensions.load(cfg.extensions)[EXT].startswith("src-")
+    assert extensions.load(given) == {EXT: "1"} and plan(cfg)["w2s"].spec["extensions"][EXT].startswith("src-")
+    assert imported == [EXT]
 
 
 def test_an_extension_that_registers_nothing_enters_every_key(isolated, tmp_path, monkeypatch):

@@ -9,8 +9,7 @@ import torch
 from helpers import walked_sizes
 from safetensors.torch import load_file
 
-from w2sg.app.config import resolve
-from w2sg.app.status import compose
+from w2sg.app.config import compose, resolve
 from w2sg.core.errors import W2SGError
 from w2sg.core.store import FREED, Store
 from w2sg.run import experiment

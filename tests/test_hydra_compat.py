@@ -122,9 +122,9 @@ def test_split_sweep_expands_like_hydras_basic_sweeper():  # BasicSweeper.split_
 
 
 def test_status_expands_a_sweep_with_its_sweep_file_grid():  # the same, through w2sg status -m
-    from w2sg.app import status
+    from w2sg.app import config
 
-    jobs = status.expand_sweep(["seed=0,1", "loss=xent,logconf"])
+    jobs = config.expand_sweep(["seed=0,1", "loss=xent,logconf"])
     assert jobs == [["seed=0", "loss=xent"], ["seed=0", "loss=logconf"], ["seed=1", "loss=xent"],
                     ["seed=1", "loss=logconf"]]
 
@@ -151,7 +151,7 @@ def test_apply_overrides_sets_adds_and_deletes():  # ConfigLoaderImpl._apply_ove
 def test_wrap_override_application_is_installed_once_and_names_valid_keys():  # the wrap of the same
     from hydra.errors import ConfigCompositionException
 
-    from w2sg.app import config, status
+    from w2sg.app import config
 
     config.register()
     config.register()
@@ -159,9 +159,9 @@ def test_wrap_override_application_is_installed_once_and_names_valid_keys():  # 
     wrapped = impl._apply_overrides_to_config
     assert wrapped._w2sg and not getattr(wrapped.__wrapped__, "_w2sg", False)  # one wrapper, around Hydra's own
     with pytest.raises(ConfigCompositionException, match=r"Could not override 'train.epoch'.*valid keys: .*epochs"):
-        status.compose(["train.epoch=1"])
+        config.compose(["train.epoch=1"])
     with pytest.raises(ConfigCompositionException, match=r"Could not add 'train.new_key'"):
-        status.compose(["+train.new_key=1"])
+        config.compose(["+train.new_key=1"])
 
 
 def test_overrides_dirname_as_hydra_names_a_job_folder():  # get_overrides_dirname
@@ -177,8 +177,7 @@ def composing():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from w2sg.app.config import register
-    from w2sg.app.status import CONF_DIR
+    from w2sg.app.config import CONF_DIR, register
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -226,7 +225,7 @@ def test_install_makes_repository_copies_share_the_config_store():  # ConfigRepo
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
 
-    from w2sg.app.status import CONF_DIR
+    from w2sg.app.config import CONF_DIR
 
     hydra_compat.install()
     hydra_compat.install()

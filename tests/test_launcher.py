@@ -209,8 +209,8 @@ GPU_SWEEPS = ("gpt2_grid", "pythia_checkpoints", "qwen_grid", "paper_nlp", "eleu
 
 def _job_configs(sweep, extra=()):
     """The composed config (Hydra's node included) of each distinct model pair of a sweep under launcher=slurm_gpu."""
-    from w2sg.app.status import compose as w2sg_compose
-    from w2sg.app.status import expand_sweep
+    from w2sg.app.config import compose as w2sg_compose
+    from w2sg.app.config import expand_sweep
 
     seen, out = set(), []
     for job in expand_sweep([f"sweep={sweep}", "launcher=slurm_gpu", *extra]):

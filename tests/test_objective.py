@@ -9,8 +9,9 @@ import pytest
 from helpers import compose, run_w2sg
 from omegaconf import OmegaConf
 
-from w2sg.app.cli import (OBJECTIVES, check_direction, check_selection_split, direction_names, maximize_by_default, objective_value,
-                          returned_objective, validate)
+from w2sg.app.cli import objective_value, returned_objective
+from w2sg.app.config import (OBJECTIVES, check_direction, check_selection_split, direction_names, maximize_by_default,
+                             validate)
 from w2sg.core.errors import W2SGError
 
 # probe mode on the tiny pair, only the weak stage: a trial takes seconds

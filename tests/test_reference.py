@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from w2sg.app import config as schema
+from w2sg.core import config as schema
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))  # the generator lives beside the package, not in it

@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import TINY, compose
 
-from w2sg.app import status
+from w2sg.app import config, status
 from w2sg.core.plan import plan
 from w2sg.core.store import Store
 
@@ -168,14 +168,14 @@ def test_the_store_view_reads_the_done_marker_alone_and_older_stages_in_full(sto
 
 
 def test_the_store_view_resolves_the_store_as_a_run_does(store, monkeypatch):
-    assert status.default_store_dir() == compose([]).store_dir == str(store)
+    assert config.default_store_dir() == compose([]).store_dir == str(store)
     monkeypatch.delenv("W2SG_STORE")
-    assert status.default_store_dir() == compose([]).store_dir
+    assert config.default_store_dir() == compose([]).store_dir
 
 
 def test_runs_shows_each_job_of_a_sweep_with_its_stage_counts(store, capsys):
     sweep = ["-m", "--runs", "sweep=tiny_grid"]
-    jobs = {tuple(o for o in job if not o.startswith("sweep=")): job for job in status.expand_sweep(sweep[2:])}
+    jobs = {tuple(o for o in job if not o.startswith("sweep=")): job for job in config.expand_sweep(sweep[2:])}
     stages = {job: plan(compose(full)) for job, full in jobs.items()}
     first, running = ("weak=tiny_random", "strong=tiny_random_l3"), ("weak=tiny_random_l2", "strong=tiny_random_l4")
     assert set(jobs) == {(f"weak={w}", f"strong={s}") for w in ("tiny_random", "tiny_random_l2")
@@ -252,7 +252,7 @@ def test_the_store_dir_read_without_omegaconf_is_the_one_omegaconf_resolves(tmp_
         else:
             monkeypatch.setenv("W2SG_STORE", env)
         expected = str(OmegaConf.load(tmp_path / "config.yaml").store_dir)
-        assert status.default_store_dir(tmp_path) == expected, (value, env)
+        assert config.default_store_dir(tmp_path) == expected, (value, env)
 
 
 def test_the_run_summary_counts_every_stage_that_ran_inputs_included(tmp_path, store):

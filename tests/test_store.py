@@ -21,7 +21,7 @@ LONG = ["weak=tiny_random_l4", "strong=tiny_random_l3", "train=full", "task.n_tr
 
 def keys(overrides=(), conf=CONF):
     from w2sg.app.config import resolve
-    from w2sg.app.status import compose as w2sg_compose
+    from w2sg.app.config import compose as w2sg_compose
 
     return {name: s.key for name, s in plan(resolve(w2sg_compose(overrides, conf_dir=conf))).items()}
 

@@ -102,7 +102,7 @@ def test_truncation_enters_keys_only_where_it_changes_the_inputs():
     assert spec(["train=full", "train.truncation=drop"])["truncation"] == "drop"
     assert spec(["train=full", "strong=tiny_random_qwen2", "train.truncation=right"]).get("truncation") is None
     with pytest.raises(W2SGError, match="unknown train.truncation 'middle'; valid: auto, left, right, drop"):
-        from w2sg.app.cli import validate
+        from w2sg.app.config import validate
 
         validate(compose(["train.truncation=middle"]), overrides=[])
 
@@ -309,7 +309,7 @@ def test_each_trained_model_is_measured_on_its_held_out_rows(tmp_path):
 
 
 def test_student_settings_are_checked_like_trains():
-    from w2sg.app.cli import validate
+    from w2sg.app.config import validate
 
     with pytest.raises(W2SGError, match="unknown student.optimizer 'sgd'; valid: adamw, adam, adafactor"):
         validate(compose(["student.optimizer=sgd"]), overrides=[])

@@ -4,7 +4,7 @@ Before a run or a sweep writes anything, its folder (``hydra.run.dir`` / ``hydra
 holding another finished run is refused, never overwritten (Hydra itself would replace its metrics.json and
 .hydra/ records and append to its log), and an unwritable one is named in one line instead of an OSError traceback
 from inside Hydra. When the sweep starts, a tuning sweeper's direction is set to maximize unless the user set one
-(w2sg.app.cli.maximize_by_default: every w2sg objective is higher-is-better, and Optuna minimises by default); when
+(w2sg.app.config.maximize_by_default: every w2sg objective is higher-is-better, and Optuna minimises by default); when
 the sweep ends, its report is written into the sweep folder (w2sg.results.report) and logged to one W&B run for the
 sweep (w2sg.results.wandb_summary, through a tracker of w2sg.run.tracking made from the sweep's logger config).
 
@@ -36,7 +36,7 @@ class ReportCallback(Callback):
         _or_exit(lambda: check_run_folder(config))  # before run_job saves .hydra/ and opens the log in the folder
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from w2sg.app.cli import maximize_by_default
+        from w2sg.app.config import maximize_by_default
 
         _or_exit(lambda: check_sweep_folder(config))  # before the sweeper saves multirun.yaml and any job runs
         if maximize_by_default(config.hydra):  # before Hydra builds the sweeper from this config

@@ -1,6 +1,6 @@
-"""The ``w2sg`` command: a subcommand (status, report, gc, sync, prefetch) starts without importing Hydra or OmegaConf, so
-``w2sg status`` over a large store answers in well under a second; anything else is a run or a sweep
-(w2sg.app.cli, which imports Hydra).
+"""The ``w2sg`` command, and the one place its subcommands are dispatched: a subcommand (status, report, gc, sync,
+prefetch) starts without importing Hydra or OmegaConf, so ``w2sg status`` over a large store answers in well under a
+second; anything else is a run or a sweep (w2sg.app.cli.main, which imports Hydra).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--store", help="the store (default: W2SG_STORE / store_dir of the config)")
     args = parser.parse_args(argv)
 
-    from w2sg.app.status import default_store_dir
+    from w2sg.app.config import default_store_dir
     from w2sg.core.errors import W2SGError
     from w2sg.core.store import Store, human_bytes
 

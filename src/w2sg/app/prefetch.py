@@ -120,8 +120,7 @@ def _stages(cfg: Any) -> Iterator[Any]:
 
 def collect(jobs: Sequence[Sequence[str]]) -> List[Need]:
     """What the jobs (override lists) need from the hub, each model (repo, revision) and data set once."""
-    from w2sg.app.config import resolve
-    from w2sg.app.status import compose
+    from w2sg.app.config import compose, resolve
 
     needs: Dict[Tuple, Need] = {}
     for overrides in jobs:
@@ -349,7 +348,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for a run or sweep")
     args = parser.parse_args(argv)
 
-    from w2sg.app.status import expand_sweep, input_error, render
+    from w2sg.app.config import expand_sweep
+    from w2sg.app.status import input_error, render
 
     try:
         jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]

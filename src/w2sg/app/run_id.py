@@ -5,7 +5,7 @@ metrics.json. The id is drawn once per process; Hydra caches the resolved value 
 jobs (in this process, or unpickled in a Slurm job) all see the sweep folder their launcher created.
 
 ``register`` runs where a config is composed: when Hydra imports its plugins (hydra_plugins.w2sg_launcher, before
-any composition, and in a Slurm job unpickling its launcher) and in w2sg.app.status.compose; not on importing
+any composition, and in a Slurm job unpickling its launcher) and in w2sg.app.config.compose; not on importing
 ``w2sg``, which stays free of OmegaConf so that ``w2sg status`` starts fast.
 """
 

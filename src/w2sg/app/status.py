@@ -20,49 +20,12 @@ computes them again).
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from w2sg.app.config import compose, default_store_dir, expand_sweep
 from w2sg.core.errors import W2SGError
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose(overrides: Iterable[str] = (), with_hydra: bool = False, conf_dir: Path = CONF_DIR):
-    """The config a run with these overrides gets (Hydra's compose API), without running anything."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from w2sg.app import run_id
-    from w2sg.app.config import register
-
-    register()
-    run_id.register()
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
-
-
-def expand_sweep(overrides: List[str]) -> List[List[str]]:
-    """The override list of every job of ``w2sg -m <overrides>``, as Hydra's basic sweeper expands them."""
-    from omegaconf import OmegaConf
-
-    from w2sg.app import hydra_compat
-
-    cfg = compose([o for o in overrides if _is_group_choice(o)], with_hydra=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    combined = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
-    return hydra_compat.split_sweep(combined)
-
-
-def _is_group_choice(override: str) -> bool:
-    key = override.split("=", 1)[0]
-    return key in ("sweep", "experiment") or "," not in override
-
 
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -140,9 +103,8 @@ def stage_rows(store, summaries: Optional[Iterable[Dict[str, Any]]] = None) -> I
 
 
 def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
-    from w2sg.core.plan import plan
-
     from w2sg.app.config import resolve
+    from w2sg.core.plan import plan
 
     cfg = resolve(compose(overrides))
     rows = []
@@ -167,55 +129,6 @@ def plan_rows(store, overrides: List[str]) -> List[Dict[str, Any]]:
                      "model": stage.model.name, "task": cfg.task.name, "seed": str(stage.spec.get("seed", "")),
                      "loss": loss["name"] if isinstance(loss, dict) else "", "metric": "", "age": ""})
     return rows
-
-
-_ENV = re.compile(r"\$\{oc\.env:(\w+)(?:,(.*))?\}")  # ${oc.env:NAME} or ${oc.env:NAME,DEFAULT}
-
-
-def _env_value(text: str) -> Optional[str]:
-    """``text`` with OmegaConf's ``${oc.env:NAME,DEFAULT}`` (whole) and ``${oc.env:NAME}`` (within) resolved
-    from the environment; None for anything else (another resolver, a missing variable without default)."""
-    whole = _ENV.fullmatch(text)
-    if whole and _nested(whole.group(2) or ""):
-        name, default = whole.groups()
-        if name in os.environ:
-            return os.environ[name]
-        return None if default is None or default.strip() == "null" else _env_value(default.strip())
-    missing = False
-
-    def env(m: "re.Match[str]") -> str:
-        nonlocal missing
-        missing = missing or m.group(2) is not None or m.group(1) not in os.environ
-        return os.environ.get(m.group(1), "")
-
-    value = _ENV.sub(env, text)
-    return None if missing or "${" in value else value
-
-
-def _nested(text: str) -> bool:
-    """Whether every ``}`` in ``text`` closes a ``${`` opened before it (a default that is one whole value)."""
-    depth = 0
-    for i, char in enumerate(text):
-        depth += text.startswith("${", i)
-        depth -= char == "}"
-        if depth < 0:
-            return False
-    return depth == 0
-
-
-def default_store_dir(conf_dir: Path = CONF_DIR) -> str:
-    """The store a run without overrides uses (``store_dir`` of the primary config: env W2SG_STORE or the
-    default), read from config.yaml alone: composing the whole config would take longer than listing the store.
-    A plain ``store_dir: <value>`` line whose interpolations are environment variables (``oc.env``) is resolved
-    here, without importing OmegaConf (~0.3 s); anything else is left to OmegaConf."""
-    text = (conf_dir / "config.yaml").read_text()
-    line = re.search(r"^store_dir:[ \t]*([^'\"#\s][^#\n]*?)[ \t]*$", text, re.MULTILINE)
-    value = _env_value(line.group(1)) if line else None
-    if value is not None:
-        return value
-    from omegaconf import OmegaConf
-
-    return str(OmegaConf.load(conf_dir / "config.yaml").store_dir)
 
 
 def render(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:

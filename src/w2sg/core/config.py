@@ -253,7 +253,7 @@ class Config:
     # writes no PGR and marks its metrics.json as a subset, which reports skip (null: all stages, a full result)
     stages: Optional[List[str]] = None
     # what the Hydra task function returns, for tuning sweepers (hydra/sweeper=optuna): a metric of metrics.json,
-    # one of w2sg.app.cli.OBJECTIVES: val.* on held-out rows of the training halves (train.val_frac > 0; the
+    # one of w2sg.app.config.OBJECTIVES: val.* on held-out rows of the training halves (train.val_frac > 0; the
     # student's against the weak labels by default), or pgr, acc.w2s, ... on the test split; it changes no result
     objective: str = "val.acc.w2s"
     # Python modules imported before the config is checked, whose registered losses, task formats and poolings then

@@ -1,7 +1,7 @@
 """The valid values of every option with a fixed set of choices, and the checks that name them (no torch).
 
 The training loop (w2sg.ml.train), the device policy (w2sg.run.device) and generative finetuning map these names to
-their implementations; the config is checked against them once, at the entry (w2sg.app.cli.validate).
+their implementations; the config is checked against them once, at the entry (w2sg.app.config.validate).
 """
 
 from __future__ import annotations

@@ -241,16 +241,29 @@ def parse(entries: Iterable[Any]) -> List[Tuple[str, Optional[str]]]:
     return out
 
 
+# What ``load`` loaded last: the parsed entries, and each module's Extension with the version it was given. A run
+# asks for its config's extensions three times (validation, which must see the names they register; planning, whose
+# keys hold their versions, and which status and the launchers call without validating; the run's metrics): the
+# first call imports and hashes them, the others return these versions.
+_last: Tuple[List[Tuple[str, Optional[str]]], List[Tuple[Extension, str]]] = ([], [])
+
+
 def load(entries: Iterable[Any]) -> Dict[str, str]:
-    """Import the listed modules (once per process) and return {module: version} of each."""
-    versions = {}
-    for module, version in parse(entries):
+    """Import the listed modules (each once per process) and return {module: version} of each. The list loaded
+    last is answered from what that call set, while its extensions are still the ones loaded with those versions
+    (another list, or another version of one module, sets the versions again)."""
+    global _last
+    parsed = parse(entries)
+    listed, loaded = _last
+    if parsed == listed and all(_LOADED.get(ext.module) is ext and ext.version == version for ext, version in loaded):
+        return {ext.module: version for ext, version in loaded}
+    for module, version in parsed:
         if module not in _LOADED:
             _import(module)
         ext = _LOADED[module]
         ext.version = version if version is not None else ext.computed
-        versions[module] = ext.version
-    return versions
+    _last = (parsed, [(_LOADED[module], _LOADED[module].version) for module, _ in parsed])
+    return {ext.module: version for ext, version in _last[1]}
 
 
 def _import(module: str) -> None:
