@@ -158,8 +158,14 @@ def test_weak_larger_than_strong_is_warned_and_recorded(caplog, monkeypatch):
     (warning,) = size_warnings(cfg)
     assert "weak model minilm_l6 (22.7M params) is larger than the strong model minilm_l1 (13.8M)" in warning
 
+    from types import SimpleNamespace
+
+    from w2sg.data.tasks import TaskData
+
     class FakeRunner:  # every stage "ran" with accuracy 0.5
         outcomes: dict = {}
+        store = None  # no stored predictions behind the fake stages
+        context = SimpleNamespace(data=TaskData(gt=[], weak=[], test=[]))
 
         class tracker:
             enabled = False
@@ -171,7 +177,7 @@ def test_weak_larger_than_strong_is_warned_and_recorded(caplog, monkeypatch):
             return 0
 
     # no stored predictions behind the fake stages: no diagnostics or CI to compute
-    monkeypatch.setattr(diagnostics, "for_run", lambda runner, keys: ({}, {}))
+    monkeypatch.setattr(diagnostics, "for_run", lambda *args: ({}, {}))
     with caplog.at_level("WARNING", logger="w2sg"):
         metrics = run(cfg, FakeRunner())
     assert metrics["warnings"] == [warning] and warning in caplog.text

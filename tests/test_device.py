@@ -345,20 +345,20 @@ def test_fsdp_ranks_divide_the_state_in_the_check_and_auto_shards_what_one_gpu_c
     from w2sg.core.store import Store
     from w2sg.ml import distributed
     from w2sg.run.bodies import parallel_plan
-    from w2sg.run.runner import Runner
+    from w2sg.run.context import StageContext
 
     cfg = compose(["weak=qwen2_5_0_5b", "strong=qwen2_5_1_5b", "train=full", "train.max_length=128",
                    "train.batch_size=2", "train.processes=8", "logger=none", f"store_dir={tmp_path}"])
-    runner = Runner(cfg, Store(cfg.store_dir))
-    runner._policy = replace(runner.policy, device="cuda", precision="bf16")
+    ctx = StageContext(cfg, Store(cfg.store_dir), policy=replace(runtime_policy(cfg.train), device="cuda",
+                                                                 precision="bf16"))
     stage = plan(cfg)["ceiling"]
     with pytest.raises(W2SGError, match=r"needs about 2\d\.\d GiB .*bf16\) but NVIDIA A10 has 20\.0 GiB free"):
-        runner.check_memory(stage, "full", 2)
-    runner.check_memory(stage, "full", 2, shards=8)
-    assert not runner.fits_one_device(stage, "full", 2)
-    assert runner.fits_one_device(plan(cfg)["weak"], "full", 2), "the 0.5B model fits the GPU"
-    assert parallel_plan(runner, "full", stage) == ("fsdp", 8)
-    assert parallel_plan(runner, "full", plan(cfg)["weak"]) == ("ddp", 8)
+        ctx.check_memory(stage, "full", 2)
+    ctx.check_memory(stage, "full", 2, shards=8)
+    assert not ctx.fits_one_device(stage, "full", 2)
+    assert ctx.fits_one_device(plan(cfg)["weak"], "full", 2), "the 0.5B model fits the GPU"
+    assert parallel_plan(ctx, "full", stage) == ("fsdp", 8)
+    assert parallel_plan(ctx, "full", plan(cfg)["weak"]) == ("ddp", 8)
     assert distributed.served() is None
 
 

@@ -168,19 +168,19 @@ def test_in_a_slurm_job_of_several_tasks_every_task_is_a_rank(monkeypatch):
 
     from w2sg.run.bodies import parallel_plan
 
-    def runner(processes=None, strategy="auto", fits=True):
+    def context(processes=None, strategy="auto", fits=True):
         return SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(strategy=strategy, processes=processes,
                                                                          device_map=None)),
                                policy=SimpleNamespace(device="cpu"), fits_one_device=lambda *a: fits)
 
-    assert parallel_plan(runner(), "full") == ("single", 1), "one process on the CPU outside such a job"
+    assert parallel_plan(context(), "full") == ("single", 1), "one process on the CPU outside such a job"
     monkeypatch.setattr(distributed, "_SERVED", distributed.Served(distributed.World(0, 4, 0), None))
-    assert parallel_plan(runner(), "full") == ("ddp", 4)
-    assert parallel_plan(runner(4, "fsdp"), "full") == ("fsdp", 4)
-    assert parallel_plan(runner(), "lora") == ("single", 1), "LoRA trains in task 0 alone"
+    assert parallel_plan(context(), "full") == ("ddp", 4)
+    assert parallel_plan(context(4, "fsdp"), "full") == ("fsdp", 4)
+    assert parallel_plan(context(), "lora") == ("single", 1), "LoRA trains in task 0 alone"
     stage = SimpleNamespace(spec={"train": {"batch_size": 32, "minibatch_size": 4}})
-    assert parallel_plan(runner(fits=True), "full", stage) == ("ddp", 4)
-    assert parallel_plan(runner(fits=False), "full", stage) == ("fsdp", 4), "auto shards what one GPU cannot hold"
-    assert parallel_plan(runner(fits=False, strategy="ddp"), "full", stage) == ("ddp", 4), "a strategy set is kept"
+    assert parallel_plan(context(fits=True), "full", stage) == ("ddp", 4)
+    assert parallel_plan(context(fits=False), "full", stage) == ("fsdp", 4), "auto shards what one GPU cannot hold"
+    assert parallel_plan(context(fits=False, strategy="ddp"), "full", stage) == ("ddp", 4), "a strategy set is kept"
     with pytest.raises(W2SGError, match=r"train.processes=2, but this Slurm job has 4 tasks.*train.processes=null"):
-        parallel_plan(runner(2), "full")
+        parallel_plan(context(2), "full")

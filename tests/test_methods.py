@@ -442,18 +442,18 @@ def test_validation_against_ground_truth_follows_the_training_sets_rows(tmp_path
     from w2sg.data.tasks import TaskData
     from w2sg.ml.train import Features
     from w2sg.run import bodies
-    from w2sg.run.runner import Runner
+    from w2sg.run.context import StageContext
 
     cfg = compose(["train.val_frac=0.5", "train.val_labels=ground_truth"])
-    runner = Runner(cfg, Store(tmp_path / "store"))
-    runner._data = TaskData(gt=[], weak=[(f"t{i}", i % 2) for i in range(10)], test=[])
+    data = TaskData(gt=[], weak=[(f"t{i}", i % 2) for i in range(10)], test=[])
+    ctx = StageContext(cfg, Store(tmp_path / "store"), data=data)
     stage = Stage("train", {"train": {"val_frac": 0.5, "val_labels": "ground_truth", "eval_every": 0,
                                       "keep_best": None}})
     rows = np.array([1, 2, 3, 5])  # odd rows have class 1
     soft = np.full((4, 2), 0.5, dtype=np.float32)
-    _, _, val = bodies.validation_split(runner, stage, Features(torch.zeros(4, 3)), soft, "weak", rows)
+    _, _, val = bodies.validation_split(ctx, stage, Features(torch.zeros(4, 3)), soft, "weak", rows)
     perm = np.random.RandomState(0).permutation(4)
-    expected = [runner._data.weak[rows[i]][1] for i in sorted(perm[:2].tolist())]
+    expected = [data.weak[rows[i]][1] for i in sorted(perm[:2].tolist())]
     assert val.labels.argmax(1).tolist() == expected
 
 

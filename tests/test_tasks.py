@@ -188,9 +188,9 @@ def test_the_rows_left_out_are_in_the_task_sizes(tmp_path):
     overrides = ["task.dataset=json", f"task.data_files={{train: {path}}}", "task.load_kwargs={}",
                  "task.splits={train: train, test: null}", "task.label_column=label", "task.label_map=null",
                  "task.balance=false", "task.n_train=20", "task.n_test=12"]  # all 35 rows drawn
-    sizes = Runner(compose(overrides), Store(tmp_path / "store")).task_sizes()
+    sizes = Runner(compose(overrides), Store(tmp_path / "store")).context.task_sizes()
     assert sizes == {"n_train": 19, "n_test": 12, "gt": 9, "weak": 10, "duplicates_removed": 4}
-    kept = Runner(compose(overrides + ["task.dedupe=false"]), Store(tmp_path / "store")).task_sizes()
+    kept = Runner(compose(overrides + ["task.dedupe=false"]), Store(tmp_path / "store")).context.task_sizes()
     assert kept == {"n_train": 20, "n_test": 12, "gt": 10, "weak": 10}
 
 

@@ -29,7 +29,8 @@ layout: listings go through ``stage_summaries``, ``unfinished`` and ``sizes``, t
 Weights are the bulk of a store. ``store.keep_weights`` (needed | all | none) frees a trained model's weights
 once no stage needs them (a weak model's, once its labels are stored); ``w2sg gc`` does the same for the whole
 store. A stage whose weights were freed keeps its metrics and predictions and a ``weights_freed.json`` note; a
-later stage that needs the weights trains it again (w2sg.run.runner.Runner) and checks the predictions match.
+later stage that needs the weights trains it again (w2sg.run.context.StageContext.restore_weights) and checks the
+predictions match.
 
 A stage is computed under its lock, locks/<key>.lock (w2sg.core.locks), so a second process needing the same
 stage, on this node or another sharing the store, waits, then finds it done and reuses it; ``w2sg status`` shows a

@@ -48,11 +48,14 @@ and dropped ones included).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from w2sg.core.errors import W2SGError
+
+if TYPE_CHECKING:
+    from w2sg.core.store import Store
 
 EPS = 1e-12  # floor for probabilities inside logarithms
 KEYS = ("misfit_sq", "misfit_kl", "misfit_disagreement", "misfit_sq_raw_weak", "misfit_kl_raw_weak",
@@ -158,8 +161,10 @@ def compute(weak_labels: Any, student_transfer: Optional[Any], weak_test: Any, s
     return out
 
 
-def for_run(runner: Any, keys: Dict[str, str], n_boot: int = 2000, seed: int = 0) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(diagnostics, pgr_ci) of a finished experiment, from its stages' stored predictions.
+def for_run(store: "Store", keys: Dict[str, str], test_labels: Sequence[int], transfer_labels: Sequence[int],
+            n_boot: int = 2000, seed: int = 0) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(diagnostics, pgr_ci) of a finished experiment, from its stages' predictions in ``store`` and
+    the task's labels of the test set and of the transfer set (the weak-label half).
 
     keys: store keys of its ``weak``, ``weak_labels``, ``ceiling`` and ``w2s`` stages, and optionally
     ``targets``: the stage whose labels the w2s stage trained on (its ``labels`` input: a ``train_labels``
@@ -167,9 +172,8 @@ def for_run(runner: Any, keys: Dict[str, str], n_boot: int = 2000, seed: int = 0
     stored before students' transfer-set predictions were kept gives the test-set numbers only (with a note)."""
     from w2sg.results import stats
 
-    sd = {name: runner.store.get(key) for name, key in keys.items()}
-    test_y = [y for _, y in runner.data.test]
-    transfer_y = [y for _, y in runner.data.weak]
+    sd = {name: store.get(key) for name, key in keys.items()}
+    test_y, transfer_y = list(test_labels), list(transfer_labels)
     student_transfer = sd["w2s"].read_array("transfer_probs") if sd["w2s"].file("transfer_probs.npy").exists() else None
     test = {k: sd[k].read_array("test_probs") for k in ("weak", "ceiling", "w2s")}
     targets = rows = None

@@ -1,8 +1,9 @@
 """The body of each stage kind: what a stage computes once its inputs are stored (``BODIES``, by w2sg.core.graph.Kind).
 
-Each body is ``fn(runner, stage, out)``: it reads its inputs through the runner (the task's data, token ids,
-stored features, trained models) and writes its outputs (metrics.json, arrays, weights) into ``out``, a stage
-folder the store renames into place when the body returns. Adding a stage kind: a ``Kind`` member and a builder
+Each body is ``fn(ctx, stage, out)``: it reads its inputs through ``ctx``, the run's StageContext
+(w2sg.run.context: the task's data, token ids, stored features, trained models, the device) and writes its
+outputs (metrics.json, arrays, weights) into ``out``, a stage folder the store renames into place when the body
+returns (bodies never receive the Runner itself). Adding a stage kind: a ``Kind`` member and a builder
 in w2sg.core.graph, and a body here.
 """
 
@@ -10,46 +11,16 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from w2sg.core.graph import Kind, Stage
 from w2sg.core.store import StageDir
-
-if TYPE_CHECKING:
-    from w2sg.run.runner import Runner
+from w2sg.run.context import StageContext, micro_batch
 
 log = logging.getLogger(__name__)
 
 
-def build_model(runner: "Runner", stage: Stage, shards: int = 1):
-    """A fresh model for a train stage: the full classifier, with LoRA adapters, or a head alone (probe).
-    ``shards``: the ranks FSDP shards its weights, gradients and optimizer state over (the memory check's)."""
-    from w2sg.ml.models import (
-        add_lora,
-        build_head,
-        build_model,
-        enable_gradient_checkpointing,
-    )
-
-    num_classes, tspec = runner.cfg.task.num_classes, stage.spec["train"]
-    seed, head_init = runner.model_seed(stage), tspec.get("head_init", "default")
-    if tspec["mode"] == "probe":
-        return runner.policy.place(build_head(stage.model, num_classes, seed, runner.pairwise, head_init))
-    if runner.policy.device != "cpu":
-        runner._models.clear()  # free the GPU of the last trained model (the store has it)
-    runner.check_memory(stage, tspec["mode"], micro_batch(tspec), shards=shards)
-    model = build_model(stage.model, num_classes, seed, runner.pairwise, runner.policy,
-                        trainable=tspec["mode"] == "full", head_init=head_init)
-    runner.load_init(stage, model)
-    if runner.policy.gradient_checkpointing:
-        enable_gradient_checkpointing(model.backbone)
-    if tspec["mode"] == "lora":
-        lora = tspec["lora"]
-        add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
-    return model
-
-
-def validation_split(runner: "Runner", stage: Stage, data: Any, soft: Any, part: str, rows: Optional[Any] = None):
+def validation_split(ctx: StageContext, stage: Stage, data: Any, soft: Any, part: str, rows: Optional[Any] = None):
     """Hold out ``val_frac`` of the training part (seeded); return (train data, train labels, Validation).
     ``rows``: the rows of the part that ``data`` holds (a transformed training set), None for all."""
     import numpy as np
@@ -60,17 +31,17 @@ def validation_split(runner: "Runner", stage: Stage, data: Any, soft: Any, part:
     n_val = int(round(tspec["val_frac"] * len(soft)))
     if n_val == 0:
         return data, soft, None
-    perm = np.random.RandomState(runner.cfg.seed).permutation(len(soft))
+    perm = np.random.RandomState(ctx.cfg.seed).permutation(len(soft))
     val_idx, train_idx = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
     val_y = soft[val_idx]
     if part == "weak" and tspec["val_labels"] == "ground_truth":  # judge against ground truth (an oracle)
-        truth = [runner.data.weak[i if rows is None else int(rows[i])][1] for i in val_idx]
-        val_y = np.eye(runner.cfg.task.num_classes, dtype=np.float32)[truth]
+        truth = [ctx.data.weak[i if rows is None else int(rows[i])][1] for i in val_idx]
+        val_y = np.eye(ctx.cfg.task.num_classes, dtype=np.float32)[truth]
     validation = Validation(data.subset(val_idx), val_y, tspec["eval_every"], tspec["keep_best"])
     return data.subset(train_idx), soft[train_idx], validation
 
 
-def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
+def train(ctx: StageContext, stage: Stage, out: StageDir) -> None:
     import numpy as np
 
     from w2sg.ml.losses import make_loss
@@ -78,46 +49,45 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     from w2sg.ml.models import count_params, merge_lora
     from w2sg.ml.train import Checkpointer, fit_probe, predict, train_model
 
-    cfg, data = runner.cfg, runner.data
+    cfg, data = ctx.cfg, ctx.data
     num_classes = cfg.task.num_classes
     rows = None  # the rows of the weak-label half a transformed training set holds (None: all)
     if "labels" in stage.inputs:
         part = "weak"
-        soft, rows = training_labels(runner, stage.inputs["labels"])
+        soft, rows = training_labels(ctx, stage.inputs["labels"])
     else:
         part = "gt"
         soft = np.eye(num_classes, dtype=np.float32)[[y for _, y in data.gt]]
     tspec = stage.spec["train"]
     # before the model is on the GPU: whether full finetuning fits one GPU decides auto's strategy
-    strategy, processes = parallel_plan(runner, tspec["mode"], stage)
-    model = build_model(runner, stage, shards=processes if strategy == "fsdp" else 1)
-    pad_id = runner.tokenizer(stage.model).pad_token_id
-    inputs = runner.inputs_of(stage, part)
+    strategy, processes = parallel_plan(ctx, tspec["mode"], stage)
+    model = ctx.build_model(stage, shards=processes if strategy == "fsdp" else 1)
+    pad_id = ctx.tokenizer(stage.model).pad_token_id
+    inputs = ctx.inputs_of(stage, part)
     inputs = inputs if rows is None else inputs.subset(rows.tolist())
     dropped = 0
     if tspec.get("truncation") == "drop":  # over-long training examples left out (openai/weak-to-strong)
-        inputs, soft, rows, dropped = drop_long(runner, stage, part, rows, inputs, soft)
-    train_data, train_y, validation = validation_split(runner, stage, inputs, soft, part, rows)
+        inputs, soft, rows, dropped = drop_long(ctx, stage, part, rows, inputs, soft)
+    train_data, train_y, validation = validation_split(ctx, stage, inputs, soft, part, rows)
     probe = tspec["mode"] == "probe"
     # a probe head fits in well under a second: no checkpoints (a rerun simply fits it again)
-    checkpointer = nullcontext(None) if probe else Checkpointer(str(runner.store.checkpoint_path(stage.key)),
+    checkpointer = nullcontext(None) if probe else Checkpointer(str(ctx.store.checkpoint_path(stage.key)),
                                                                 cfg.train.checkpoint_every,
                                                                 cfg.train.checkpoint_minutes)
-    with checkpointer as ckpt, \
-            runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+    with checkpointer as ckpt, ctx.stage_run(stage) as wb:
         settings = dict(epochs=tspec["epochs"], lr=tspec["lr"], optimizer=tspec["optimizer"],
                         weight_decay=tspec["weight_decay"], warmup_frac=tspec["warmup_frac"],
                         schedule=tspec["schedule"], validation=validation,
-                        eval_batch_size=runner.eval_batch_size(stage.model), desc=stage.label, on_log=wb.log,
-                        policy=runner.policy)
+                        eval_batch_size=ctx.eval_batch_size(stage.model), desc=stage.label, on_log=wb.log,
+                        policy=ctx.policy)
         if probe:
             result = fit_probe(model, train_data, train_y, make_loss(stage.spec["loss"]), **settings)
         else:
-            loop = dict(batch_size=tspec["batch_size"], pad_id=pad_id, seed=runner.model_seed(stage),
+            loop = dict(batch_size=tspec["batch_size"], pad_id=pad_id, seed=ctx.model_seed(stage),
                         batch_order=tspec.get("batch_order", "random"), max_grad_norm=tspec.get("max_grad_norm"),
                         minibatch_size=tspec.get("minibatch_size"), progress=cfg.progress)
             if processes > 1:  # local ranks train; this process predicts and writes the stage as below
-                result = train_in_processes(runner, stage, model, train_data, train_y, strategy, processes, ckpt,
+                result = train_in_processes(ctx, stage, model, train_data, train_y, strategy, processes, ckpt,
                                             {**settings, **loop})
             else:
                 result = train_model(model, train_data, train_y, make_loss(stage.spec["loss"]), checkpointer=ckpt,
@@ -129,26 +99,26 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
         # every number comes from the model that is stored and labels: adapters merged, and a full finetune's
         # fp32 master weights cast to the compute dtype, before the test and transfer predictions
         merge_lora(model)
-        if tspec["mode"] == "full" and runner.policy.precision != "fp32":
-            model.backbone.to(runner.policy.dtype)
+        if tspec["mode"] == "full" and ctx.policy.precision != "fp32":
+            model.backbone.to(ctx.policy.dtype)
         test_y = [y for _, y in data.test]
-        probs = predict(model, runner.inputs_of(stage, "test"),
-                        batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id,
+        probs = predict(model, ctx.inputs_of(stage, "test"),
+                        batch_size=ctx.eval_batch_size(stage.model), pad_id=pad_id,
                         progress=cfg.progress and not probe,
-                        desc=f"{stage.label} test", policy=runner.policy)
+                        desc=f"{stage.label} test", policy=ctx.policy)
         transfer_probs = None
         if part == "weak":  # the student's fit of the weak labels (misfit; w2sg.results.diagnostics)
-            transfer_probs = predict(model, runner.inputs_of(stage, "weak"),
-                                     batch_size=runner.eval_batch_size(stage.model), pad_id=pad_id,
+            transfer_probs = predict(model, ctx.inputs_of(stage, "weak"),
+                                     batch_size=ctx.eval_batch_size(stage.model), pad_id=pad_id,
                                      progress=cfg.progress and not probe, desc=f"{stage.label} transfer",
-                                     policy=runner.policy)
+                                     policy=ctx.policy)
         metrics = {
             "acc": accuracy(probs, test_y), "auroc": auroc(probs, test_y), "n_train": len(train_y),
             "n_test": len(test_y), "history": result.history, "trained_params": trained_params,
             # the predicting model's size (a probe's backbone ran in the features stage)
             "params": stage.model.params if tspec["mode"] == "probe" else count_params(model),
-            "resumed_from_step": result.resumed_from, "task_sizes": runner.task_sizes(),
-            "runtime": runner.runtime(model),
+            "resumed_from_step": result.resumed_from, "task_sizes": ctx.task_sizes(),
+            "runtime": ctx.runtime(model),
         }
         if processes > 1:  # trained on several ranks (w2sg.ml.distributed); predicted and stored here
             metrics["runtime"].update(strategy=strategy, ranks=processes)
@@ -164,7 +134,7 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
                            evals=result.evals, best=result.best)
             # the final model (the kept best weights, cast as stored) on its held-out rows: what a tuning sweeper
             # selects by (objective=val.*), so the test split is read once, for the report
-            metrics["val"] = {**validation.evaluate(model, pad_id, runner.eval_batch_size(stage.model), runner.policy),
+            metrics["val"] = {**validation.evaluate(model, pad_id, ctx.eval_batch_size(stage.model), ctx.policy),
                               "labels": metrics["val_labels"]}
         wb.log({"eval/acc": metrics["acc"], "eval/auroc": metrics["auroc"], "epoch": len(result.history)})
         wb.summary({k: v for k, v in metrics.items() if k not in ("history", "evals")})
@@ -172,35 +142,30 @@ def train(runner: "Runner", stage: Stage, out: StageDir) -> None:
     if transfer_probs is not None:
         out.write_array("transfer_probs", transfer_probs)
     out.write_json("metrics.json", metrics)
-    save_weights(runner, stage, model, adapter, out)
-    runner._models = {stage.key: model}  # keep the latest only: the labels stage usually follows at once
+    save_weights(ctx, stage, model, adapter, out)
+    ctx.keep(stage.key, model)  # the latest only: the labels stage usually follows at once
 
 
-def micro_batch(tspec: Dict[str, Any]) -> int:
-    """The examples of one forward pass of a train stage (minibatch_size, else batch_size)."""
-    return int(tspec.get("minibatch_size") or tspec["batch_size"])
-
-
-def parallel_plan(runner: "Runner", mode: str, stage: Optional[Stage] = None):
+def parallel_plan(ctx: StageContext, mode: str, stage: Optional[Stage] = None):
     """(strategy, processes) of a train stage: train.strategy / processes resolved (w2sg.ml.distributed). LoRA and
     probes, and a model sharded with device_map, train in one process; auto with several processes is ddp when the
-    stage's full finetuning fits one GPU by the memory estimate (Runner.fits_one_device), else fsdp."""
+    stage's full finetuning fits one GPU by the memory estimate (StageContext.fits_one_device), else fsdp."""
     from w2sg.ml.distributed import resolve_processes
 
-    t = runner.cfg.train
+    t = ctx.cfg.train
     strategy = getattr(t, "strategy", "auto")
     if mode != "full" or t.device_map is not None or strategy == "single":
         return "single", 1
-    processes = resolve_processes(getattr(t, "processes", None), runner.policy.device)
+    processes = resolve_processes(getattr(t, "processes", None), ctx.policy.device)
     if processes == 1:
         return "single", 1
     if strategy == "auto":
-        fits = stage is None or runner.fits_one_device(stage, mode, micro_batch(stage.spec["train"]))
+        fits = stage is None or ctx.fits_one_device(stage, mode, micro_batch(stage.spec["train"]))
         strategy = "ddp" if fits else "fsdp"
     return strategy, processes
 
 
-def train_in_processes(runner: "Runner", stage: Stage, model: Any, data: Any, labels: Any, strategy: str,
+def train_in_processes(ctx: StageContext, stage: Stage, model: Any, data: Any, labels: Any, strategy: str,
                        processes: int, ckpt: Any, settings: Dict[str, Any]):
     """Train in ``processes`` local ranks (no distributed environment: this process is no rank); rank 0's trained
     weights are loaded into ``model``, its log entries go to W&B from here. Only this process writes the store."""
@@ -209,7 +174,7 @@ def train_in_processes(runner: "Runner", stage: Stage, model: Any, data: Any, la
     from w2sg.ml.distributed import train_processes
 
     on_log = settings.pop("on_log", None)
-    folder = runner.store.scratch_dir(stage.key, "ranks")
+    folder = ctx.store.scratch_dir(stage.key, "ranks")
     try:
         return train_processes(processes, strategy, str(folder), model, data, labels, stage.spec["loss"],
                                (ckpt.path, ckpt.every, ckpt.minutes), on_log, **settings)
@@ -217,53 +182,53 @@ def train_in_processes(runner: "Runner", stage: Stage, model: Any, data: Any, la
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def drop_long(runner: "Runner", stage: Stage, part: str, rows: Optional[Any], data: Any, soft: Any):
+def drop_long(ctx: StageContext, stage: Stage, part: str, rows: Optional[Any], data: Any, soft: Any):
     """train.truncation=drop: (data, labels, rows of the part, how many were left out) without the examples
     longer than train.max_length under this model's tokenizer (training and validation examples alike)."""
     import numpy as np
 
     rows = np.arange(len(soft)) if rows is None else np.asarray(rows, dtype=int)
-    cut = np.asarray(runner.encode(stage.model, part).cut, dtype=bool)[rows]
+    cut = np.asarray(ctx.encode(stage.model, part).cut, dtype=bool)[rows]
     keep = [i for i in range(len(cut)) if not cut[i]]
     if not keep:
         from w2sg.core.errors import W2SGError
 
         raise W2SGError(f"{stage.label}: every training example is longer than train.max_length="
-                        f"{runner.cfg.train.max_length} tokens, so train.truncation=drop leaves none; raise "
+                        f"{ctx.cfg.train.max_length} tokens, so train.truncation=drop leaves none; raise "
                         "train.max_length or set train.truncation=left")
     dropped = len(cut) - len(keep)
     if dropped:
         log.warning("%s: %d of %d training examples (%.1f%%) are longer than train.max_length=%d tokens and are "
                     "left out (train.truncation=drop)", stage.label, dropped, len(cut), 100 * dropped / len(cut),
-                    runner.cfg.train.max_length)
+                    ctx.cfg.train.max_length)
     return data.subset(keep), soft[keep], rows[keep], dropped
 
 
-def training_labels(runner: "Runner", labels: Stage):
+def training_labels(ctx: StageContext, labels: Stage):
     """(soft labels, rows of the weak-label half or None for all) of a labels or transform stage."""
-    sd = runner.store.get(labels.key)
+    sd = ctx.store.get(labels.key)
     rows = sd.read_array("rows") if sd.file("rows.npy").exists() else None
     return sd.read_array("probs"), rows
 
 
-def transform(runner: "Runner", stage: Stage, out: StageDir) -> None:
+def transform(ctx: StageContext, stage: Stage, out: StageDir) -> None:
     """The w2s stage's training set (w2sg.ml.methods): averaged members, budget rows, the labels= method."""
     import numpy as np
 
     from w2sg.ml.methods import average, build_training_set, training_set_metrics
 
-    members = [runner.store.get(dep.key).read_array("probs") for name, dep in sorted(stage.inputs.items())
+    members = [ctx.store.get(dep.key).read_array("probs") for name, dep in sorted(stage.inputs.items())
                if name == "labels" or name.startswith("member")]
     probs = members[0] if len(members) == 1 else average(members)
     features = None
     if "features" in stage.inputs:
-        features, features_b = runner.features(stage.inputs["features"])["weak"]
+        features, features_b = ctx.features(stage.inputs["features"])["weak"]
         if features_b is not None:  # a pair's features: the difference of its two texts'
             features = features - features_b
-    truth = [y for _, y in runner.data.weak]
+    truth = [y for _, y in ctx.data.weak]
     ts = build_training_set(stage.spec, probs, features, truth)
     metrics = {"method": stage.spec["method"]["name"], **training_set_metrics(ts, probs, truth)}
-    with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+    with ctx.stage_run(stage) as wb:
         wb.summary({f"label_{k}": v for k, v in metrics.items()})
     out.write_array("probs", ts.probs)
     out.write_array("rows", ts.rows.astype(np.int64))
@@ -276,8 +241,8 @@ def adapter_state(model: Any) -> Dict[str, Any]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_weights(runner: "Runner", stage: Stage, model: Any, adapter: Optional[Dict[str, Any]], out: StageDir) -> None:
-    """A train stage's weights: LoRA stores its adapters and head only (adapter.safetensors; _load_trained
+def save_weights(ctx: StageContext, stage: Stage, model: Any, adapter: Optional[Dict[str, Any]], out: StageDir) -> None:
+    """A train stage's weights: LoRA stores its adapters and head only (adapter.safetensors; StageContext.load_trained
     rebuilds the base model and merges them, as training did); a full finetune stores the model with its
     backbone in the compute dtype (fp32 on the CPU: as trained), and keeps that model for the labels stage, so
     labels are the same whether they are computed now or from the store later; a probe stores its head."""
@@ -289,29 +254,29 @@ def save_weights(runner: "Runner", stage: Stage, model: Any, adapter: Optional[D
     save_model(model, str(out.file("model.safetensors")))  # a full finetune's: cast already (train)
 
 
-def features(runner: "Runner", stage: Stage, out: StageDir) -> None:
+def features(ctx: StageContext, stage: Stage, out: StageDir) -> None:
     """The frozen model as an encoder: this run's texts are encoded into the store's feature bank of the stage's
-    key (texts are found there by content, so other seeds, sizes and tasks reuse them; w2sg.run.runner)."""
-    parts = runner.features(stage)
+    key (texts are found there by content, so other seeds, sizes and tasks reuse them; w2sg.run.context)."""
+    parts = ctx.features(stage)
     out.write_json("metrics.json", {"dim": int(parts["test"][0].shape[1]),
-                                    "texts": len(runner.store.feature_bank(stage.key))})
+                                    "texts": len(ctx.store.feature_bank(stage.key))})
 
 
-def lm(runner: "Runner", stage: Stage, out: StageDir) -> None:
+def lm(ctx: StageContext, stage: Stage, out: StageDir) -> None:
     from safetensors.torch import save_file
 
     from w2sg.ml.generative import finetune_lm
 
-    texts = [t for part in (runner.data.gt, runner.data.weak) for x, _ in part
+    texts = [t for part in (ctx.data.gt, ctx.data.weak) for x, _ in part
              for t in (x if isinstance(x, tuple) else (x,))]
     g = stage.spec["generative"]
-    runner.check_memory(stage, "full", g["batch_size"])
-    with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
-        result = finetune_lm(stage.model, runner.tokenizer(stage.model), texts, objective=g["objective"],
+    ctx.check_memory(stage, "full", g["batch_size"])
+    with ctx.stage_run(stage) as wb:
+        result = finetune_lm(stage.model, ctx.tokenizer(stage.model), texts, objective=g["objective"],
                              epochs=g["epochs"], batch_size=g["batch_size"], lr=g["lr"],
                              max_length=stage.spec["max_length"], mlm_probability=g["mlm_probability"],
-                             seed=runner.cfg.seed, progress=runner.cfg.progress, desc=stage.label,
-                             policy=runner.policy)
+                             seed=ctx.cfg.seed, progress=ctx.cfg.progress, desc=stage.label,
+                             policy=ctx.policy)
         for entry in result["history"]:
             wb.log({f"lm/{k}": v for k, v in entry.items()})
         metrics = {"objective": result["objective"], "n_texts": len(texts), "history": result["history"]}
@@ -320,27 +285,27 @@ def lm(runner: "Runner", stage: Stage, out: StageDir) -> None:
     out.write_json("metrics.json", metrics)
 
 
-def labels(runner: "Runner", stage: Stage, out: StageDir) -> None:
+def labels(ctx: StageContext, stage: Stage, out: StageDir) -> None:
     from w2sg.ml.metrics import accuracy, auroc
     from w2sg.ml.train import predict
 
     trained = stage.inputs["model"]
-    model = runner.load_trained(trained)
-    data = runner.data
-    probs = predict(model, runner.inputs_of(trained, "weak"), policy=runner.policy,
-                    batch_size=runner.eval_batch_size(trained.model),
-                    pad_id=runner.tokenizer(trained.model).pad_token_id,
-                    progress=runner.cfg.progress and "features" not in trained.inputs,  # a probe's: a fraction of a second
+    model = ctx.load_trained(trained)
+    data = ctx.data
+    probs = predict(model, ctx.inputs_of(trained, "weak"), policy=ctx.policy,
+                    batch_size=ctx.eval_batch_size(trained.model),
+                    pad_id=ctx.tokenizer(trained.model).pad_token_id,
+                    progress=ctx.cfg.progress and "features" not in trained.inputs,  # a probe's: a fraction of a second
                     desc=stage.label)
     gt = [y for _, y in data.weak]
     # how good the labels are against the (hidden) ground truth of that half
-    metrics = {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt), "runtime": runner.runtime(model)}
-    with runner.tracker.stage_run(stage.key, stage.label, stage.role.value, runner.tracker_config(stage)) as wb:
+    metrics = {"acc": accuracy(probs, gt), "auroc": auroc(probs, gt), "n": len(gt), "runtime": ctx.runtime(model)}
+    with ctx.stage_run(stage) as wb:
         wb.summary({f"label_{k}": v for k, v in metrics.items()})
     out.write_array("probs", probs)
     out.write_json("metrics.json", metrics)
 
 
-BODIES: Dict[Kind, Callable[["Runner", Stage, StageDir], None]] = {
+BODIES: Dict[Kind, Callable[[StageContext, Stage, StageDir], None]] = {
     Kind.TRAIN: train, Kind.LABELS: labels, Kind.FEATURES: features, Kind.LM: lm, Kind.TRANSFORM: transform,
 }

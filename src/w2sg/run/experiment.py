@@ -10,6 +10,7 @@ from w2sg.core.config import Config
 from w2sg.core.graph import Stage
 from w2sg.core.methods import budget_spec, ensemble_members, method_spec
 from w2sg.core.plan import chain_models, plan, select, size_warnings
+from w2sg.core.store import Store
 from w2sg.ml.metrics import pgr
 from w2sg.results import diagnostics
 from w2sg.run.runner import Outcome, Runner, task_sizes
@@ -67,7 +68,8 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
             name: {"key": o.key, "reused": o.reused, "seconds": round(o.seconds, 3), "label": stages[name].label}
             for name, o in outcomes.items()
         },
-        "stages_ran": _stages_ran(runner, selected.values()),  # inputs too (e.g. probe features): the summary's count
+        # inputs too (e.g. probe features): the summary's count
+        "stages_ran": _stages_ran(runner.outcomes, selected.values()),
         **({"warnings": warnings} if warnings else {}),
     }
     val = validation_metrics(outcomes)
@@ -81,9 +83,11 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
     # stored predictions
     keys = {k: outcomes[k].key for k in ("weak", "weak_labels", "ceiling", "w2s")}
     keys["targets"] = stages["w2s"].inputs["labels"].key
-    metrics["diagnostics"], metrics["pgr_ci"] = diagnostics.for_run(runner, keys)
+    store, data = runner.store, runner.context.data
+    test_y = [y for _, y in data.test]
+    metrics["diagnostics"], metrics["pgr_ci"] = diagnostics.for_run(store, keys, test_y, [y for _, y in data.weak])
     if "train_labels" in stages and any(n.startswith("member") for n in stages["train_labels"].inputs):
-        metrics["ensemble"] = ensemble_report(runner, stages, acc)
+        metrics["ensemble"] = ensemble_report(store, stages, test_y, acc)
     if cfg.chain is not None:
         metrics["chain"] = chain_report(cfg, outcomes, acc)
     from w2sg.results.collect import settings_of_stages
@@ -93,9 +97,9 @@ def experiment_metrics(cfg: Config, runner: Runner, stages: Dict[str, Stage], se
     return metrics
 
 
-def _stages_ran(runner: Runner, selected: Any) -> Dict[str, int]:
+def _stages_ran(ran_by_key: Dict[str, Outcome], selected: Any) -> Dict[str, int]:
     """How many stages this experiment ran through the store (the selected ones and every input they read, which
-    ``stages`` above leaves out) and how many of those were reused, from the runner's outcomes."""
+    ``stages`` above leaves out) and how many of those were reused, from the runner's outcomes (by stage key)."""
     seen: Dict[str, Stage] = {}
     todo = list(selected)
     while todo:
@@ -103,7 +107,7 @@ def _stages_ran(runner: Runner, selected: Any) -> Dict[str, int]:
         if stage.key not in seen:
             seen[stage.key] = stage
             todo.extend(stage.inputs.values())
-    ran = [runner.outcomes[k] for k in seen if k in runner.outcomes]
+    ran = [ran_by_key[k] for k in seen if k in ran_by_key]
     return {"n": len(ran), "reused": sum(o.reused for o in ran)}
 
 
@@ -143,7 +147,8 @@ def method_metrics(cfg: Config, outcomes: Dict[str, Outcome], acc: Dict[str, Any
     return out
 
 
-def ensemble_report(runner: Runner, stages: Dict[str, Stage], acc: Dict[str, Any]) -> Dict[str, Any]:
+def ensemble_report(store: Store, stages: Dict[str, Stage], test_labels: List[int],
+                    acc: Dict[str, Any]) -> Dict[str, Any]:
     """labels=ensemble: the ensemble's own test accuracy (its members' test probabilities averaged, as their labels
     are for the student) and PGR against it: (w2s - ensemble) / (ceiling - ensemble). The student's supervisor is
     the ensemble, so this PGR says what it recovered beyond its supervisor; ``pgr`` stays against the run's weak
@@ -153,8 +158,8 @@ def ensemble_report(runner: Runner, stages: Dict[str, Stage], acc: Dict[str, Any
 
     members = [dep.inputs["model"] for name, dep in sorted(stages["train_labels"].inputs.items())
                if name.startswith("member")]
-    probs = average([runner.store.get(m.key).read_array("test_probs") for m in members])
-    ens = accuracy(probs, [y for _, y in runner.data.test])
+    probs = average([store.get(m.key).read_array("test_probs") for m in members])
+    ens = accuracy(probs, test_labels)
     value, reason = pgr(ens, acc["w2s"], acc["ceiling"])
     out = {"members": len(members), "acc": ens, "pgr": value}
     if reason:
