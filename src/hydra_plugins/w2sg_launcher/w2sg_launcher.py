@@ -236,8 +236,8 @@ class W2sgSlurmLauncher(SlurmLauncher):
         serve as its training ranks (w2sg.ml.distributed.serve_tasks) and return None."""
         from w2sg.ml.distributed import serve_tasks
 
-        ret = serve_tasks(lambda: super(W2sgSlurmLauncher, self).__call__(sweep_overrides, job_dir_key, job_num,
-                                                                           job_id, singleton_state))
+        run_job = super().__call__  # bound here: the class this method belongs to, whatever the module's name holds
+        ret = serve_tasks(lambda: run_job(sweep_overrides, job_dir_key, job_num, job_id, singleton_state))
         if ret is None:  # a serving task: task 0's result is the job's
             return ret
         if job_id.startswith(SHARED_JOB) and ret.status == JobStatus.FAILED:
