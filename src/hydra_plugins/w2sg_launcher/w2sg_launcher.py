@@ -16,10 +16,15 @@
 - Each job asks for its own resources: the profile's GPUs, memory, time limit (``${strong.resources.*}``) are
   resolved in each job's config, and ``gpu_constraints`` (GPU memory in GB -> constraint) picks the smallest GPU
   that holds the job's largest stage by the memory estimate (w2sg.run.resources); one array per distinct request.
+- ``experiments_per_job`` (k): with k > 1 the jobs to submit are packed, in sweep order, k to a Slurm job among jobs
+  of the same request (pack_jobs); a pack (Pack) runs its experiments concurrently, each in its own spawned process
+  through the launcher's per-experiment body, sharing the job's GPU and CPUs (cpus_per_task // k threads each), and
+  returns one JobReturn per experiment, which the collecting side reads as it reads one job's (PackMember).
 """
 
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +59,11 @@ class W2sgSlurmConf(SlurmQueueConf):
     # GPU memory in GB -> the Slurm constraint that guarantees it, e.g. {40: a100_40g, 80: "a100_80g|h100"}: a job
     # without a constraint of its own gets the smallest GPU that holds its largest stage (w2sg.run.resources)
     gpu_constraints: Any = None
+    # k > 1: run k experiments (jobs of the sweep with the same request) concurrently in one Slurm job, each in its
+    # own process, sharing the job's GPU and CPUs: small models on big GPUs. The pack asks for k times the host
+    # memory and a GPU that holds its k experiments' largest stages (benchmarks/slurm_packing.py, local 2-CPU Slurm,
+    # 2026-12-06: the 2x2 tiny grid in 4/2/1 Slurm jobs, 80/92/93 s with k=1/2/4: fewer jobs, the CPUs the limit)
+    experiments_per_job: int = 1
 
 
 SHARED_STAGES = ("lock", "dependency")
@@ -131,6 +141,147 @@ def _summary(failed: int, stopped: int, total: int, shared_failed: int, shared_t
         head += f" ({shared_failed} of {shared_total} shared-stage jobs failed)"
     return (f"{head}; the others finished and their stages are stored (rerun the same command to resume or retry "
             "only what is missing):")
+
+
+def pack_jobs(requests: Sequence[Dict[str, Any]], k: int) -> List[List[int]]:
+    """Packs of at most ``k`` jobs (positions in ``requests``, each job's Slurm request), in sweep order: each job
+    joins the last pack of its request until that holds k; jobs of different requests are never packed together.
+    The packs are ordered by their first job."""
+    packs: List[List[int]] = []
+    last: Dict[Tuple[Any, ...], List[int]] = {}  # request -> its pack being filled
+    for pos, request in enumerate(requests):
+        key = tuple(sorted(request.items()))
+        if key not in last or len(last[key]) >= k:
+            last[key] = []
+            packs.append(last[key])
+        last[key].append(pos)
+    return packs
+
+
+class PackMember:
+    """One experiment of a pack, read as the launcher reads a submitted job: the pack's Slurm job (its id, log,
+    cancel) and, as its result, the pack's result at ``slot``. ``after``: the shared-stage jobs the pack waits for
+    (its members' together)."""
+
+    def __init__(self, job: Any, slot: int, idxs: Sequence[int], after: Sequence[Any] = ()) -> None:
+        self.job, self.slot, self.idxs, self.after = job, slot, list(idxs), list(after)
+        self.job_id, self.paths = job.job_id, job.paths
+
+    def results(self) -> List[JobReturn]:
+        return [self.job.results()[0][self.slot]]
+
+    def cancel(self, check: bool = True) -> None:
+        self.job.cancel(check=check)
+
+    def describe(self) -> str:
+        return f"pack of {len(self.idxs)}: {', '.join(f'#{i}' for i in self.idxs)}"
+
+
+_PACKED: Dict[str, Any] = {}  # in a pack's experiment process: the launcher and Hydra's state (_pack_start)
+
+
+def _pack_start(payload: bytes, threads: int) -> None:
+    """Start of an experiment's process in a pack: its share of the job's CPUs (before torch is imported), the
+    launcher and Hydra's state. SIGTERM/SIGUSR1/SIGUSR2 are bypassed as submitit bypasses them in a job's process
+    (a training stage still catches them to save a checkpoint and stop); the pack's process requeues the job."""
+    import signal
+
+    import cloudpickle
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), lambda signum, frame: log.warning(
+            "experiment process %d: bypassing signal %s (the pack's job requeues or ends)", os.getpid(), signum))
+    _PACKED["launcher"], _PACKED["state"] = cloudpickle.loads(payload)
+
+
+def _pack_run(overrides: List[str], idx: int) -> bytes:
+    """One experiment of a pack, in its own process: the launcher's per-experiment body, as a job of one runs it;
+    its JobReturn pickled as submitit pickles a job's result (an exception of any class survives)."""
+    import cloudpickle
+
+    return cloudpickle.dumps(_PACKED["launcher"](overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                                                 _PACKED["state"]))
+
+
+class Pack:
+    """The body of one Slurm job that runs several experiments of a sweep at once (``experiments_per_job`` > 1):
+    each in its own spawned process (one pool each: a member that dies takes no other with it) through the
+    launcher's per-experiment body, with ``cpus // k`` CPU threads; returns their JobReturns in order.
+
+    Preemption and time limits: Slurm signals every process of the job; the members still training save their
+    checkpoints and stop, and submitit's handler here calls ``checkpoint``, which waits for them (up to half of
+    ``signal_delay_s``) and requeues the whole pack: members that had finished then read their stages from the
+    store, the others resume their checkpoints."""
+
+    def __init__(self, launcher: Any) -> None:
+        self.launcher = launcher
+        self._futures: List[Any] = []
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"launcher": self.launcher}  # not the running processes
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.launcher, self._futures = state["launcher"], []
+
+    def __call__(self, members: Sequence[Tuple[List[str], int]], singleton_state: Dict[type, Any]) -> List[JobReturn]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import cloudpickle
+
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+        threads = max(1, cpus // len(members))
+        print(f"w2sg: a pack of {len(members)} experiments ({', '.join(f'#{idx}' for _, idx in members)}), each in "
+              f"its own process with {threads} CPU thread(s)", flush=True)  # the job's log: no logging set up here
+        payload = cloudpickle.dumps((self.launcher, singleton_state))
+        spawn = multiprocessing.get_context("spawn")
+        pools = [ProcessPoolExecutor(1, mp_context=spawn, initializer=_pack_start, initargs=(payload, threads))
+                 for _ in members]
+        try:
+            self._futures = [pool.submit(_pack_run, list(overrides), idx)
+                             for pool, (overrides, idx) in zip(pools, members)]
+            results = [self._result(future, idx) for future, (_, idx) in zip(self._futures, members)]
+        except BaseException:  # requeued (submitit exits) or killed: the experiments' processes go with the job
+            for proc in multiprocessing.active_children():
+                proc.terminate()
+            for pool in pools:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        for pool in pools:
+            pool.shutdown()
+        return results
+
+    @staticmethod
+    def _result(future: Any, idx: int) -> JobReturn:
+        """An experiment's JobReturn; a FAILED one saying so where its process died (killed, out of memory)."""
+        import cloudpickle
+
+        try:
+            return cloudpickle.loads(future.result())
+        except Exception as e:
+            ret = JobReturn(status=JobStatus.FAILED)
+            ret.return_value = W2SGError(f"job #{idx}: its process in the pack ended abruptly ({type(e).__name__}: "
+                                         f"{e}); out of memory? see the pack's log")
+            return ret
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's checkpoint signal reached the pack: let its experiments save their checkpoints (the signal is
+        passed on in case the cluster signalled this process alone), then requeue the pack as it was submitted."""
+        import multiprocessing
+        import signal
+        from concurrent.futures import wait
+
+        import submitit
+
+        for proc in multiprocessing.active_children():
+            try:
+                os.kill(proc.pid, signal.SIGUSR2)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+        wait(self._futures, timeout=float(self.launcher.params.get("signal_delay_s") or 60) / 2)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
 class SweepConfigs:
@@ -218,12 +369,20 @@ ConfigStore.instance().store(group="hydra/sweeper", name="w2sg_basic", node=W2sg
 
 class W2sgSlurmLauncher(SlurmLauncher):
     def __init__(self, wait: bool = True, skip_done: bool = True, shared_stages: str = "lock",
-                 gpu_constraints: Any = None, **params: Any) -> None:
+                 gpu_constraints: Any = None, experiments_per_job: int = 1, **params: Any) -> None:
         if shared_stages not in SHARED_STAGES:
             raise W2SGError(f"hydra.launcher.shared_stages: unknown value {shared_stages!r}; "
                             f"valid: {', '.join(SHARED_STAGES)}")
+        if isinstance(experiments_per_job, bool) or not isinstance(experiments_per_job, int) \
+                or experiments_per_job < 1:
+            raise W2SGError(f"hydra.launcher.experiments_per_job: {experiments_per_job!r} is not a number of "
+                            "experiments per Slurm job; give an integer >= 1 (1: one experiment per job)")
         super().__init__(**params)
         self.requests: Dict[int, Dict[str, Any]] = {}  # job index -> its own Slurm request (w2sg.run.resources)
+        # job index -> (GPU bytes its largest stage needs, GB -> constraint) where its constraint comes from the
+        # profile's gpu_constraints: a pack of several such jobs needs a GPU for their sum (_pack_request)
+        self.gpu_needs: Dict[int, Tuple[float, Dict[Any, str]]] = {}
+        self.experiments_per_job = experiments_per_job
         self.wait = wait
         self.skip_done = skip_done
         self.shared_stages = shared_stages
@@ -248,6 +407,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
         state = dict(self.__dict__)
         state.pop("_configs", None)  # composed configs: the Slurm job composes its own
         state["requests"] = {}  # what the jobs asked Slurm for: the submitting side's business
+        state["gpu_needs"] = {}
         return state
 
     def _sweep_config(self, overrides: Sequence[str], idx: int, shared: bool = False):
@@ -287,7 +447,51 @@ class W2sgSlurmLauncher(SlurmLauncher):
         if idx not in self.requests:
             composed = cfg if cfg is not None else self._sweep_config(overrides, idx, shared=True)
             self.requests[idx] = job_request(composed, f"#{idx} ({' '.join(filter_overrides(overrides))})")
+            if self.experiments_per_job > 1:
+                self._gpu_need(idx, composed)
         return self.requests[idx]
+
+    def _gpu_need(self, idx: int, composed: Any) -> None:
+        """Where job ``idx``'s GPU constraint comes from the profile's ``gpu_constraints`` (none set by hand): the
+        GPU memory its largest stage needs per GPU (w2sg.run.resources.job_memory), kept for its pack's request."""
+        from w2sg.app.config import resolve
+        from w2sg.run.resources import job_memory
+
+        launcher = composed.hydra.launcher
+        mapping, gpus = OmegaConf.select(launcher, "gpu_constraints"), self.requests[idx].get("gpus_per_node")
+        if not mapping or OmegaConf.select(launcher, "constraint") is not None or not gpus:
+            return
+        cfg = resolve(composed)
+        sharded = cfg.train.device_map == "auto" and int(gpus) > 1
+        self.gpu_needs[idx] = (job_memory(cfg)["bytes"] / (int(gpus) if sharded else 1),
+                               OmegaConf.to_container(mapping))
+
+    def _pack_request(self, idxs: Sequence[int]) -> Dict[str, Any]:
+        """The Slurm request of a pack of jobs (of one request, pack_jobs): its GPUs, CPUs and time limit, ``k``
+        times its host memory, and where the constraint comes from ``gpu_constraints``, the smallest GPU that holds
+        the k experiments' largest stages together (they run at once on it)."""
+        from w2sg.run.resources import GB
+
+        request = dict(self.requests[idxs[0]])
+        if len(idxs) == 1:
+            return request
+        jobs = ", ".join(f"#{i}" for i in idxs)
+        if int(request.get("tasks_per_node") or 1) > 1:
+            raise W2SGError(f"jobs {jobs}: hydra.launcher.experiments_per_job={self.experiments_per_job} packs "
+                            f"experiments into one task; they ask for {request['tasks_per_node']} tasks per node: "
+                            "set hydra.launcher.experiments_per_job=1 for jobs of several tasks")
+        if request.get("mem_gb") is not None:
+            request["mem_gb"] = request["mem_gb"] * len(idxs)
+        needs = [self.gpu_needs[i] for i in idxs if i in self.gpu_needs]
+        if needs:
+            total = sum(need for need, _ in needs)
+            fits = sorted((float(gb), str(c)) for gb, c in needs[0][1].items() if float(gb) * GB >= total)
+            if not fits:
+                raise W2SGError(f"jobs {jobs}: packed into one Slurm job (hydra.launcher.experiments_per_job="
+                                f"{self.experiments_per_job}) they need about {total / GB:.1f} GB on one GPU, more "
+                                "than the largest GPU of hydra.launcher.gpu_constraints; pack fewer experiments")
+            request["constraint"] = fits[0][1]
+        return request
 
     def _executor(self, after: Sequence[Any] = (), shared: bool = False, request: Optional[Dict[str, Any]] = None):
         """A Slurm executor with the profile's parameters and one job's ``request`` (its resources, _request);
@@ -336,32 +540,50 @@ class W2sgSlurmLauncher(SlurmLauncher):
         return groups, jobs
 
     def _submit(self, todo: List[Tuple[int, List[str], Any]], after: List[List[Any]]) -> List[Any]:
-        """The experiments' jobs: one array per distinct set of shared-stage jobs they wait for."""
+        """The experiments' jobs: packs of ``experiments_per_job`` jobs of one request (pack_jobs; one job each
+        with k = 1), one array per distinct (shared-stage jobs waited for, request); a pack waits for every
+        shared-stage job its members need. Returns each experiment's Slurm job (k > 1: its PackMember)."""
         from w2sg.run.resources import describe
 
+        packs = pack_jobs([self.requests[idx] for idx, _, _ in todo], self.experiments_per_job)
+        if self.experiments_per_job > 1:
+            log.info("Packing %d jobs into %d Slurm jobs (hydra.launcher.experiments_per_job=%d)", len(todo),
+                     len(packs), self.experiments_per_job)
+        waits = [list({j.job_id: j for pos in pack for j in after[pos]}.values()) for pack in packs]
+        requests = [self._pack_request([todo[pos][0] for pos in pack]) for pack in packs]
         batches: Dict[Tuple[Any, ...], List[int]] = {}  # one array per distinct (inputs' jobs, request)
-        for pos, deps in enumerate(after):
-            idx, overrides, cfg = todo[pos]
-            request = tuple(sorted(self._request(idx, overrides, cfg).items()))
-            batches.setdefault((tuple(sorted(j.job_id for j in deps)), request), []).append(pos)
+        for p, (deps, request) in enumerate(zip(waits, requests)):
+            batches.setdefault((tuple(sorted(j.job_id for j in deps)), tuple(sorted(request.items()))), []).append(p)
         jobs: List[Any] = [None] * len(todo)
         state = hydra_compat.singleton_state()  # a deep copy of Hydra's config store: once, not per job
-        for (_, request), positions in batches.items():
-            params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}", state)
-                      for pos in positions]
-            executor = self._executor(after[positions[0]], request=dict(request))
-            for pos, job in zip(positions, executor.map_array(self, *zip(*params))):
-                jobs[pos] = job
-        for (idx, overrides, _), job, deps in zip(todo, jobs, after):
-            waits = f" after {', '.join(j.job_id for j in deps)}" if deps else ""
-            log.info("\t#%d : %s  -> Slurm job %s%s (%s), log %s", idx, " ".join(filter_overrides(overrides)),
-                     job.job_id, waits, describe(self.requests[idx]), job.paths.stderr)
+        for (_, request), numbers in batches.items():
+            executor = self._executor(waits[numbers[0]], request=dict(request))
+            if self.experiments_per_job == 1:
+                params = [(todo[pos][1], "hydra.sweep.dir", todo[pos][0], f"job_id_for_{todo[pos][0]}", state)
+                          for p in numbers for pos in packs[p]]
+                submitted = executor.map_array(self, *zip(*params))
+            else:
+                submitted = executor.map_array(Pack(self), [[(todo[pos][1], todo[pos][0]) for pos in packs[p]]
+                                                            for p in numbers], [state] * len(numbers))
+            for p, job in zip(numbers, submitted):
+                for slot, pos in enumerate(packs[p]):
+                    jobs[pos] = job if self.experiments_per_job == 1 else PackMember(
+                        job, slot, [todo[i][0] for i in packs[p]], waits[p])
+        for p, pack in enumerate(packs):
+            for pos in pack:
+                idx, overrides, _ = todo[pos]
+                job, deps = jobs[pos], waits[p]
+                after_ = f" after {', '.join(j.job_id for j in deps)}" if deps else ""
+                packed = f", {job.describe()}" if hasattr(job, "idxs") else ""  # a PackMember
+                log.info("\t#%d : %s  -> Slurm job %s%s (%s%s), log %s", idx, " ".join(filter_overrides(overrides)),
+                         job.job_id, after_, describe(requests[p]), packed, job.paths.stderr)
         return jobs
 
     @staticmethod
     def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str], bool]:
-        """Wait for a job: (its JobReturn or None, None if it succeeded else the line saying what went wrong,
-        whether it was stopped by a signal after saving a checkpoint: cancelled or preempted, not failed)."""
+        """Wait for a job (or one experiment of a pack, PackMember): (its JobReturn or None, None if it succeeded
+        else the line saying what went wrong, whether it was stopped by a signal after saving a checkpoint:
+        cancelled or preempted, not failed)."""
         from w2sg.core.errors import Preempted
 
         try:
@@ -391,10 +613,13 @@ class W2sgSlurmLauncher(SlurmLauncher):
         n_shared = len(failures)
         for (idx, overrides, _), job, deps in zip(todo, jobs, after):
             what = f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id {job.job_id}"
-            lost = [d.job_id for d in deps if d.job_id in failed]
+            if hasattr(job, "idxs"):  # a PackMember (by duck type: Hydra's plugin scan may import this module anew)
+                what += f" ({job.describe()})"
+            lost = [d.job_id for d in getattr(job, "after", deps) if d.job_id in failed]
             if lost:  # Slurm cancels it (kill-on-invalid-dep); cancel it here too, whatever the cluster
                 job.cancel(check=False)
-                failures.append(f"{what}: not run: its shared-stage job {lost[0]} "
+                whose = "its" if lost[0] in {d.job_id for d in deps} else "its pack's"
+                failures.append(f"{what}: not run: {whose} shared-stage job {lost[0]} "
                                 f"({failed[lost[0]][0]}) failed\n    log: {failed[lost[0]][1]}")
                 continue
             ret, error, was_stopped = self._failure(job)
