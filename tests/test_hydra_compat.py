@@ -74,7 +74,8 @@ def test_an_unsupported_hydra_skips_the_help_patches_with_one_warning(monkeypatc
 
 def test_importing_hydra_compat_or_the_launcher_plugin_is_cheap_and_acyclic():
     code = ("import sys\nimport w2sg.app.hydra_compat\nprint('hydra' in sys.modules, 'omegaconf' in sys.modules)\n"
-            "import hydra_plugins.w2sg_launcher.w2sg_launcher as m\nprint(m.W2sgBasicSweeper.__mro__[1].__name__)")
+            "from hydra_plugins.w2sg_launcher import w2sg_launcher, sweep_configs as m\n"
+            "print(m.W2sgBasicSweeper.__mro__[1].__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "BasicSweeper"]
 
@@ -326,7 +327,7 @@ def test_filter_overrides_drops_hydras_own():  # hydra.core.utils.filter_overrid
 def test_w2sg_basic_sweeper_subclasses_hydras_and_its_check_is_called():  # BasicSweeper (subclassed)
     import inspect
 
-    from hydra_plugins.w2sg_launcher.w2sg_launcher import W2sgBasicSweeper
+    from hydra_plugins.w2sg_launcher.sweep_configs import W2sgBasicSweeper
 
     assert W2sgBasicSweeper.__mro__[1] is hydra_compat.BasicSweeper
     assert hydra_compat.BasicSweeper.__module__ == "hydra._internal.core_plugins.basic_sweeper"

@@ -15,12 +15,8 @@ import yaml
 from helpers import ROOT, compose
 from hydra.core.utils import JobReturn, JobStatus
 
-from hydra_plugins.w2sg_launcher.w2sg_launcher import (
-    W2sgSlurmConf,
-    W2sgSlurmLauncher,
-    _error_line,
-    shared_stage_groups,
-)
+from hydra_plugins.w2sg_launcher.failures import error_line
+from hydra_plugins.w2sg_launcher.w2sg_launcher import W2sgSlurmConf, W2sgSlurmLauncher
 from w2sg.app import cli
 from w2sg.core import plan as planning
 from w2sg.core.errors import W2SGError
@@ -47,8 +43,8 @@ def test_a_failed_job_is_summed_up_by_its_exception_line():
              "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
              "w2sg.core.errors.W2SGError: need n_train >= 2\n\n----------------------\n"
              "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - a.err\n  - a.out")
-    assert _error_line(trace) == "w2sg.core.errors.W2SGError: need n_train >= 2"  # submitit's FailedJobError
-    assert _error_line("task 'x': need n_train >= 2\nmore") == "task 'x': need n_train >= 2"  # Hydra's JobReturn
+    assert error_line(trace) == "w2sg.core.errors.W2SGError: need n_train >= 2"  # submitit's FailedJobError
+    assert error_line("task 'x': need n_train >= 2\nmore") == "task 'x': need n_train >= 2"  # Hydra's JobReturn
 
 
 def test_every_slurm_profile_uses_the_default_shared_stages():
@@ -71,7 +67,7 @@ def test_stage_names_are_checked_naming_the_valid_ones(store):
 
 
 def test_shared_stage_groups_dedupe_by_key(store):
-    groups = shared_stage_groups(grid_configs())
+    groups = planning.shared_stage_groups(grid_configs())
     assert [(g.labels, g.names, g.jobs) for g in groups] == [
         (["weak:tiny_random", "weak_labels:tiny_random"], ["weak", "weak_labels"], [0, 1]),
         (["ceiling:tiny_random_l3"], ["ceiling"], [0, 2]),
@@ -80,7 +76,7 @@ def test_shared_stage_groups_dedupe_by_key(store):
     ]
     # tiny_random_l2 is the strong model of pair 0 and the weak model of pair 1: one group, run by pair 1
     cfgs = grid_configs([("tiny_random", "tiny_random_l2"), ("tiny_random_l2", "tiny_random_l3")])
-    groups = {g.labels[0]: g for g in shared_stage_groups(cfgs)}
+    groups = {g.labels[0]: g for g in planning.shared_stage_groups(cfgs)}
     assert len(groups) == 3
     g = groups["ceiling:tiny_random_l2"]
     assert (g.labels, g.source, g.names, g.jobs) == (
@@ -99,7 +95,7 @@ def test_a_subset_run_writes_metrics_without_pgr_that_reports_skip(tmp_path, sto
     assert written["acc"]["weak"] is not None and written["acc"]["ceiling"] is None and written["acc"]["w2s"] is None
     assert collect.rows_from_runs(Path(tmp_path)) == []
     # what the subset stored is not planned again; the rest of the grid still is
-    groups = shared_stage_groups(grid_configs())
+    groups = planning.shared_stage_groups(grid_configs())
     assert [g.labels[0] for g in groups] == ["ceiling:tiny_random_l3", "ceiling:tiny_random_l4", "weak:tiny_random_l2"]
 
 

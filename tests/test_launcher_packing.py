@@ -9,7 +9,8 @@ from helpers import ROOT
 from hydra.core.utils import JobStatus
 from test_launcher import FakeJob, _job_return
 
-from hydra_plugins.w2sg_launcher.w2sg_launcher import W2sgSlurmConf, W2sgSlurmLauncher, PackMember, pack_jobs
+from hydra_plugins.w2sg_launcher.packing import PackMember, pack_jobs
+from hydra_plugins.w2sg_launcher.w2sg_launcher import W2sgSlurmConf, W2sgSlurmLauncher
 from w2sg.core.errors import W2SGError
 from w2sg.ml.train import Preempted
 

@@ -245,7 +245,11 @@ def test_a_job_of_two_tasks_trains_its_stage_on_both_and_stores_it_once(tmp_path
     [ref] = sweep_runs(tmp_path / "ref")
     proc = run_w2sg(args + SLURM + ["hydra.launcher.tasks_per_node=2"], tmp_path)
     [job] = job_ids(proc.stdout + proc.stderr)
-    assert set(sacct_states([job]).values()) == {"COMPLETED"}
+    deadline = time.time() + 120  # task 0's result is back; the job ends when task 1 has left too
+    while (states := set(sacct_states([job]).values())) & {"RUNNING", "COMPLETING", "PENDING"} or not states:
+        assert time.time() < deadline, states
+        time.sleep(1)
+    assert states == {"COMPLETED"}
     [m] = sweep_runs(tmp_path)
     [stage] = m["stages"].values()
     assert [p.name for p in (store / "stages").iterdir()] == [stage["key"]], "stored once, by task 0"

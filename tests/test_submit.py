@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from hydra_plugins.w2sg_launcher.w2sg_launcher import SweepConfigs
+from hydra_plugins.w2sg_launcher.sweep_configs import SweepConfigs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 COMMON = ["launcher=slurm_local", "hydra.launcher.wait=false"]  # on the command line: in every job, as Hydra does

@@ -1,4 +1,7 @@
-"""w2sg's Slurm launcher for sweeps (Hydra's submitit launcher, plus what sweeps over a stage store need).
+"""w2sg's Slurm launcher for sweeps (Hydra's submitit launcher, plus what sweeps over a stage store need): the
+launcher (submission and collection), its conf and the ConfigStore registrations. Beside it in this package:
+sweep_configs (each job's config; the w2sg_basic sweeper), failures (the failure report), packing (packs of jobs);
+the shared stages a sweep's jobs need are planned in w2sg.core.plan (shared_stage_groups).
 
 - Jobs whose stages are all in the store are not submitted: they run here in seconds (reading the store) and
   write their metrics.json, so rerunning a sweep submits only what is missing.
@@ -24,11 +27,10 @@
 
 
 import logging
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
@@ -36,9 +38,15 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
+from hydra_plugins.w2sg_launcher import failures
+from hydra_plugins.w2sg_launcher.packing import Pack, PackMember, pack_jobs
+from hydra_plugins.w2sg_launcher.sweep_configs import SweepConfigs, W2sgBasicSweeperConf
 from w2sg.app import hydra_compat, run_id
-from w2sg.app.hydra_compat import BasicSweeper, filter_overrides
+from w2sg.app.hydra_compat import filter_overrides
 from w2sg.core.errors import W2SGError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from w2sg.core.plan import SharedGroup
 
 log = logging.getLogger("w2sg.launcher")
 # Hydra imports every plugin before it composes a config (a run, a sweep, the compose API), and a Slurm job
@@ -68,298 +76,6 @@ class W2sgSlurmConf(SlurmQueueConf):
 
 SHARED_STAGES = ("lock", "dependency")
 SHARED_JOB = "shared_stages_"  # job_id prefix that marks a shared-stage job (it must fail loudly, see __call__)
-
-
-@dataclass
-class SharedGroup:
-    """Missing shared stages computed by one Slurm job: a ground-truth training (weak or ceiling model), plus
-    the weak labels when a job needs them. ``source`` is the position of the job whose config runs them, under
-    the stage names ``names`` of that job's plan; ``jobs``: positions of the jobs that need them."""
-
-    key: str  # the ground-truth training's stage key
-    keys: set
-    labels: List[str]
-    source: int = 0
-    names: List[str] = field(default_factory=list)
-    jobs: List[int] = field(default_factory=list)
-
-
-def shared_stage_groups(cfgs: Sequence[Any]) -> List[SharedGroup]:
-    """The missing shared stages of these jobs' plans, one group per ground-truth training (by stage key, so a
-    model that is the weak model of one pair and the strong model of another trains once)."""
-    from w2sg.app.config import resolve
-    from w2sg.core.graph import Kind
-    from w2sg.core.plan import plan, select
-    from w2sg.core.store import Store
-
-    stores: Dict[str, Any] = {}
-    cfgs = [resolve(cfg) for cfg in cfgs]
-    plans = [select(cfg, plan(cfg)) for cfg in cfgs]
-    groups: Dict[str, SharedGroup] = {}  # key of the ground-truth training -> its group
-    for pos, (cfg, stages) in enumerate(zip(cfgs, plans)):
-        store = stores.setdefault(str(cfg.store_dir), Store(cfg.store_dir))
-        for stage in stages.values():
-            if not stage.shared() or store.status(stage.key) == "done":
-                continue
-            root = stage if stage.kind is Kind.TRAIN else stage.inputs["model"]
-            group = groups.setdefault(root.key, SharedGroup(root.key, set(), []))
-            if stage.key not in group.keys:
-                group.keys.add(stage.key)
-                group.labels.append(stage.label)
-            if pos not in group.jobs:
-                group.jobs.append(pos)
-    for group in groups.values():  # a job whose plan holds all of the group's stages runs them (one always does)
-        group.source = next(pos for pos in group.jobs if group.keys <= {s.key for s in plans[pos].values()})
-        group.names = [name for name, s in plans[group.source].items() if s.key in group.keys]
-    return list(groups.values())
-
-
-def _error_line(error: str) -> str:
-    """The line that says what went wrong: the exception line of a traceback (submitit's FailedJobError), else the
-    first line (a Hydra job's own exception)."""
-    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
-    if "Traceback (most recent call last):" in lines:
-        end = next((i for i, ln in enumerate(lines) if ln.startswith("You can check full logs")), len(lines))
-        return next(ln for ln in reversed(lines[:end]) if ln.strip("-"))  # the trace ends above a line of dashes
-    return lines[0] if lines else "failed"
-
-
-def _stopped_line(e: Any) -> str:
-    """What a job's Preempted says: where it stopped, where its checkpoint is, how to resume."""
-    saved = f"its checkpoint is saved ({e.checkpoint})" if e.checkpoint else "its checkpoint is saved"
-    return (f"cancelled or preempted ({e.signal_name}) at step {e.step} of {e.stage or 'a training stage'}; "
-            f"{saved}: rerun the sweep to resume it from there")
-
-
-def _summary(failed: int, stopped: int, total: int, shared_failed: int, shared_total: int) -> str:
-    """The first line of a sweep's failure report."""
-    parts = [f"{failed} of {total} jobs failed"] if failed or not stopped else []
-    if stopped:
-        parts.append(f"{stopped} of {total} jobs were cancelled or preempted")
-    head = " and ".join(parts)
-    if shared_failed:
-        head += f" ({shared_failed} of {shared_total} shared-stage jobs failed)"
-    return (f"{head}; the others finished and their stages are stored (rerun the same command to resume or retry "
-            "only what is missing):")
-
-
-def pack_jobs(requests: Sequence[Dict[str, Any]], k: int) -> List[List[int]]:
-    """Packs of at most ``k`` jobs (positions in ``requests``, each job's Slurm request), in sweep order: each job
-    joins the last pack of its request until that holds k; jobs of different requests are never packed together.
-    The packs are ordered by their first job."""
-    packs: List[List[int]] = []
-    last: Dict[Tuple[Any, ...], List[int]] = {}  # request -> its pack being filled
-    for pos, request in enumerate(requests):
-        key = tuple(sorted(request.items()))
-        if key not in last or len(last[key]) >= k:
-            last[key] = []
-            packs.append(last[key])
-        last[key].append(pos)
-    return packs
-
-
-class PackMember:
-    """One experiment of a pack, read as the launcher reads a submitted job: the pack's Slurm job (its id, log,
-    cancel) and, as its result, the pack's result at ``slot``. ``after``: the shared-stage jobs the pack waits for
-    (its members' together)."""
-
-    def __init__(self, job: Any, slot: int, idxs: Sequence[int], after: Sequence[Any] = ()) -> None:
-        self.job, self.slot, self.idxs, self.after = job, slot, list(idxs), list(after)
-        self.job_id, self.paths = job.job_id, job.paths
-
-    def results(self) -> List[JobReturn]:
-        return [self.job.results()[0][self.slot]]
-
-    def cancel(self, check: bool = True) -> None:
-        self.job.cancel(check=check)
-
-    def describe(self) -> str:
-        return f"pack of {len(self.idxs)}: {', '.join(f'#{i}' for i in self.idxs)}"
-
-
-_PACKED: Dict[str, Any] = {}  # in a pack's experiment process: the launcher and Hydra's state (_pack_start)
-
-
-def _pack_start(payload: bytes, threads: int) -> None:
-    """Start of an experiment's process in a pack: its share of the job's CPUs (before torch is imported), the
-    launcher and Hydra's state. SIGTERM/SIGUSR1/SIGUSR2 are bypassed as submitit bypasses them in a job's process
-    (a training stage still catches them to save a checkpoint and stop); the pack's process requeues the job."""
-    import signal
-
-    import cloudpickle
-
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
-        signal.signal(getattr(signal, name), lambda signum, frame: log.warning(
-            "experiment process %d: bypassing signal %s (the pack's job requeues or ends)", os.getpid(), signum))
-    _PACKED["launcher"], _PACKED["state"] = cloudpickle.loads(payload)
-
-
-def _pack_run(overrides: List[str], idx: int) -> bytes:
-    """One experiment of a pack, in its own process: the launcher's per-experiment body, as a job of one runs it;
-    its JobReturn pickled as submitit pickles a job's result (an exception of any class survives)."""
-    import cloudpickle
-
-    return cloudpickle.dumps(_PACKED["launcher"](overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}",
-                                                 _PACKED["state"]))
-
-
-class Pack:
-    """The body of one Slurm job that runs several experiments of a sweep at once (``experiments_per_job`` > 1):
-    each in its own spawned process (one pool each: a member that dies takes no other with it) through the
-    launcher's per-experiment body, with ``cpus // k`` CPU threads; returns their JobReturns in order.
-
-    Preemption and time limits: Slurm signals every process of the job; the members still training save their
-    checkpoints and stop, and submitit's handler here calls ``checkpoint``, which waits for them (up to half of
-    ``signal_delay_s``) and requeues the whole pack: members that had finished then read their stages from the
-    store, the others resume their checkpoints."""
-
-    def __init__(self, launcher: Any) -> None:
-        self.launcher = launcher
-        self._futures: List[Any] = []
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return {"launcher": self.launcher}  # not the running processes
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.launcher, self._futures = state["launcher"], []
-
-    def __call__(self, members: Sequence[Tuple[List[str], int]], singleton_state: Dict[type, Any]) -> List[JobReturn]:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        import cloudpickle
-
-        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
-        threads = max(1, cpus // len(members))
-        print(f"w2sg: a pack of {len(members)} experiments ({', '.join(f'#{idx}' for _, idx in members)}), each in "
-              f"its own process with {threads} CPU thread(s)", flush=True)  # the job's log: no logging set up here
-        payload = cloudpickle.dumps((self.launcher, singleton_state))
-        spawn = multiprocessing.get_context("spawn")
-        pools = [ProcessPoolExecutor(1, mp_context=spawn, initializer=_pack_start, initargs=(payload, threads))
-                 for _ in members]
-        try:
-            self._futures = [pool.submit(_pack_run, list(overrides), idx)
-                             for pool, (overrides, idx) in zip(pools, members)]
-            results = [self._result(future, idx) for future, (_, idx) in zip(self._futures, members)]
-        except BaseException:  # requeued (submitit exits) or killed: the experiments' processes go with the job
-            for proc in multiprocessing.active_children():
-                proc.terminate()
-            for pool in pools:
-                pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        for pool in pools:
-            pool.shutdown()
-        return results
-
-    @staticmethod
-    def _result(future: Any, idx: int) -> JobReturn:
-        """An experiment's JobReturn; a FAILED one saying so where its process died (killed, out of memory)."""
-        import cloudpickle
-
-        try:
-            return cloudpickle.loads(future.result())
-        except Exception as e:
-            ret = JobReturn(status=JobStatus.FAILED)
-            ret.return_value = W2SGError(f"job #{idx}: its process in the pack ended abruptly ({type(e).__name__}: "
-                                         f"{e}); out of memory? see the pack's log")
-            return ret
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """submitit's checkpoint signal reached the pack: let its experiments save their checkpoints (the signal is
-        passed on in case the cluster signalled this process alone), then requeue the pack as it was submitted."""
-        import multiprocessing
-        import signal
-        from concurrent.futures import wait
-
-        import submitit
-
-        for proc in multiprocessing.active_children():
-            try:
-                os.kill(proc.pid, signal.SIGUSR2)
-            except ProcessLookupError:  # ended meanwhile
-                pass
-        wait(self._futures, timeout=float(self.launcher.params.get("signal_delay_s") or 60) / 2)
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-class SweepConfigs:
-    """Every job's config exactly as Hydra's ``load_sweep_config`` composes it, at a fraction of the cost: the
-    config is composed once per set of config-group choices (what shapes the defaults list), and each job's other
-    overrides (seed=3, train.lr=...) are applied to a copy, with Hydra's own override code, in Hydra's order.
-    ``shared=True`` (reading a job's config, not keeping it) applies them to one working copy per group choices
-    while consecutive jobs set the same keys with plain ``key=value`` overrides (each job then overwrites every
-    value the previous one set), which spares copying the config per job. Composing each job from scratch took
-    over 1 s per job; tests/test_submit.py checks the configs equal Hydra's."""
-
-    def __init__(self, loader: Any, master: Any) -> None:
-        self.loader, self.master = loader, master
-        self.hydra_overrides = hydra_compat.parse_overrides(master.hydra.overrides.hydra)
-        self.bases: Dict[Tuple[str, ...], Any] = {}
-        self.scratch: Dict[Tuple[str, ...], Tuple[Tuple[str, ...], Any]] = {}  # group choices -> (keys set, cfg)
-
-    def _shapes_defaults(self, override: Any) -> bool:
-        """As Hydra's defaults list classifies overrides (hydra._internal.defaults_list.Overrides): a config group
-        choice, unless its value is a dict; hydra.searchpath changes where groups are found."""
-        key = override.key_or_group
-        if key == "hydra.searchpath":
-            return True
-        return hydra_compat.group_exists(self.loader, key) and not isinstance(override.value(), dict)
-
-    @staticmethod
-    def _plain(override: Any) -> bool:
-        """``key=value`` that replaces the value (no +, ++, ~, and no dict value, which Hydra merges)."""
-        return not (override.is_add() or override.is_force_add() or override.is_delete()
-                    or isinstance(override.value(), dict))
-
-    def __call__(self, sweep_overrides: Sequence[str], shared: bool = False) -> Any:
-        import copy
-
-        parsed = hydra_compat.parse_overrides(sweep_overrides)
-        groups = tuple(o.input_line for o in parsed if self._shapes_defaults(o))
-        values = [o for o in parsed if not self._shapes_defaults(o)]
-        if groups not in self.bases:
-            self.bases[groups] = self.loader.load_sweep_config(self.master, list(groups))
-        keys = tuple(o.key_or_group for o in values)
-        if shared and all(self._plain(o) for o in values):
-            entry = self.scratch.get(groups)
-            if entry is None or entry[0] != keys:
-                entry = self.scratch[groups] = (keys, copy.deepcopy(self.bases[groups]))
-            cfg = entry[1]
-        else:
-            cfg = copy.deepcopy(self.bases[groups])
-        try:
-            hydra_compat.apply_overrides(values, cfg)
-        except Exception:
-            self.scratch.pop(groups, None)  # half applied: start the next job from a clean copy
-            raise
-        everything = self.hydra_overrides + parsed
-        app = [o for o in everything if not o.is_hydra_override()]
-        with open_dict(cfg.hydra):
-            cfg.hydra.overrides.hydra = [o.input_line for o in everything if o.is_hydra_override()]
-            cfg.hydra.overrides.task = [o.input_line for o in app]
-            job = cfg.hydra.job.config.override_dirname
-            cfg.hydra.job.override_dirname = hydra_compat.overrides_dirname(
-                app, kv_sep=job.kv_sep, item_sep=job.item_sep, exclude_keys=job.exclude_keys)
-        return cfg
-
-
-@dataclass
-class W2sgBasicSweeperConf:
-    _target_: str = "hydra_plugins.w2sg_launcher.w2sg_launcher.W2sgBasicSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
-
-
-class W2sgBasicSweeper(BasicSweeper):
-    """Hydra's basic sweeper, checking that every job's config composes (before any job is launched) with
-    SweepConfigs instead of composing each from scratch."""
-
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        configs = SweepConfigs(self.hydra_context.config_loader, self.config)
-        for overrides in batch:
-            configs(overrides, shared=True)
 
 
 # Hydra imports this module when it scans hydra_plugins, which registers the launcher's and sweeper's configs.
@@ -512,9 +228,13 @@ class W2sgSlurmLauncher(SlurmLauncher):
         executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
         return executor
 
-    def _submit_shared(self, todo: List[Tuple[int, List[str], Any]]) -> Tuple[List[SharedGroup], List[Any]]:
-        """One job per missing shared stage group, as one array; returns the groups and their Slurm jobs."""
-        groups = shared_stage_groups([cfg for _, _, cfg in todo])
+    def _submit_shared(self, todo: List[Tuple[int, List[str], Any]]) -> Tuple[List["SharedGroup"], List[Any]]:
+        """One job per missing shared stage group (w2sg.core.plan.shared_stage_groups of the jobs' typed configs),
+        as one array; returns the groups and their Slurm jobs."""
+        from w2sg.app.config import resolve
+        from w2sg.core.plan import shared_stage_groups
+
+        groups = shared_stage_groups([resolve(cfg) for _, _, cfg in todo])
         if not groups:
             return [], []
         params, state = [], hydra_compat.singleton_state()
@@ -579,58 +299,36 @@ class W2sgSlurmLauncher(SlurmLauncher):
                          job.job_id, after_, describe(requests[p]), packed, job.paths.stderr)
         return jobs
 
-    @staticmethod
-    def _failure(job: Any) -> Tuple[Optional[JobReturn], Optional[str], bool]:
-        """Wait for a job (or one experiment of a pack, PackMember): (its JobReturn or None, None if it succeeded
-        else the line saying what went wrong, whether it was stopped by a signal after saving a checkpoint:
-        cancelled or preempted, not failed)."""
-        from w2sg.core.errors import Preempted
-
-        try:
-            ret = job.results()[0]
-        except Exception as e:  # submitit raises for a job that crashed, was killed or cancelled
-            return None, _error_line(str(e)), False
-        error = hydra_compat.job_error(ret)  # the job's own exception, caught by Hydra (None: it succeeded)
-        if error is not None:
-            if isinstance(error, Preempted):
-                return ret, _stopped_line(error), True
-            return ret, _error_line(str(error)), False
-        return ret, None, False
-
     def _collect(self, todo: List[Tuple[int, List[str], Any]], jobs: List[Any], after: List[List[Any]],
-                 groups: List[SharedGroup], shared_jobs: List[Any], total: int) -> Dict[int, JobReturn]:
+                 groups: List["SharedGroup"], shared_jobs: List[Any], total: int) -> Dict[int, JobReturn]:
         """Wait for every job; the JobReturn of each job that returned one. Raises one W2SGError naming every job
         that failed or was cancelled/preempted (Slurm id, stage, step, checkpoint, log, how to resume)."""
         results: Dict[int, JobReturn] = {}
-        failures, failed = [], {}  # failed: Slurm id of a failed shared-stage job -> (its labels, its log)
+        lines, failed = [], {}  # failed: Slurm id of a failed shared-stage job -> (its labels, its log)
         stopped = 0  # jobs cancelled or preempted after saving a checkpoint
         for group, job in zip(groups, shared_jobs):
-            _, error, _ = self._failure(job)
+            _, error, _ = failures.job_failure(job)
             if error is not None:
                 failed[job.job_id] = (" + ".join(group.labels), job.paths.stderr)
-                failures.append(f"  shared stages {failed[job.job_id][0]}, Slurm id {job.job_id}: {error}"
-                                f"\n    log: {job.paths.stderr}")
-        n_shared = len(failures)
+                lines.append(failures.shared_failure(failed[job.job_id][0], job, error))
+        n_shared = len(lines)
         for (idx, overrides, _), job, deps in zip(todo, jobs, after):
-            what = f"  job #{idx} ({' '.join(filter_overrides(overrides))}), Slurm id {job.job_id}"
-            if hasattr(job, "idxs"):  # a PackMember (by duck type: Hydra's plugin scan may import this module anew)
-                what += f" ({job.describe()})"
+            what = failures.job_title(idx, overrides, job)
             lost = [d.job_id for d in getattr(job, "after", deps) if d.job_id in failed]
             if lost:  # Slurm cancels it (kill-on-invalid-dep); cancel it here too, whatever the cluster
                 job.cancel(check=False)
                 whose = "its" if lost[0] in {d.job_id for d in deps} else "its pack's"
-                failures.append(f"{what}: not run: {whose} shared-stage job {lost[0]} "
-                                f"({failed[lost[0]][0]}) failed\n    log: {failed[lost[0]][1]}")
+                lines.append(failures.not_run(what, whose, lost[0], *failed[lost[0]]))
                 continue
-            ret, error, was_stopped = self._failure(job)
+            ret, error, was_stopped = failures.job_failure(job)
             stopped += was_stopped
             if ret is not None:
                 results[idx] = ret
             if error is not None:
-                failures.append(f"{what}: {error}\n    log: {job.paths.stderr}")
-        if failures:
-            raise W2SGError(_summary(len(failures) - n_shared - stopped, stopped, total, n_shared, len(shared_jobs))
-                            + "\n" + "\n".join(failures))
+                lines.append(failures.job_failed(what, error, job))
+        if lines:
+            raise W2SGError(failures.summary(len(lines) - n_shared - stopped, stopped, total, n_shared,
+                                             len(shared_jobs)) + "\n" + "\n".join(lines))
         return results
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -660,7 +358,7 @@ class W2sgSlurmLauncher(SlurmLauncher):
                 self._request(idx, overrides, cfg)  # its resources, from the config composed here already
                 todo.append((idx, list(overrides), cfg if keep else None))
         if todo:
-            groups: List[SharedGroup] = []
+            groups: List["SharedGroup"] = []
             shared_jobs: List[Any] = []
             if self.shared_stages == "dependency":
                 groups, shared_jobs = self._submit_shared(todo)

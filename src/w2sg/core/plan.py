@@ -1,15 +1,17 @@
 """The plan of one experiment: its named stages (a pair, weak-label methods, strong-to-strong iterations, a
-bootstrap chain plus the direct run), the subset a run selects, and what of it is still to compute (``pending``,
-which the Slurm launcher and ``w2sg status`` use too). Works on the typed config; no torch here.
+bootstrap chain plus the direct run), the subset a run selects, what of it is still to compute (``pending``,
+which the Slurm launcher and ``w2sg status`` use too), and the missing weak/ceiling stages a sweep's jobs share
+(``shared_stage_groups``, for the launcher's ``shared_stages: dependency``). Works on the typed config; no torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
 from w2sg.core.config import Config, ModelConfig
 from w2sg.core.errors import W2SGError
-from w2sg.core.graph import (Role, Side, Stage, features_stage, labels_stage, member_stage, train_stage,
+from w2sg.core.graph import (Kind, Role, Side, Stage, features_stage, labels_stage, member_stage, train_stage,
                              transform_stage)
 from w2sg.core.methods import (budget_spec, ensemble_members, method_spec, needs_features, probe_features_model,
                                 reapplies)
@@ -156,3 +158,43 @@ def pending(cfg: Config, store: object, stages: Dict[str, Stage] = None) -> Dict
         return dict(selected)
     return {name: s for name, s in selected.items()
             if name in cfg.recompute or store.status(s.key) != "done"}  # type: ignore[attr-defined]
+
+
+@dataclass
+class SharedGroup:
+    """Missing shared stages computed by one Slurm job: a ground-truth training (weak or ceiling model), plus
+    the weak labels when a job needs them. ``source`` is the position of the job whose config runs them, under
+    the stage names ``names`` of that job's plan; ``jobs``: positions of the jobs that need them."""
+
+    key: str  # the ground-truth training's stage key
+    keys: set
+    labels: List[str]
+    source: int = 0
+    names: List[str] = field(default_factory=list)
+    jobs: List[int] = field(default_factory=list)
+
+
+def shared_stage_groups(cfgs: Sequence[Config]) -> List[SharedGroup]:
+    """The missing shared stages of these jobs' plans (typed configs), one group per ground-truth training (by
+    stage key, so a model that is the weak model of one pair and the strong model of another trains once)."""
+    from w2sg.core.store import Store
+
+    stores: Dict[str, Any] = {}
+    plans = [select(cfg, plan(cfg)) for cfg in cfgs]
+    groups: Dict[str, SharedGroup] = {}  # key of the ground-truth training -> its group
+    for pos, (cfg, stages) in enumerate(zip(cfgs, plans)):
+        store = stores.setdefault(str(cfg.store_dir), Store(cfg.store_dir))
+        for stage in stages.values():
+            if not stage.shared() or store.status(stage.key) == "done":
+                continue
+            root = stage if stage.kind is Kind.TRAIN else stage.inputs["model"]
+            group = groups.setdefault(root.key, SharedGroup(root.key, set(), []))
+            if stage.key not in group.keys:
+                group.keys.add(stage.key)
+                group.labels.append(stage.label)
+            if pos not in group.jobs:
+                group.jobs.append(pos)
+    for group in groups.values():  # a job whose plan holds all of the group's stages runs them (one always does)
+        group.source = next(pos for pos in group.jobs if group.keys <= {s.key for s in plans[pos].values()})
+        group.names = [name for name, s in plans[group.source].items() if s.key in group.keys]
+    return list(groups.values())
