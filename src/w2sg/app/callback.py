@@ -175,14 +175,12 @@ def _same_sweep(config: Any, folder: Path) -> bool:
 def _sweep_jobs(config: Any) -> int:
     """How many jobs this (basic) sweep has: its command-line overrides and its sweep config's ``hydra.sweeper.params``
     expanded as Hydra's basic sweeper does; 0 when that cannot be told."""
-    from w2sg.app import hydra_compat
+    from w2sg.app.config import sweep_jobs
 
     try:
         params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
         params = OmegaConf.to_container(params, resolve=False) if params else {}
-        task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
-        given = {o.split("=", 1)[0].lstrip("+~") for o in task}
-        return len(hydra_compat.split_sweep([f"{k}={v}" for k, v in params.items() if k not in given] + task))
+        return len(sweep_jobs(params, OmegaConf.to_container(config.hydra.overrides.task, resolve=False)))
     except Exception:  # a sweep this expansion does not know: only the started jobs tell
         return 0
 

@@ -55,6 +55,12 @@ def expand_sweep(overrides: List[str]) -> List[List[str]]:
 
     cfg = compose([o for o in overrides if _is_group_choice(o)], with_hydra=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
+    return sweep_jobs(params, overrides)
+
+
+def sweep_jobs(params: Dict[str, Any], overrides: Sequence[str]) -> List[List[str]]:
+    """The override list of every job of a basic sweep: the sweep config's ``hydra.sweeper.params`` (those the
+    command line does not set) and the command-line ``overrides``, expanded as Hydra's basic sweeper does."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     combined = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
     return hydra_compat.split_sweep(combined)
