@@ -38,6 +38,15 @@ def sacct_states(ids):
     return dict(line.split("|") for line in out.strip().splitlines())
 
 
+def preempt_running_job() -> str:
+    """Send the only running job submitit's preemption signal and let it start again at once once requeued;
+    returns its id."""
+    [job] = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what submitit uses for preemption
+    start_when_requeued(job)
+    return job
+
+
 def start_when_requeued(job: str, timeout: float = 120) -> None:
     """Once the job is requeued (pending again), let it start at once: Slurm gives a requeued job a begin time
     minutes ahead (the test would wait 2-3 minutes for nothing)."""
@@ -87,9 +96,7 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, sto
     while not list((store / "partial").glob("*/checkpoint.pt")) if (store / "partial").exists() else True:
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
         time.sleep(0.2)
-    [job] = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what submitit uses for preemption
-    start_when_requeued(job)
+    job = preempt_running_job()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     states = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-o", "State", "-j", job], capture_output=True,

@@ -10,7 +10,7 @@ import time
 
 import helpers
 import pytest
-from test_slurm import start_when_requeued
+from test_slurm import preempt_running_job
 
 # real processes: `w2sg -m launcher=slurm_*` submits jobs to Slurm, and the tests signal them
 run_w2sg = functools.partial(helpers.run_w2sg, subprocess=True)
@@ -81,9 +81,7 @@ def test_a_preempted_pack_is_requeued_and_both_experiments_resume(tmp_path, stor
     while len(checkpoints(store)) < 2:  # each seed's weak model training, in its own process
         assert time.time() < deadline and proc.poll() is None, "no two checkpoints appeared"
         time.sleep(0.2)
-    [job] = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what submitit uses for preemption
-    start_when_requeued(job)
+    job = preempt_running_job()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert len(set(slurm_ids(out))) == 1, "one pack"
