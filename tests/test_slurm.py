@@ -59,36 +59,52 @@ def start_when_requeued(job: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def test_grid_through_slurm_matches_the_local_launcher_and_shares_stages(tmp_path, store):
-    (tmp_path / "local").mkdir()
-    run_w2sg(GRID, tmp_path / "local", env_extra={"W2SG_STORE": str(tmp_path / "local_store")})
+def by_pair(runs):
+    """Each experiment's metrics by its (weak, strong) models."""
+    return {(m["weak"]["model"], m["strong"]["model"]): m for m in runs}
+
+
+def wait_until_ended(ids, timeout=600):
+    """Until accounting knows every job (it may lag behind the submission) and each has ended; their states."""
+    deadline = time.time() + timeout
+    while (states := sacct_states(ids)) == {} or set(states.values()) - {"COMPLETED", "FAILED"}:
+        assert time.time() < deadline, states
+        time.sleep(2)
+    return states
+
+
+def test_grid_submitted_and_left_runs_on_slurm_as_on_the_local_launcher_and_is_collected(tmp_path, store,
+                                                                                          tiny_grid_local):
+    """Submit and walk away (wait=false), then the same command collects every job from the store. (wait=true with
+    lock: the cancelled, preempted and crashing jobs' tests.)"""
     start = time.time()
-    proc = run_w2sg(GRID + SLURM, tmp_path)
-    wall = time.time() - start
+    proc = run_w2sg(GRID + SLURM + ["hydra.launcher.wait=false"], tmp_path)
+    assert time.time() - start < 60
     ids = job_ids(proc.stdout + proc.stderr)
     assert len(ids) == 4
-    assert set(sacct_states(ids).values()) == {"COMPLETED"}
-    slurm = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path)}
-    local = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path / "local")}
-    assert slurm.keys() == local.keys() and len(slurm) == 4
+    assert "10 stages" in run_w2sg(["status", *GRID[1:], "-m"], tmp_path).stdout
+    assert set(wait_until_ended(ids).values()) == {"COMPLETED"}
+    print(f"2x2 tiny grid under Slurm: {time.time() - start:.1f}s")
+    slurm = by_pair(sweep_runs(tmp_path))  # the jobs' own metrics, in the sweep folder
+    assert slurm.keys() == tiny_grid_local.keys()
     for pair, m in slurm.items():
-        assert m["acc"] == local[pair]["acc"], pair
+        assert m["acc"] == tiny_grid_local[pair]["acc"], pair
     trained = [s["key"] for m in slurm.values() for k, s in m["stages"].items()
                if not s["reused"] and k != "weak_labels"]
     assert len(trained) == len(set(trained)) == 8, "2 weak + 2 ceiling + 4 w2s, each once"
-    print(f"2x2 tiny grid under Slurm: {wall:.1f}s")
 
-    # rerunning a finished sweep submits nothing: every job is collected from the store
+    # rerunning the command submits nothing: every job is collected from the store
     proc = run_w2sg(GRID + SLURM, tmp_path)
     out = proc.stdout + proc.stderr
     assert "Submitting" not in out and out.count("collected here, not submitted") == 4
+    assert "10 stages: 10 done" in run_w2sg(["status", "-m", *GRID[1:]], tmp_path).stdout
 
 
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, store):
     args = ["-m", "weak=tiny_random_l4", "strong=tiny_random_l3", "train=full", "task.n_train=400", "task.n_test=64",
             "train.batch_size=4", "train.epochs=3", "train.checkpoint_every=3", "progress=false"]
     (tmp_path / "ref").mkdir()
-    run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})
+    helpers.run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})  # in this process
     [ref] = sweep_runs(tmp_path / "ref")
     proc = subprocess.Popen(["python3", "-m", "w2sg", *args, *SLURM], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -129,42 +145,18 @@ def test_crashing_job_fails_the_sweep_naming_job_and_log(tmp_path, store):
     assert len(sweep_runs(tmp_path)) == 1, "the other job finished and wrote its metrics"
 
 
-@pytest.mark.parametrize("shared_stages", ["lock", "dependency"])
-def test_submit_and_walk_away_then_collect(tmp_path, store, shared_stages):
-    start = time.time()
-    proc = run_w2sg(GRID + SLURM + ["hydra.launcher.wait=false", f"hydra.launcher.shared_stages={shared_stages}"],
-                    tmp_path)
-    assert time.time() - start < 60
-    ids = job_ids(proc.stdout + proc.stderr)
-    assert len(ids) == 4
-    status = run_w2sg(["status", *GRID[1:], "-m"], tmp_path).stdout
-    assert "10 stages" in status
-    deadline = time.time() + 600
-    # until accounting knows every job (it may lag behind the submission) and each has ended
-    while (states := sacct_states(ids)) == {} or set(states.values()) - {"COMPLETED", "FAILED"}:
-        assert time.time() < deadline, states
-        time.sleep(2)
-    assert set(sacct_states(ids).values()) == {"COMPLETED"}
-    proc = run_w2sg(GRID + SLURM, tmp_path)
-    out = proc.stdout + proc.stderr
-    assert "Submitting" not in out and out.count("collected here, not submitted") == 4
-    assert "10 stages: 10 done" in run_w2sg(["status", "-m", *GRID[1:]], tmp_path).stdout
-
-
 DEPENDENCY = SLURM + ["hydra.launcher.shared_stages=dependency"]
 
 
-def test_dependency_variant_matches_the_local_launcher_and_trains_each_shared_stage_once(tmp_path, store):
-    (tmp_path / "local").mkdir()
-    run_w2sg(GRID, tmp_path / "local", env_extra={"W2SG_STORE": str(tmp_path / "local_store")})
+def test_dependency_variant_matches_the_local_launcher_and_trains_each_shared_stage_once(tmp_path, store,
+                                                                                          tiny_grid_local):
     proc = run_w2sg(GRID + DEPENDENCY, tmp_path)
     out = proc.stdout + proc.stderr
     shared, main = shared_job_ids(out), re.findall(r"-> Slurm job (\d+(?:_\d+)?) after ", out)
     assert len(shared) == 4 and len(main) == 4, out[-3000:]
     assert set(sacct_states(shared + main).values()) == {"COMPLETED"}
-    slurm = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path)}
-    local = {(m["weak"]["model"], m["strong"]["model"]): m for m in sweep_runs(tmp_path / "local")}
-    assert slurm.keys() == local.keys() and len(slurm) == 4
+    slurm, local = by_pair(sweep_runs(tmp_path)), tiny_grid_local
+    assert slurm.keys() == local.keys()
     for pair, m in slurm.items():
         assert (m["acc"], m["pgr"]) == (local[pair]["acc"], local[pair]["pgr"]), pair
         assert "subset" not in m and all(m["stages"][k]["reused"] for k in ("weak", "weak_labels", "ceiling"))
@@ -205,7 +197,10 @@ def _slurm_id(pid: int) -> str:
 
 
 def test_cancelled_job_is_reported_with_its_checkpoint_and_the_rerun_resumes_only_it(tmp_path, store):
-    args = GRID + SLURM + ["task.n_train=400", "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=10"]
+    # two jobs (one weak model, two strong ones), each training its own w2s stage
+    args = ["-m", "weak=tiny_random", "strong=tiny_random_l3,tiny_random_l4", "train=full", "task.n_train=400",
+            "task.n_test=32", "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=10", "progress=false",
+            *SLURM]
     proc = subprocess.Popen(["python3", "-m", "w2sg", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline, marker = time.time() + 600, None
@@ -223,7 +218,7 @@ def test_cancelled_job_is_reported_with_its_checkpoint_and_the_rerun_resumes_onl
     subprocess.run(["scancel", job], check=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0, out
-    assert "0 of 4 jobs failed" not in out and "1 of 4 jobs were cancelled or preempted" in out, out[-3000:]
+    assert "0 of 2 jobs failed" not in out and "1 of 2 jobs were cancelled or preempted" in out, out[-3000:]
     match = re.search(rf"Slurm id {job}: cancelled or preempted \(SIGTERM\) at step (\d+) of (\S+); its checkpoint "
                       r"is saved \((\S+)\): rerun the sweep to resume it from there\n\s+log: (\S+)", out)
     assert match, out[-3000:]
@@ -233,11 +228,11 @@ def test_cancelled_job_is_reported_with_its_checkpoint_and_the_rerun_resumes_onl
     job_log = open(log).read()
     assert "Traceback" not in job_log, job_log[-3000:]
     assert f"{label} stopped by SIGTERM at step {step}; checkpoint saved; rerun the same command" in job_log
-    assert len(sweep_runs(tmp_path)) == 3, "the other jobs finished"
+    assert len(sweep_runs(tmp_path)) == 1, "the other job finished"
 
     proc = run_w2sg(args, tmp_path)  # submits only the cancelled job, which resumes its stage
     out = proc.stdout + proc.stderr
-    assert "Submitting 1 of 4 jobs" in out and out.count("collected here, not submitted") == 3, out[-3000:]
+    assert "Submitting 1 of 2 jobs" in out and out.count("collected here, not submitted") == 1, out[-3000:]
     stage = json.loads((store / "stages" / marker["key"] / "metrics.json").read_text())
     assert stage["resumed_from_step"] == int(step)
 
@@ -248,7 +243,7 @@ def test_a_job_of_two_tasks_trains_its_stage_on_both_and_stores_it_once(tmp_path
             "stages=[weak]", "train.batch_size=8", "+weak.random_init.hidden_dropout_prob=0.0",
             "+weak.random_init.attention_probs_dropout_prob=0.0"]
     (tmp_path / "ref").mkdir()
-    run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})
+    helpers.run_w2sg(args, tmp_path / "ref", env_extra={"W2SG_STORE": str(tmp_path / "ref_store")})  # in this process
     [ref] = sweep_runs(tmp_path / "ref")
     proc = run_w2sg(args + SLURM + ["hydra.launcher.tasks_per_node=2"], tmp_path)
     [job] = job_ids(proc.stdout + proc.stderr)

@@ -42,9 +42,7 @@ def sacct_states(ids, *flags):
     return [line.split("|") for line in out.strip().splitlines()]
 
 
-def test_packed_grid_runs_two_slurm_jobs_that_match_the_local_launcher(tmp_path, store):
-    (tmp_path / "local").mkdir()
-    run_w2sg(GRID, tmp_path / "local", env_extra={"W2SG_STORE": str(tmp_path / "local_store")})
+def test_packed_grid_runs_two_slurm_jobs_that_match_the_local_launcher(tmp_path, store, tiny_grid_local):
     proc = run_w2sg(GRID + PACKED, tmp_path)
     out = proc.stdout + proc.stderr
     ids = slurm_ids(out)
@@ -52,8 +50,8 @@ def test_packed_grid_runs_two_slurm_jobs_that_match_the_local_launcher(tmp_path,
     assert ids[0] == ids[1] and ids[2] == ids[3], "packed in sweep order"
     assert "Packing 4 jobs into 2 Slurm jobs" in out
     assert {state for _, state in sacct_states(ids)} == {"COMPLETED"}
-    packed, local = sweep_runs(tmp_path), sweep_runs(tmp_path / "local")
-    assert len(packed) == 4 and accuracies(packed) == accuracies(local)
+    packed = sweep_runs(tmp_path)
+    assert len(packed) == 4 and accuracies(packed) == accuracies(tiny_grid_local.values())
     trained = [s["key"] for m in packed for k, s in m["stages"].items() if not s["reused"] and k != "weak_labels"]
     assert len(trained) == len(set(trained)) == 8, "2 weak + 2 ceiling + 4 w2s, each once"
     [results] = (tmp_path / "multirun").glob("*/*/results.csv")
