@@ -25,6 +25,17 @@ def pytest_addoption(parser):
                           "instead of in the test's interpreter")
 
 
+def pytest_collection_modifyitems(items):
+    """The longest slow tests first (``@pytest.mark.slow(seconds=N)``, the seconds one takes here), the rest in their
+    order: pytest-xdist hands out tests in collection order, and a long test collected last would run alone at the
+    end while the other workers idle."""
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        return mark.kwargs.get("seconds", 0) if mark is not None else 0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 def pytest_configure(config):
     import helpers
 

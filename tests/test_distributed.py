@@ -102,7 +102,7 @@ def test_a_slurm_job_of_two_tasks_trains_the_stage_on_both_and_stores_it_once(si
     assert [p.name for p in (tmp_path / "served" / "stages").iterdir()] == [key], "stored once, by task 0"
 
 
-@pytest.mark.slow  # a stopped and a resumed two-rank run and a reference: about 60 s (CI runs -m slow)
+@pytest.mark.slow(seconds=80)  # a stopped and a resumed two-rank run and a reference (CI runs -m slow)
 def test_two_ranks_stopped_by_slurm_resume_from_rank_0s_checkpoint_to_the_same_stage(tmp_path):
     """SIGTERM to every process of the job (as Slurm signals a job step): the ranks agree to stop, rank 0 saves the
     gathered checkpoint, the command exits 143; the rerun resumes from it and ends with the uninterrupted stage."""

@@ -12,6 +12,7 @@ run_w2sg = functools.partial(helpers.run_w2sg, subprocess=True)
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow(seconds=100)
 def test_default_experiment_shows_a_real_gap(tmp_path, store):
     proc = run_w2sg(["progress=false"], tmp_path)
     [m] = metrics_files(tmp_path)
@@ -24,6 +25,7 @@ def test_default_experiment_shows_a_real_gap(tmp_path, store):
     assert "PGR" in proc.stdout
 
 
+@pytest.mark.slow(seconds=70)
 def test_another_pair_with_logconf(tmp_path, store):
     # full finetuning of the real models (the default is linear probes)
     run_w2sg(["pair=minilm_l2_l6", "train=full", "loss=logconf", "train.epochs=1", "progress=false"], tmp_path)

@@ -1,6 +1,7 @@
-"""The stage store: content keys, reuse, resume after SIGKILL/SIGTERM/Ctrl-C, one computation under concurrency."""
+"""The stage store: content keys, reuse, resume after SIGKILL or SIGTERM, one computation under concurrency."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -117,11 +118,11 @@ def test_changing_a_default_changes_exactly_the_affected_keys(tmp_path):
     assert keys(["seed=1"])["weak"] != keys()["weak"] and keys(full + ["seed=1"])["weak"] != before["weak"]
 
 
-def _popen(args, cwd):
+def _popen(args, cwd, env_extra=None):
     # SIGINT's default disposition in the child, as at a terminal (a suite started in the background inherits it
-    # ignored, and the Ctrl-C case would then never stop)
+    # ignored)
     return subprocess.Popen([sys.executable, "-m", "w2sg", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env_extra or {})),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -140,21 +141,25 @@ def _stage_probs(store, key):
     return np.load(store / "stages" / key / "test_probs.npy")
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """The same run, uninterrupted, in a store of its own: computed once for every signal's test."""
+@pytest.mark.slow(seconds=125)
+def test_interrupted_stage_resumes_to_the_same_result(tmp_path_factory):
+    """Killed (SIGKILL) or stopped (SIGTERM, as Slurm does) while training: the rerun resumes from the checkpoint and
+    ends with the uninterrupted run's result. One test for both signals, so that pytest-xdist runs them on one worker
+    with one uninterrupted reference. (SIGINT, Ctrl-C, stops through the same handler and checkpoint as SIGTERM: its
+    line is checked by tests/test_run_folder_and_wandb.py::test_ctrl_c_while_training_is_one_line.)"""
     root = tmp_path_factory.mktemp("reference")
     ref_store, ref_dir = root / "ref_store", root / "ref"
     ref_dir.mkdir()
     run_w2sg(LONG, ref_dir, env_extra={"W2SG_STORE": str(ref_store)}, subprocess=True)
-    return ref_store, metrics_files(ref_dir)[0]
+    ref = metrics_files(ref_dir)[0]
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        tmp_path = tmp_path_factory.mktemp(sig.name)
+        _resumes_to_the_reference(tmp_path, tmp_path / "store", sig, ref_store, ref)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
-def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig, reference_run):
-    ref_store, ref = reference_run
-    proc = _popen(LONG, tmp_path)
+def _resumes_to_the_reference(tmp_path, store, sig, ref_store, ref):
+    env = {"W2SG_STORE": str(store)}
+    proc = _popen(LONG, tmp_path, env)
     key = _wait_for_checkpoint(store, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -164,20 +169,20 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, store, sig, refe
         assert "Traceback" not in err
     else:
         assert proc.returncode == -signal.SIGKILL
-    assert (store / "partial" / key / "checkpoint.pt").exists()
+    assert (store / "partial" / key / "checkpoint.pt").exists(), sig.name
     assert not (store / "stages" / key).exists(), "an interrupted stage is never taken as finished"
-    [m] = run_w2sg(LONG, tmp_path, subprocess=True).metrics
+    [m] = run_w2sg(LONG, tmp_path, env_extra=env, subprocess=True).metrics
     stage = json.loads((store / "stages" / key / "metrics.json").read_text())
-    assert stage["resumed_from_step"] > 0
-    assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"]
-    np.testing.assert_allclose(_stage_probs(store, key), _stage_probs(ref_store, key), atol=1e-6)
+    assert stage["resumed_from_step"] > 0, sig.name
+    assert m["acc"] == ref["acc"] and m["pgr"] == ref["pgr"], sig.name
+    np.testing.assert_allclose(_stage_probs(store, key), _stage_probs(ref_store, key), atol=1e-6, err_msg=sig.name)
     assert not (store / "partial" / key).exists(), "the checkpoint is dropped once the stage is stored"
     # the resumed stage continued its W&B run: same id, no duplicate runs
     from wandb_offline import read_runs
 
     runs = [r for r in read_runs(tmp_path / "wandb") if not r["id"].startswith("exp-")]  # not the experiment's run
     assert {r["id"] for r in runs} == {s["key"] for s in m["stages"].values()}
-    assert sum(r["id"] == key for r in runs) >= 2
+    assert sum(r["id"] == key for r in runs) >= 2, sig.name
 
 
 @pytest.mark.slow  # two cold runs in subprocesses: 15-20 s (CI runs -m slow; tests/test_locks.py covers the lock)
