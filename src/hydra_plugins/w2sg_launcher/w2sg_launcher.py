@@ -171,22 +171,19 @@ class W2sgSlurmLauncher(SlurmLauncher):
         """Where job ``idx``'s GPU constraint comes from the profile's ``gpu_constraints`` (none set by hand): the
         GPU memory its largest stage needs per GPU (w2sg.run.resources.job_memory), kept for its pack's request."""
         from w2sg.app.config import resolve
-        from w2sg.run.resources import job_memory
+        from w2sg.run.resources import per_gpu_bytes
 
         launcher = composed.hydra.launcher
         mapping, gpus = OmegaConf.select(launcher, "gpu_constraints"), self.requests[idx].get("gpus_per_node")
         if not mapping or OmegaConf.select(launcher, "constraint") is not None or not gpus:
             return
-        cfg = resolve(composed)
-        sharded = cfg.train.device_map == "auto" and int(gpus) > 1
-        self.gpu_needs[idx] = (job_memory(cfg)["bytes"] / (int(gpus) if sharded else 1),
-                               OmegaConf.to_container(mapping))
+        self.gpu_needs[idx] = (per_gpu_bytes(resolve(composed), int(gpus)), OmegaConf.to_container(mapping))
 
     def _pack_request(self, idxs: Sequence[int]) -> Dict[str, Any]:
         """The Slurm request of a pack of jobs (of one request, pack_jobs): its GPUs, CPUs and time limit, ``k``
         times its host memory, and where the constraint comes from ``gpu_constraints``, the smallest GPU that holds
         the k experiments' largest stages together (they run at once on it)."""
-        from w2sg.run.resources import GB
+        from w2sg.run.resources import GB, smallest_gpu
 
         request = dict(self.requests[idxs[0]])
         if len(idxs) == 1:
@@ -201,12 +198,12 @@ class W2sgSlurmLauncher(SlurmLauncher):
         needs = [self.gpu_needs[i] for i in idxs if i in self.gpu_needs]
         if needs:
             total = sum(need for need, _ in needs)
-            fits = sorted((float(gb), str(c)) for gb, c in needs[0][1].items() if float(gb) * GB >= total)
-            if not fits:
+            constraint = smallest_gpu(needs[0][1], total)
+            if constraint is None:
                 raise W2SGError(f"jobs {jobs}: packed into one Slurm job (hydra.launcher.experiments_per_job="
                                 f"{self.experiments_per_job}) they need about {total / GB:.1f} GB on one GPU, more "
                                 "than the largest GPU of hydra.launcher.gpu_constraints; pack fewer experiments")
-            request["constraint"] = fits[0][1]
+            request["constraint"] = constraint
         return request
 
     def _executor(self, after: Sequence[Any] = (), shared: bool = False, request: Optional[Dict[str, Any]] = None):

@@ -16,7 +16,7 @@ is an error naming the job, the bytes it needs and the ways out, before anything
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from w2sg.core.errors import W2SGError
 
@@ -83,6 +83,27 @@ def job_request(composed: Any, label: str = "") -> Dict[str, Any]:
 def gpu_constraint(mapping: Mapping[Any, str], cfg: Any, gpus: int, label: str = "") -> str:
     """The constraint of the smallest GPU in ``mapping`` (GPU memory in GB -> Slurm constraint) that holds the
     run's largest stage (per GPU: sharded over ``gpus`` with train.device_map=auto)."""
+    need = job_memory(cfg)
+    per_gpu = per_gpu_bytes(cfg, gpus, need)
+    constraint = smallest_gpu(mapping, per_gpu)
+    if constraint is None:
+        raise W2SGError(f"job {label or '?'}: its largest stage, {need['stage']}, needs about {per_gpu / GB:.1f} GB "
+                        f"on one GPU, more than the largest GPU of hydra.launcher.gpu_constraints "
+                        f"({largest_gpu_gb(mapping):g} GB); use train.mode=lora, train.gradient_checkpointing=true or "
+                        "a smaller train.minibatch_size, or add a larger GPU to the mapping")
+    return constraint
+
+
+def per_gpu_bytes(cfg: Any, gpus: int, need: Optional[Dict[str, Any]] = None) -> float:
+    """The GPU memory the run's largest stage (``need``: job_memory(cfg), computed when not given) needs on each
+    GPU: all of it on one, or sharded over ``gpus`` with train.device_map=auto."""
+    need = job_memory(cfg) if need is None else need
+    return need["bytes"] / (gpus if cfg.train.device_map == "auto" and gpus > 1 else 1)
+
+
+def gpu_sizes(mapping: Mapping[Any, str]) -> List[Tuple[float, str]]:
+    """``hydra.launcher.gpu_constraints`` (GPU memory in GB -> Slurm constraint) as (GB, constraint), smallest
+    first; a key that is not a number is an error naming the expected form."""
     sizes = []
     for gb, constraint in mapping.items():
         try:
@@ -90,16 +111,17 @@ def gpu_constraint(mapping: Mapping[Any, str], cfg: Any, gpus: int, label: str =
         except (TypeError, ValueError):
             raise W2SGError(f"hydra.launcher.gpu_constraints: {gb!r} is not a GPU memory in GB; give GPU memory -> "
                             "constraint, e.g. {40: a100_40g, 80: a100_80g}") from None
-    need = job_memory(cfg)
-    per_gpu = need["bytes"] / (gpus if cfg.train.device_map == "auto" and gpus > 1 else 1)
-    fits = sorted((gb, c) for gb, c in sizes if gb * GB >= per_gpu)
-    if not fits:
-        largest = max(gb for gb, _ in sizes) if sizes else 0
-        raise W2SGError(f"job {label or '?'}: its largest stage, {need['stage']}, needs about {per_gpu / GB:.1f} GB "
-                        f"on one GPU, more than the largest GPU of hydra.launcher.gpu_constraints ({largest:g} GB); "
-                        "use train.mode=lora, train.gradient_checkpointing=true or a smaller train.minibatch_size, "
-                        "or add a larger GPU to the mapping")
-    return fits[0][1]
+    return sorted(sizes)
+
+
+def smallest_gpu(mapping: Mapping[Any, str], need_bytes: float) -> Optional[str]:
+    """The constraint of the smallest GPU of ``mapping`` with at least ``need_bytes``; None where none has."""
+    return next((c for gb, c in gpu_sizes(mapping) if gb * GB >= need_bytes), None)
+
+
+def largest_gpu_gb(mapping: Mapping[Any, str]) -> float:
+    sizes = gpu_sizes(mapping)
+    return sizes[-1][0] if sizes else 0.0
 
 
 def describe(request: Mapping[str, Any]) -> str:
