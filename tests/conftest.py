@@ -74,12 +74,12 @@ def tiny_grid_local(tmp_path_factory):
     """The 2x2 ``w2sg -m sweep=tiny_grid`` run by the local launcher once per session, in a store of its own: each
     experiment's metrics by its (weak, strong) models. The reference that the Slurm launcher's runs of the same grid
     (tests/test_slurm*.py) must match."""
-    from helpers import run_w2sg
+    from helpers import by_pair, run_w2sg
 
     root = tmp_path_factory.mktemp("tiny_grid_local")
     runs = run_w2sg(["-m", "sweep=tiny_grid"], root, env_extra={"W2SG_STORE": str(root / "store")}).metrics
     assert len(runs) == 4
-    return {(m["weak"]["model"], m["strong"]["model"]): m for m in runs}
+    return by_pair(runs)
 
 
 @pytest.fixture

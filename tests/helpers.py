@@ -242,6 +242,11 @@ def _reset_hydra() -> None:
     HydraConfig.instance().cfg = None  # type: ignore[assignment]
 
 
+def by_pair(runs) -> Dict[tuple, dict]:
+    """Each experiment's metrics (metrics.json) by its (weak, strong) models."""
+    return {(m["weak"]["model"], m["strong"]["model"]): m for m in runs}
+
+
 def metrics_files(cwd: Path) -> List[dict]:
     """The metrics.json of every single run under cwd/outputs, by folder name (start time to the second, then a
     random id): an order only between runs started in different seconds. For the runs of one call, and so for

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import helpers
 import pytest
+from helpers import by_pair
 
 # real processes: `w2sg -m launcher=slurm_*` submits jobs to Slurm, and the tests signal and cancel them
 run_w2sg = functools.partial(helpers.run_w2sg, subprocess=True)
@@ -57,11 +58,6 @@ def start_when_requeued(job: str, timeout: float = 120) -> None:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
             return
         time.sleep(0.2)
-
-
-def by_pair(runs):
-    """Each experiment's metrics by its (weak, strong) models."""
-    return {(m["weak"]["model"], m["strong"]["model"]): m for m in runs}
 
 
 def wait_until_ended(ids, timeout=600):

@@ -10,7 +10,8 @@ import time
 
 import helpers
 import pytest
-from test_slurm import preempt_running_job
+from helpers import by_pair
+from test_slurm import preempt_running_job, sweep_runs
 
 # real processes: `w2sg -m launcher=slurm_*` submits jobs to Slurm, and the tests signal them
 run_w2sg = functools.partial(helpers.run_w2sg, subprocess=True)
@@ -22,13 +23,9 @@ GRID = ["-m", "sweep=tiny_grid"]
 PACKED = ["launcher=slurm_local", "hydra.launcher.experiments_per_job=2", "hydra.launcher.cpus_per_task=2"]
 
 
-def sweep_runs(cwd):
-    return [json.loads(p.read_text()) for p in sorted((cwd / "multirun").glob("*/*/*/metrics.json"))]
-
-
 def accuracies(runs):
     """Each experiment's accuracies (weak, ceiling, w2s), by its (weak, strong) models."""
-    return {(m["weak"]["model"], m["strong"]["model"]): m["acc"] for m in runs}
+    return {pair: m["acc"] for pair, m in by_pair(runs).items()}
 
 
 def slurm_ids(output: str):
